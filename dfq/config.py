@@ -1,0 +1,98 @@
+"""Frozen configuration dataclasses: what a run does, serialisable to and from dicts (JSON)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dfq.errors import DfqError
+from dfq.quant.primitives import Grid
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit widths and grids. Defaults: W8 A8 per-tensor, symmetric weights, uint8-style
+    asymmetric activations, int32 bias at s_weight * s_input (what int8 runtimes do)."""
+
+    bits_weight: int = 8
+    bits_activation: int = 8
+    bits_bias: int = 32
+    per_channel: bool = False
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
+    rounding: str = "half_even"
+
+    def __post_init__(self):
+        for name in ("bits_weight", "bits_activation"):
+            if not 2 <= getattr(self, name) <= 16:
+                raise DfqError(f"--{name} {getattr(self, name)} is out of range.", "use 2..16 bits")
+        if self.bits_bias not in (8, 16, 32):
+            raise DfqError(f"--bits_bias {self.bits_bias} is not supported.", "use 8, 16 or 32")
+        if self.rounding not in ("half_even", "half_away"):
+            raise DfqError(f"rounding '{self.rounding}' is unknown.", "use half_even or half_away")
+
+    @property
+    def weight_grid(self) -> Grid:
+        return Grid(self.bits_weight, self.weight_symmetric)
+
+    @property
+    def activation_grid(self) -> Grid:
+        return Grid(self.bits_activation, self.activation_symmetric)
+
+    @property
+    def bias_grid(self) -> Grid:
+        return Grid(self.bits_bias, True)
+
+
+@dataclass(frozen=True)
+class EqualizeConfig:
+    max_iterations: int = 50
+    threshold: float = 1e-3  # stop when every |log s_i| of a sweep is below this (0.1 %)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The DFQ pipeline, with the original experiments' switches as field names."""
+
+    quantize: bool = True
+    relu: bool = False            # replace ReLU6 by ReLU (explicit; changes the float model)
+    equalize: bool = False        # cross-layer equalization
+    absorption: bool | None = None  # high-bias absorption; None = on with --equalize
+    correction: bool = False      # data-free bias correction
+    clip_weight: float | None = None  # e.g. 15.0: clamp weights to [-15, 15]
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    equalization: EqualizeConfig = field(default_factory=EqualizeConfig)
+    range_std: float = 6.0        # BN-based activation ranges: mean +- range_std * std
+    absorb_std: float = 3.0       # high-bias absorption: c = max(0, beta - absorb_std * gamma)
+    calib: int = 0                # >0: activation ranges from that many real images instead
+    input_mean: tuple[float, ...] = IMAGENET_MEAN
+    input_std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.absorption and not self.equalize:
+            raise DfqError("--absorption needs --equalize (it moves the biases equalization inflates).",
+                           "add --equalize, or drop --absorption")
+        if self.clip_weight is not None and not self.clip_weight > 0:
+            raise DfqError(f"--clip_weight {self.clip_weight} must be positive.", "e.g. --clip_weight 15")
+        if self.range_std <= 0:
+            raise DfqError(f"range_std {self.range_std} must be positive.")
+
+    @property
+    def absorb(self) -> bool:
+        return self.equalize if self.absorption is None else self.absorption
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PipelineConfig":
+        d = dict(d)
+        d["quant"] = QuantConfig(**d.get("quant", {}))
+        d["equalization"] = EqualizeConfig(**d.get("equalization", {}))
+        for k in ("input_mean", "input_std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)

@@ -1,0 +1,1 @@
+"""Tracing, declarative op tables and the layer/pair analysis of fx graphs."""

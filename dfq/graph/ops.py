@@ -1,0 +1,139 @@
+"""Declarative op tables: what each fx node *is*, for every pass that walks the graph.
+
+Passes ask `classify(gm, node)` instead of growing their own if-chains, so supporting a
+new op means one line here.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+WEIGHTED = (nn.Conv2d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+# Ops through which a positive per-channel scale passes unchanged and which keep the channel
+# layout (so equalization can look through them) and the per-channel mean (bias correction).
+PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity,
+                nn.ZeroPad2d, nn.Flatten)
+PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten}
+PASS_METHODS = {"flatten", "contiguous"}
+# Of those, the ones whose output lies on its input's quantization grid (no requantization).
+GRID_PRESERVING = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.Flatten, F.max_pool2d,
+                   F.dropout, torch.flatten, "flatten", "contiguous")
+
+ADD_FUNCTIONS = {operator.add, torch.add}
+CAT_FUNCTIONS = {torch.cat, torch.concat}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A clipping activation: y = clamp(x, lo, hi) (ReLU: [0, inf), ReLU6: [0, 6])."""
+
+    kind: str
+    lo: float
+    hi: float
+
+    @property
+    def scale_invariant(self) -> bool:
+        """Only an unbounded ReLU commutes with a positive per-channel scale."""
+        return self.lo == 0.0 and math.isinf(self.hi)
+
+
+RELU = Activation("relu", 0.0, math.inf)
+RELU6 = Activation("relu6", 0.0, 6.0)
+
+
+def activation_of(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
+    """The clipping activation a node computes, or None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m) is nn.ReLU:
+            return RELU
+        if type(m) is nn.ReLU6:
+            return RELU6
+        if type(m) is nn.Hardtanh:
+            return Activation("hardtanh", m.min_val, m.max_val)
+    elif node.op == "call_function":
+        if node.target in (F.relu, torch.relu):
+            return RELU
+        if node.target is F.relu6:
+            return RELU6
+        if node.target is F.hardtanh:
+            lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+            hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+            return Activation("hardtanh", float(lo), float(hi))
+    elif node.op == "call_method" and node.target == "relu":
+        return RELU
+    return None
+
+
+def weighted_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, WEIGHTED):
+            return m
+    return None
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def layer_kind(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if is_depthwise(m):
+        return "depthwise"
+    return "grouped" if m.groups > 1 else "conv"
+
+
+def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Channel-preserving, positively homogeneous and mean-preserving (up to borders)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), PASS_MODULES)
+    if node.op == "call_function":
+        if node.target is F.pad:
+            return node.kwargs.get("mode", "constant") == "constant" and not node.kwargs.get("value")
+        return node.target in PASS_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in PASS_METHODS
+    return False
+
+
+def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True where the output needs no requantization (max pool, reshapes, identities)."""
+    key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
+    return key in GRID_PRESERVING or node.target is F.pad
+
+
+def is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "add")
+
+
+def is_cat(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim == 1
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A short human name for an op, for reports and error messages."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def features_per_channel_ok(first: nn.Module, second: nn.Module) -> bool:
+    """second's inputs are first's output channels, each repeated k >= 1 times (flatten)."""
+    n_out = first.out_features if isinstance(first, nn.Linear) else first.out_channels
+    n_in = second.in_features if isinstance(second, nn.Linear) else second.in_channels
+    return n_in % n_out == 0 and (n_in == n_out or isinstance(second, nn.Linear))

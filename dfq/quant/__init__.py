@@ -1,0 +1,1 @@
+"""Quantization: integer grids and their parameters, fake-quant modules, activation ranges."""

@@ -1,0 +1,45 @@
+"""High-bias absorption (DFQ paper, section 4.1.1).
+
+After equalization some channels carry large positive biases that widen the activation
+range. For a channel with pre-activation N(beta, gamma^2), c = max(0, beta - n*gamma) almost
+always passes a following ReLU unclipped, so ReLU(x) - c = ReLU(x - c): subtract c from the
+first layer's bias and add W2 @ c to the second's. Exact but for the rare x < c and for
+zero-padded borders of the second layer.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+
+from dfq.graph.channels import ensure_bias, input_contribution
+from dfq.graph.layers import find_pairs
+from dfq.stats import Stats, freeze
+from dfq.transforms import Transformed
+
+
+def absorbable_shift(mean: torch.Tensor, std: torch.Tensor, n_std: float = 3.0) -> torch.Tensor:
+    return torch.clamp(mean - n_std * std, min=0)
+
+
+def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = 3.0) -> Transformed:
+    """Return a copy of `gm` with high biases moved forward across ReLU pairs."""
+    gm = copy.deepcopy(gm)
+    pairs, _ = find_pairs(gm)
+    new_stats = dict(stats)
+    info: dict[str, dict] = {}
+    for p in pairs:
+        if p.first not in new_stats:
+            continue
+        st = new_stats[p.first]
+        c = absorbable_shift(st.mean, st.std, n_std)
+        if not bool((c > 0).any()):
+            continue
+        first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
+        with torch.no_grad():
+            ensure_bias(first).sub_(c)
+            ensure_bias(second).add_(input_contribution(second, c))
+        new_stats[p.first] = st.shifted(c)
+        info[p.first] = {"absorbed_channels": int((c > 0).sum()), "absorbed_max": float(c.max())}
+    return Transformed(gm, freeze(new_stats), info)

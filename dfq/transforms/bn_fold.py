@@ -1,0 +1,69 @@
+"""Fold BatchNorm into the conv/linear before it, remembering its output distribution.
+
+A fx pattern pass in the spirit of torch.fx.experimental.optimization.fuse: only a BN whose
+input is a conv/linear with no other user is folded. The BN's (beta, |gamma|) become that
+layer's pre-activation statistics, which later passes read instead of data.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from dfq.graph.channels import ensure_bias
+from dfq.graph.ops import BATCHNORMS, weighted_module
+from dfq.stats import BNStats, Stats, freeze
+from dfq.transforms import Transformed
+
+
+def _fold_into(layer: nn.Module, bn: nn.Module) -> BNStats:
+    """w' = w * g/sqrt(v+eps), b' = (b - m) * g/sqrt(v+eps) + beta; returns N(beta, gamma^2)."""
+    w = layer.weight
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+    scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+    bias = ensure_bias(layer)
+    with torch.no_grad():
+        w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype))
+        bias.copy_((bias - bn.running_mean) * scale + beta)
+    return BNStats(mean=beta.clone().to(w.dtype), std=gamma.abs().clone().to(w.dtype))
+
+
+def _foldable(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, nn.Module] | str:
+    """The layer node this BN folds into, or why it cannot."""
+    bn = gm.get_submodule(bn_node.target)
+    if bn.running_mean is None:
+        return "tracks no running statistics"
+    src = bn_node.args[0]
+    layer = weighted_module(gm, src) if isinstance(src, fx.Node) else None
+    if layer is None:
+        return "input is not a conv/linear"
+    if len(src.users) != 1:
+        return f"input layer {src.target} has other users"
+    if isinstance(layer, nn.Linear) != isinstance(bn, nn.BatchNorm1d):
+        return "BN type does not match the layer"
+    return src, layer
+
+
+def fold_batchnorm(gm: fx.GraphModule, stats: Stats | None = None) -> Transformed:
+    """Return a copy of `gm` with every foldable BN folded, and the statistics it leaves."""
+    gm = copy.deepcopy(gm)
+    new_stats = dict(stats or {})
+    info: dict[str, dict] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), BATCHNORMS):
+            continue
+        found = _foldable(gm, node)
+        if isinstance(found, str):
+            info[node.target] = {"bn_folded": False, "note": f"BatchNorm left in float: {found}"}
+            continue
+        src, layer = found
+        new_stats[src.target] = _fold_into(layer, gm.get_submodule(node.target))
+        info[src.target] = {"bn_folded": node.target}
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return Transformed(gm, freeze(new_stats), info)

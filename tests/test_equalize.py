@@ -1,0 +1,103 @@
+"""Cross-layer equalization and high-bias absorption: invariance, equal ranges, convergence."""
+import torch
+import torchvision
+from torch import nn
+
+from conftest import SmallNet, randomize_bn
+from dfq import absorb_high_bias, equalize, find_pairs, fold_batchnorm, replace_relu6, trace
+from dfq.transforms.equalize import equalization_scales, input_ranges, output_ranges
+
+
+def _prepared(model, relu=True):
+    t = fold_batchnorm(trace(model))
+    return replace_relu6(t.gm, t.stats) if relu else t
+
+
+def test_equalize_small_net_invariant_float64(small_net):
+    t = _prepared(small_net.double())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    eq = equalize(t.gm, t.stats)
+    assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-6
+    assert eq.info["dw.0"]["equalized_with"] == "pw.0"
+    assert "residual add" in eq.info["stem.0"]["equalize_note"]
+
+
+def test_equalize_mobilenet_v2_invariant_and_balanced():
+    m = randomize_bn(torchvision.models.mobilenet_v2(), seed=2).double()
+    t = _prepared(m)
+    eq = equalize(t.gm, t.stats)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-6
+    pairs, skipped = find_pairs(eq.gm)
+    assert len(pairs) == 37  # 17 blocks: conv->dw and dw->conv, less the residual outputs
+    for p in pairs:
+        r1 = output_ranges(eq.gm.get_submodule(p.first))
+        r2 = input_ranges(eq.gm.get_submodule(p.second), r1.numel())
+        assert torch.allclose(r1, r2, rtol=2e-2), p
+    assert all("residual add" in why or "network output" in why for why in skipped.values())
+
+
+def test_second_pass_changes_almost_nothing(small_net):
+    t = _prepared(small_net)
+    once = equalize(t.gm, t.stats)
+    twice = equalize(once.gm, once.stats)
+    for name, p in once.gm.named_parameters():
+        assert torch.allclose(p, dict(twice.gm.named_parameters())[name], rtol=1e-2, atol=1e-6)
+
+
+def test_equalized_stats_follow_the_scales(small_net):
+    t = _prepared(small_net)
+    eq = equalize(t.gm, t.stats)
+    x = torch.randn(256, 3, 8, 8)
+    # the stem's pre-activation mean per channel scales exactly as its bias does
+    ratio_stats = eq.stats["stem.0"].mean / t.stats["stem.0"].mean
+    ratio_bias = eq.gm.get_submodule("stem.0").bias / t.gm.get_submodule("stem.0").bias
+    assert torch.allclose(ratio_stats, ratio_bias, rtol=1e-4)
+    assert x is not None
+
+
+def test_zero_channel_gives_no_nan():
+    m = randomize_bn(SmallNet())
+    with torch.no_grad():
+        m.stem[0].weight[3] = 0
+        m.pw[0].weight[:, 5] = 0
+    t = _prepared(m)
+    eq = equalize(t.gm, t.stats)
+    assert all(torch.isfinite(p).all() for p in eq.gm.parameters())
+    assert all(torch.isfinite(s.mean).all() and torch.isfinite(s.std).all() for s in eq.stats.values())
+    assert torch.equal(equalization_scales(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])), torch.ones(2))
+
+
+def test_relu6_kept_is_skipped_with_reason(small_net):
+    t = _prepared(small_net, relu=False)
+    eq = equalize(t.gm, t.stats)
+    assert not eq.info["dw.0"]["equalized"]
+    assert "relu6" in eq.info["dw.0"]["equalize_note"] and "--relu" in eq.info["dw.0"]["equalize_note"]
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.allclose(eq.gm(x), t.gm(x), atol=1e-6)
+
+
+def test_equalize_through_flatten_into_linear_float64():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(4 * 3 * 3, 6))
+    net = randomize_bn(net).double()
+    t = _prepared(net)
+    eq = equalize(t.gm, t.stats)
+    assert eq.info["0"]["equalized_with"] == "5"
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-6
+
+
+def test_absorption_keeps_output_when_shift_never_clips():
+    """With no padding after, and inputs whose pre-activations stay above c, absorption is exact."""
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    randomize_bn(net)
+    with torch.no_grad():
+        net[1].bias.fill_(5.0)
+        net[1].weight.fill_(0.5)
+    t = _prepared(net.double())
+    ab = absorb_high_bias(t.gm, t.stats)
+    assert ab.info["0"]["absorbed_channels"] == 6
+    assert torch.allclose(ab.stats["0"].mean, torch.full((6,), 1.5, dtype=torch.float64))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 0.01
+    assert (ab.gm(x) - t.gm(x)).abs().max() <= 1e-9

@@ -1,0 +1,59 @@
+"""Quantizer properties (hypothesis) and the torch fake-quant oracle."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dfq.quant.primitives import Grid, dequantize, fake_quantize, qparams, quantize, round_half_away
+
+grids = st.builds(Grid, bits=st.integers(2, 16), symmetric=st.booleans())
+bounds = st.tuples(st.floats(-100, 100), st.floats(-100, 100)).map(sorted)
+
+
+@settings(max_examples=200, deadline=None)
+@given(grids, bounds, st.integers(0, 2**31 - 1))
+def test_round_trip_error_at_most_half_a_step(grid, lohi, seed):
+    lo, hi = lohi
+    scale, zp = qparams(torch.tensor(lo), torch.tensor(hi), grid)
+    assert zp.dtype == torch.int64 and grid.qmin <= int(zp) <= grid.qmax
+    x = torch.empty(200, dtype=torch.float64).uniform_(lo, hi, generator=torch.Generator().manual_seed(seed))
+    err = (fake_quantize(x, scale, zp, grid) - x).abs().max()
+    assert err <= float(scale) / 2 * (1 + 1e-6) + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids, bounds)
+def test_zero_is_exact_and_quantization_idempotent(grid, lohi):
+    scale, zp = qparams(torch.tensor(lohi[0]), torch.tensor(lohi[1]), grid)
+    assert float(fake_quantize(torch.zeros(1), scale, zp, grid)) == 0.0
+    x = torch.linspace(lohi[0], lohi[1], 50)
+    once = fake_quantize(x, scale, zp, grid)
+    assert torch.equal(fake_quantize(once, scale, zp, grid), once)
+
+
+def test_zero_range_channel_gives_finite_scale():
+    scale, zp = qparams(torch.zeros(3), torch.tensor([0.0, 1.0, 0.0]), Grid(8, True))
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+
+
+def test_per_channel_matches_torch_oracle():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3) * torch.linspace(0.1, 3, 6).reshape(-1, 1, 1, 1)
+    grid = Grid(8, False)
+    flat = w.flatten(1)
+    scale, zp = qparams(flat.amin(1), flat.amax(1), grid)
+    ours = fake_quantize(w, scale, zp, grid, axis=0)
+    ref = torch.fake_quantize_per_channel_affine(w, scale, zp.int(), 0, grid.qmin, grid.qmax)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_symmetric_grid_is_narrow_and_integers_round_trip():
+    g = Grid(8, True)
+    assert (g.qmin, g.qmax) == (-127, 127)
+    q = torch.arange(-127, 128)
+    s = torch.tensor(0.37)
+    assert torch.equal(quantize(dequantize(q, s, torch.tensor(0)), s, torch.tensor(0), g), q)
+
+
+def test_round_half_away_is_c_round():
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])
+    assert round_half_away(x).tolist() == [-3, -2, -1, 1, 2, 3]
+    assert torch.round(x).tolist() == [-2, -2, -0, 0, 2, 2]
