@@ -1,0 +1,120 @@
+"""Data-free statistics of every tensor in the graph, from the BatchNorm statistics alone.
+
+Each node's output gets per-channel moments (mean, var) of a normal approximation and a
+range [lo, hi]. Conv outputs with folded BN are N(beta, gamma^2); clipping activations map
+moments through the clipped normal (exact for a normal input); residual adds sum means and
+variances (independent branches); concatenations stack channels; layers without BN
+propagate moments linearly. Bias correction reads E[x] of each layer input; BN-based
+activation ranges read mean +- n*std, clipped by the activation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from dfq.graph.channels import channel_matrix, to_features
+from dfq.graph.ops import activation_of, is_add, is_cat, is_pass_through, weighted_module
+from dfq.stats import Stats
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel moments and range of one tensor (1-D tensors over channels)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
+def _phi(z: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(z), torch.zeros_like(z), torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
+
+
+def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo: float, hi: float):
+    """Mean and variance of clamp(X, lo, hi) for X ~ N(mean, std^2), per channel.
+
+    E = lo*P(X<lo) + hi*P(X>hi) + mean*P_in + std*(phi(a) - phi(b)), a, b the standardised
+    bounds; infinite bounds contribute nothing; std == 0 gives clamp(mean).
+    """
+    s = std.clamp_min(torch.finfo(std.dtype).tiny)
+    a = (lo - mean) / s
+    b = (hi - mean) / s
+    cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
+    pa, pb = _phi(a), _phi(b)
+    p_in = cdf_b - cdf_a
+    lo_t = torch.full_like(mean, lo) if math.isfinite(lo) else torch.zeros_like(mean)
+    hi_t = torch.full_like(mean, hi) if math.isfinite(hi) else torch.zeros_like(mean)
+    a_pa = torch.where(torch.isinf(a), torch.zeros_like(a), a * pa)
+    b_pb = torch.where(torch.isinf(b), torch.zeros_like(b), b * pb)
+    e1 = lo_t * cdf_a + hi_t * (1 - cdf_b) + mean * p_in + s * (pa - pb)
+    e2 = (lo_t ** 2 * cdf_a + hi_t ** 2 * (1 - cdf_b) + (mean ** 2 + s ** 2) * p_in
+          + 2 * mean * s * (pa - pb) + s ** 2 * (a_pa - b_pb))
+    var = (e2 - e1 ** 2).clamp_min(0)
+    degenerate = std <= 0
+    e1 = torch.where(degenerate, mean.clamp(lo, hi), e1)
+    var = torch.where(degenerate, torch.zeros_like(var), var)
+    return e1, var
+
+
+def normal(mean: torch.Tensor, var: torch.Tensor, n_std: float) -> Moments:
+    sd = var.clamp_min(0).sqrt()
+    return Moments(mean, var, mean - n_std * sd, mean + n_std * sd)
+
+
+def _linear(gm: fx.GraphModule, node: fx.Node, x: Moments, n_std: float) -> Moments:
+    """A layer without BN statistics: moments pushed through its channel matrix."""
+    m = weighted_module(gm, node)
+    M = channel_matrix(m).detach()
+    sq = (m.weight.detach() ** 2)
+    Msq = sq if sq.dim() == 2 else channel_matrix(m, sq)
+    mean = M @ to_features(m, x.mean).to(M.dtype)
+    if m.bias is not None:
+        mean = mean + m.bias.detach()
+    var = Msq @ to_features(m, x.var).to(M.dtype)
+    return normal(mean, var, n_std)
+
+
+def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 6.0) -> dict[str, Moments]:
+    """Moments of every node's output that can be derived without data (by node name)."""
+    out: dict[str, Moments] = {}
+    for node in gm.graph.nodes:
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        src = out.get(args[0].name) if args else None
+        if node.op == "placeholder":
+            out[node.name] = inputs
+        elif weighted_module(gm, node) is not None:
+            st = stats.get(node.target)
+            if st is not None:
+                out[node.name] = normal(st.mean.detach(), st.std.detach() ** 2, n_std)
+            elif src is not None:
+                out[node.name] = _linear(gm, node, src, n_std)
+        elif src is None:
+            continue
+        elif (act := activation_of(gm, node)) is not None:
+            mean, var = clipped_normal_moments(src.mean, src.var.sqrt(), act.lo, act.hi)
+            out[node.name] = Moments(mean, var, src.lo.clamp(act.lo, act.hi), src.hi.clamp(act.lo, act.hi))
+        elif is_pass_through(gm, node):
+            out[node.name] = src
+        elif is_add(node) and len(args) == 2 and all(a.name in out for a in args):
+            a, b = (out[x.name] for x in args)
+            if a.mean.shape == b.mean.shape:
+                s = normal(a.mean + b.mean, a.var + b.var, n_std)
+                # interval sum bounds the normal approximation where the branches are clipped
+                out[node.name] = Moments(s.mean, s.var, torch.maximum(s.lo, a.lo + b.lo),
+                                         torch.minimum(s.hi, a.hi + b.hi))
+        elif is_cat(node) and all(isinstance(x, fx.Node) and x.name in out for x in node.args[0]):
+            parts = [out[x.name] for x in node.args[0]]
+            out[node.name] = Moments(*(torch.cat([getattr(p, f) for p in parts])
+                                       for f in ("mean", "var", "lo", "hi")))
+    return out
+
+
+def input_moments(mean: tuple[float, ...], std: tuple[float, ...], dtype=torch.float32) -> Moments:
+    """A normalised image: ~N(0, 1) per channel, within [(0 - m)/s, (1 - m)/s]."""
+    m = torch.tensor(mean, dtype=dtype)
+    s = torch.tensor(std, dtype=dtype)
+    return Moments(torch.zeros_like(m), torch.ones_like(m), (0 - m) / s, (1 - m) / s)

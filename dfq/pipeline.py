@@ -1,0 +1,132 @@
+"""The whole data-free pipeline as one call: trace -> fold BN -> ReLU6 policy -> equalize ->
+absorb high bias -> clip -> quantize weights -> correct bias -> activation ranges -> biases.
+
+Every step is also a public function of its own; this module only sequences them, times
+them, and merges their per-layer notes into one report.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+
+from dfq.config import PipelineConfig
+from dfq.graph.trace import check_finite, trace
+from dfq.graph.ops import layer_kind, weighted_module
+from dfq.moments import input_moments, propagate
+from dfq.quant.activations import (calibrate, insert_quantizers, quantization_points, quantize_biases,
+                                   set_ranges_from_moments)
+from dfq.quant.weights import quantize_weights
+from dfq.stats import Stats
+from dfq.transforms import Transformed
+from dfq.transforms.bias_absorb import absorb_high_bias
+from dfq.transforms.bias_correct import correct_bias
+from dfq.transforms.bn_fold import fold_batchnorm
+from dfq.transforms.clip import clip_weights
+from dfq.transforms.equalize import equalize
+from dfq.transforms.relu6 import replace_relu6
+
+
+@dataclass
+class QuantizationResult:
+    model: fx.GraphModule          # the fake-quant model (or the transformed float one)
+    float_model: fx.GraphModule    # after the float transforms, before quantization
+    stats: Stats
+    config: PipelineConfig
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    activations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """The transforms are thousands of tiny tensor ops: extra threads only add overhead
+    (and stall badly when the cores are shared). Restores the caller's setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Steps:
+    """Runs steps, timing each and merging their per-layer info."""
+
+    def __init__(self, layers: dict, timings: dict):
+        self.layers, self.timings = layers, timings
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t, 4)
+
+    def run(self, name: str, fn, *args, **kwargs) -> Transformed:
+        with self.timed(name):
+            out = fn(*args, **kwargs)
+        for layer, notes in out.info.items():
+            self.layers.setdefault(layer, {}).update(notes)
+        return out
+
+
+def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transformed:
+    """The float part: everything up to (not including) quantization."""
+    with steps.timed("trace"):
+        gm = trace(model)
+        check_finite(gm)
+    for node in gm.graph.nodes:
+        m = weighted_module(gm, node)
+        if m is not None:
+            steps.layers[node.target] = {"type": type(m).__name__, "kind": layer_kind(m),
+                                         "shape": list(m.weight.shape)}
+    t = steps.run("fold_bn", fold_batchnorm, gm)
+    if config.relu:
+        t = steps.run("relu6", replace_relu6, t.gm, t.stats)
+    if config.equalize:
+        t = steps.run("equalize", equalize, t.gm, t.stats, config.equalization)
+    if config.absorb:
+        t = steps.run("absorb_bias", absorb_high_bias, t.gm, t.stats, config.absorb_std)
+    if config.clip_weight:
+        t = steps.run("clip_weight", clip_weights, t.gm, t.stats, config.clip_weight)
+    return t
+
+
+def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
+                   calib_data: Iterable[torch.Tensor] | None = None) -> QuantizationResult:
+    """Run the DFQ pipeline on a copy of `model`; `calib_data` only when config.calib > 0."""
+    layers: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    steps = _Steps(layers, timings)
+    t_start = time.perf_counter()
+    with single_threaded():
+        prepared = prepare(model, config, steps)
+        result = QuantizationResult(prepared.gm, prepared.gm, prepared.stats, config, layers, {}, timings)
+        if not config.quantize:
+            timings["total"] = round(time.perf_counter() - t_start, 4)
+            return result
+        qc = config.quant
+        with steps.timed("moments"):
+            moments = propagate(prepared.gm, prepared.stats,
+                                input_moments(config.input_mean, config.input_std), config.range_std)
+        q = steps.run("quantize_weights", quantize_weights, prepared.gm, prepared.stats, qc)
+        if config.correction:
+            q = steps.run("bias_correction", correct_bias, q.gm, prepared.gm, prepared.stats, moments)
+        with steps.timed("activation_ranges"):
+            gm = insert_quantizers(q.gm, quantization_points(q.gm), qc)
+            if config.calib:
+                if calib_data is None:
+                    raise ValueError("config.calib > 0 needs calib_data")
+                result.activations = calibrate(gm, calib_data)
+            else:
+                result.activations = set_ranges_from_moments(gm, moments)
+        with steps.timed("quantize_bias"):
+            for layer, notes in quantize_biases(gm, qc).items():
+                layers.setdefault(layer, {}).update(notes)
+    result.model = gm
+    timings["total"] = round(time.perf_counter() - t_start, 4)
+    return result

@@ -1,0 +1,135 @@
+"""Where activations are quantized, and with which ranges.
+
+Quantization points follow what an int8 runtime keeps in int8 memory: the network input and
+the output of every conv/linear, add and concatenation, taken after the clipping activation
+that follows it (fused, as runtimes fuse Conv+ReLU); average pools requantize (with their
+input's range). Network outputs stay float (runtimes dequantize the last layer's int32
+accumulator). Ops that are neither get no quantizer and are reported.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+
+from dfq.config import QuantConfig
+from dfq.graph.ops import activation_of, is_add, is_cat, is_pass_through, keeps_grid, weighted_module
+from dfq.moments import Moments
+from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.quant.primitives import qparams
+
+
+def _fused_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """The node whose output holds `node`'s value after a fused clipping activation."""
+    users = list(node.users)
+    if len(users) == 1 and activation_of(gm, users[0]) is not None:
+        return users[0]
+    return node
+
+
+def quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes (in graph order) whose outputs get an activation quantizer."""
+    points: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            p = node
+        elif weighted_module(gm, node) is not None or is_add(node) or is_cat(node):
+            p = _fused_output(node, gm)
+        elif is_pass_through(gm, node) and not keeps_grid(gm, node):
+            p = node
+        else:
+            continue
+        if not any(u.op == "output" for u in p.users):
+            points.append(p)
+    return points
+
+
+def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantConfig) -> fx.GraphModule:
+    """Return a copy of `gm` with an ActQuant (unset range) after each point, by node name."""
+    gm = copy.deepcopy(gm)
+    names = {p.name for p in points}
+    for node in list(gm.graph.nodes):
+        if node.name not in names:
+            continue
+        target = f"act_quant_{node.name}"
+        gm.add_submodule(target, ActQuant(config.activation_grid, config.rounding))
+        with gm.graph.inserting_after(node):
+            q = gm.graph.call_module(target, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def quantizer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """ActQuant call nodes keyed by the name of the node they quantize."""
+    return {n.args[0].name: n for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActQuant)}
+
+
+def set_ranges_from_moments(gm: fx.GraphModule, moments: dict[str, Moments]) -> dict[str, dict]:
+    """Per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are reported."""
+    info = {}
+    for src, qnode in quantizer_nodes(gm).items():
+        aq = gm.get_submodule(qnode.target)
+        m = moments.get(src)
+        if m is None:
+            info[src] = {"activation_range": None, "note": "no data-free range: kept in float (use --calib)"}
+            aq.observing = True  # pass-through: never invent a range
+            continue
+        lo, hi = float(m.lo.min()), float(m.hi.max())
+        aq.set_range(*qparams(torch.tensor(lo), torch.tensor(hi), aq.grid))
+        info[src] = {"activation_range": [round(lo, 4), round(hi, 4)]}
+    return info
+
+
+def calibrate(gm: fx.GraphModule, batches) -> dict[str, dict]:
+    """Observe min/max of every quantizer's input on real batches, then set the ranges."""
+    quantizers = {src: gm.get_submodule(q.target) for src, q in quantizer_nodes(gm).items()}
+    for aq in quantizers.values():
+        aq.observing = True
+        aq.observed_min.fill_(float("inf"))
+        aq.observed_max.fill_(float("-inf"))
+    with torch.no_grad():
+        for x in batches:
+            gm(x)
+    info = {}
+    for src, aq in quantizers.items():
+        aq.observing = False
+        lo, hi = aq.observed_min.clone(), aq.observed_max.clone()
+        aq.set_range(*qparams(lo, hi, aq.grid))
+        info[src] = {"activation_range": [round(float(lo), 4), round(float(hi), 4)]}
+    return info
+
+
+def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
+    """The quantizer that sets the grid of `node`'s first input (through grid-keeping ops)."""
+    cur = node.args[0]
+    while isinstance(cur, fx.Node):
+        if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), ActQuant):
+            aq = gm.get_submodule(cur.target)
+            return None if aq.observing else aq
+        if not (is_pass_through(gm, cur) and keeps_grid(gm, cur)):
+            return None
+        cur = cur.args[0]
+    return None
+
+
+def quantize_biases(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:
+    """Biases on their grid: int32 at s_weight * s_input, or 8/16 bits on their own range."""
+    info = {}
+    for node in gm.graph.nodes:
+        m = weighted_module(gm, node)
+        if not isinstance(m, QuantizedLayer) or m.bias is None:
+            continue
+        aq = input_quantizer(gm, node)
+        if config.bits_bias == 32 and aq is not None:
+            scale = m.weight_scale.double() * aq.scale.double()
+            note = "int32 at s_w * s_in"
+        else:
+            scale = m.bias.detach().abs().max().double().clamp_min(1e-30) / config.bias_grid.qmax
+            note = f"int{config.bits_bias} on its own range" + ("" if aq else " (input not quantized)")
+        m.set_bias_quant(scale, config.bias_grid)
+        info[node.target] = {"bias": note}
+    return info

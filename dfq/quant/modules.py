@@ -1,0 +1,102 @@
+"""Fake-quant modules: what the simulated integer model is made of.
+
+Quantized conv/linear layers stay nn.Conv2d / nn.Linear subclasses whose weight and bias
+hold their *dequantized* integer values, so the forward is the float op on exactly the
+values an int8 runtime uses, and exporters recover the integers with `int_weight()`.
+`ActQuant` rounds an activation onto its grid (a QuantizeLinear/DequantizeLinear pair).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dfq.quant.primitives import Grid, ROUNDING, dequantize, quantize
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation fake quantization; `observe()` mode records min/max instead."""
+
+    def __init__(self, grid: Grid, rounding: str = "half_even"):
+        super().__init__()
+        self.grid = grid
+        self.rounding = rounding
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("observed_min", torch.tensor(float("inf")))
+        self.register_buffer("observed_max", torch.tensor(float("-inf")))
+        self.observing = False
+
+    def set_range(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observed_min.copy_(torch.minimum(self.observed_min, x.detach().min()))
+            self.observed_max.copy_(torch.maximum(self.observed_max, x.detach().max()))
+            return x
+        if self.rounding == "half_even" and x.dtype == torch.float32:
+            return torch.fake_quantize_per_tensor_affine(
+                x, self.scale, self.zero_point.int(), self.grid.qmin, self.grid.qmax)
+        q = ROUNDING[self.rounding](x / self.scale) + self.zero_point
+        return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.grid.bits}, symmetric={self.grid.symmetric}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+
+
+class QuantizedLayer:
+    """Mixin: integer weight/bias parameters beside the dequantized float ones."""
+
+    weight_grid: Grid
+    weight_axis: int | None  # None = per-tensor, 0 = per output channel
+    bias_grid: Grid | None
+
+    def init_quant(self, weight_q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                   grid: Grid, axis: int | None) -> None:
+        self.weight_grid, self.weight_axis, self.bias_grid = grid, axis, None
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zp)
+        self.register_buffer("bias_scale", torch.ones(()))
+        with torch.no_grad():
+            self.weight.copy_(dequantize(weight_q, scale, zp, axis, self.weight.dtype))
+
+    def int_weight(self) -> torch.Tensor:
+        return quantize(self.weight.detach(), self.weight_scale, self.weight_zero_point,
+                        self.weight_grid, self.weight_axis)
+
+    def set_bias_quant(self, scale: torch.Tensor, grid: Grid) -> None:
+        """Put the bias on `grid` at `scale` (per-tensor or per output channel)."""
+        self.bias_grid = grid
+        self.bias_scale = scale.to(torch.float64)
+        zero = torch.zeros_like(self.bias_scale, dtype=torch.int64)
+        axis = 0 if scale.dim() else None
+        with torch.no_grad():
+            q = quantize(self.bias.detach(), self.bias_scale, zero, grid, axis)
+            self.bias.copy_(dequantize(q, self.bias_scale, zero, axis, self.bias.dtype))
+
+    def int_bias(self) -> torch.Tensor:
+        zero = torch.zeros_like(self.bias_scale, dtype=torch.int64)
+        axis = 0 if self.bias_scale.dim() else None
+        return quantize(self.bias.detach(), self.bias_scale, zero, self.bias_grid, axis)
+
+
+class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
+    pass
+
+
+class QuantizedLinear(QuantizedLayer, nn.Linear):
+    pass
+
+
+def quantized_copy(m: nn.Module) -> nn.Module:
+    """A Quantized* layer with m's configuration and (copied) float parameters."""
+    if isinstance(m, nn.Linear):
+        q = QuantizedLinear(m.in_features, m.out_features, bias=m.bias is not None)
+    else:
+        q = QuantizedConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                            m.dilation, m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+    q = q.to(dtype=m.weight.dtype, device=m.weight.device)
+    q.load_state_dict(m.state_dict())
+    q.requires_grad_(False)
+    return q
