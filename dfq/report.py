@@ -1,0 +1,40 @@
+"""Readable tables of what was done to which layer, and of accuracy runs (Markdown)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+LAYER_COLUMNS = [
+    ("layer", None), ("kind", "kind"), ("BN", "bn_folded"), ("equalized with", "equalized_with"),
+    ("spread before", "range_spread_before"), ("spread after", "range_spread_after"),
+    ("absorbed", "absorbed_max"), ("clipped", "clipped_weights"), ("W SQNR dB", "weight_sqnr_db"),
+    ("bias corr", "bias_correction_max"), ("note", "equalize_note"),
+]
+
+
+def layer_table(layers: dict[str, dict[str, Any]]) -> str:
+    """One row per conv/linear layer (those with a kind), in model order."""
+    rows = []
+    for name, info in layers.items():
+        if "kind" not in info:
+            continue
+        row = [name]
+        for _, key in LAYER_COLUMNS[1:]:
+            v = info.get(key)
+            row.append("yes" if v is True or (key == "bn_folded" and isinstance(v, str)) else v)
+        rows.append(row)
+    return markdown_table([h for h, _ in LAYER_COLUMNS], rows)

@@ -1,0 +1,1 @@
+"""Tasks: data, preprocessing, metrics and evaluate() for classification, segmentation, detection."""

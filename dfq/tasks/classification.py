@@ -1,0 +1,179 @@
+"""Classification: image sources, timm-style preprocessing, and top-k / paired evaluation.
+
+Sources: an ImageNet-style folder (class subfolders), the .npz formats of ../shared/data
+(JPEG bytes + offsets, or decoded NHWC images), or the foolbox wheel's labelled ImageNet
+photos (read from the zip, foolbox itself is never installed or imported).
+"""
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dfq.config import IMAGENET_MEAN, IMAGENET_STD
+from dfq.errors import DfqError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side (0 = keep), center-crop (0 = none), scale to [0,1], normalise."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        from torchvision import transforms as T
+
+        steps = []
+        if self.resize:
+            steps.append(T.Resize(self.resize, interpolation=T.InterpolationMode.BILINEAR))
+        if self.crop:
+            steps.append(T.CenterCrop(self.crop))
+        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return T.Compose(steps)
+
+
+class ImageSource(Dataset):
+    """(image tensor, label) pairs from decoded PIL images produced by `load(i)`."""
+
+    def __init__(self, n: int, load: Callable[[int], Image.Image], labels: np.ndarray, transform, name: str):
+        self.n, self.load, self.labels, self.transform, self.name = n, load, labels, transform, name
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.transform(self.load(i)), int(self.labels[i])
+
+
+def _decode(data: bytes, what: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except Exception as exc:
+        raise DfqError(f"{what} could not be decoded as an image ({exc}).",
+                       "remove or replace that file; dfq does not silently skip images") from exc
+
+
+def _from_npz(path: Path, transform) -> ImageSource:
+    try:
+        d = np.load(path)
+        keys = set(d.files)
+    except Exception as exc:
+        raise DfqError(f"{path} is not a readable .npz file ({exc}).") from exc
+    if "labels" not in keys or not ({"jpeg", "offsets"} <= keys or "images" in keys):
+        raise DfqError(f"{path} has arrays {sorted(keys)}, not a known image format.",
+                       "use jpeg+offsets+labels or images(NHWC uint8)+labels, as in ../shared/data")
+    labels = d["labels"]
+    if "images" in keys:
+        images = d["images"]
+        return ImageSource(len(images), lambda i: Image.fromarray(images[i]).convert("RGB"), labels, transform, path.name)
+    jpeg, off = d["jpeg"], d["offsets"]
+    return ImageSource(len(off) - 1, lambda i: _decode(jpeg[off[i]:off[i + 1]].tobytes(), f"{path.name} image {i}"),
+                       labels, transform, path.name)
+
+
+def _from_foolbox_wheel(path: Path, transform) -> ImageSource:
+    """foolbox/data/imagenet_<idx>_<label>.jpg files inside the wheel (MIT)."""
+    with zipfile.ZipFile(path) as z:
+        names = sorted(n for n in z.namelist() if re.search(r"foolbox/data/imagenet_\d+_\d+\.\w+$", n))
+        blobs = [z.read(n) for n in names]
+    if not names:
+        raise DfqError(f"{path} contains no foolbox/data/imagenet_* images.", "use foolbox==3.3.4's wheel")
+    labels = np.array([int(re.search(r"_(\d+)\.\w+$", n).group(1)) for n in names])
+    return ImageSource(len(names), lambda i: _decode(blobs[i], names[i]), labels, transform, path.name)
+
+
+def _from_folder(path: Path, transform) -> ImageSource:
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir())
+             if f.suffix.lower() in exts]
+    if not files:
+        raise DfqError(f"{path} holds no images in class subfolders.",
+                       "point --data at a folder like val/<class>/<image>.jpg, or at a .npz")
+    labels = np.array([c for _, c in files])
+    return ImageSource(len(files), lambda i: _decode(files[i][0].read_bytes(), str(files[i][0])), labels,
+                       transform, path.name)
+
+
+def load_images(path: str | Path, preprocess: Preprocess = Preprocess()) -> ImageSource:
+    """Any supported image source, preprocessed on access."""
+    path = Path(path)
+    if not path.exists():
+        raise DfqError(f"data path {path} does not exist.", "check --data")
+    t = preprocess.transform()
+    if path.is_dir():
+        return _from_folder(path, t)
+    if path.suffix == ".npz":
+        return _from_npz(path, t)
+    if path.suffix == ".whl":
+        return _from_foolbox_wheel(path, t)
+    raise DfqError(f"{path} is not a folder, .npz or foolbox .whl.", "see `dfq cls --help` for --data")
+
+
+def materialize(source: ImageSource, limit: int | None = None, batch_size: int = 64,
+                progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode once into batches, so an ablation evaluates many models on the same tensors."""
+    from tqdm import tqdm
+
+    n = len(source) if not limit else min(limit, len(source))
+    subset = torch.utils.data.Subset(source, range(n))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
+    return [(x, y) for x, y in tqdm(loader, desc=f"decode {source.name}", disable=not progress, leave=False)]
+
+
+@dataclass
+class Evaluation:
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    def topk(self, k: int) -> float:
+        k = min(k, self.logits.shape[1])
+        hit = (self.logits.topk(k, dim=1).indices == self.labels[:, None]).any(1)
+        return 100.0 * float(hit.float().mean())
+
+    def summary(self) -> dict:
+        return {"top1": round(self.topk(1), 3), "top5": round(self.topk(5), 3), "n": len(self.labels)}
+
+    def compare(self, reference: "Evaluation") -> dict:
+        """Paired figures against a reference run on the same images (far less noisy)."""
+        from dfq.quant.primitives import sqnr_db
+
+        agree = (self.logits.argmax(1) == reference.logits.argmax(1)).float().mean()
+        return {"fp32_top1": round(reference.topk(1), 3), "agreement": round(100.0 * float(agree), 3),
+                "logits_sqnr_db": round(sqnr_db(reference.logits, self.logits), 2)}
+
+
+def evaluate(model: torch.nn.Module, batches, progress: bool = False, desc: str = "eval") -> Evaluation:
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            logits.append(model(x).float())
+            labels.append(y)
+    model.train(was_training)
+    return Evaluation(torch.cat(logits), torch.cat(labels))
+
+
+def first_images(batches, n: int) -> list[torch.Tensor]:
+    """The first n images of `batches` as input batches (for --calib)."""
+    out, have = [], 0
+    for x, _ in batches:
+        if have >= n:
+            break
+        out.append(x[: n - have])
+        have += len(out[-1])
+    return out

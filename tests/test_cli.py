@@ -1,0 +1,83 @@
+"""The `dfq cls` contract end to end on a real model, and its one-line errors."""
+import json
+
+import pytest
+import torch
+
+from conftest import shared
+from dfq.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cls_resnet20_cifar_end_to_end(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, _ = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th")),
+                        "--data", str(shared("cifar10_foolbox20.npz")), "--quantize", "--equalize", "--correction",
+                        "--compare", "--quiet", "--json", str(out_json))
+    assert code == 0
+    r = json.loads(out_json.read_text())
+    assert r["n"] == 20 and r["fp32_top1"] == 100.0
+    assert r["top1"] >= 90.0 and r["agreement"] >= 90.0
+    assert r["config"]["equalize"] and r["config"]["quant"]["bits_weight"] == 8
+    assert {"trace", "fold_bn", "equalize", "total", "evaluate"} <= set(r["timings"])
+    assert r["layers"]["conv1"]["bn_folded"] == "bn1"
+    assert "top1" in out
+
+
+def test_cls_ablation_prints_the_table(tmp_path, capsys):
+    code, out, _ = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th")),
+                        "--data", str(shared("cifar10_foolbox20.npz")), "--ablation", "--quiet", "--limit", "8",
+                        "--json", str(tmp_path / "a.json"))
+    assert code == 0
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["FP32", "Original", "+ReLU", "+ReLU+LE", "+BC", "+BC+clip_15", "+ReLU+LE+BC"]
+    assert "| +ReLU+LE+BC" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--arch", "no_such_net"], "Unknown architecture"),
+    (["--arch", "cifar_resnet20", "--weights", "/nonexistent.pth"], "does not exist"),
+    (["--arch", "cifar_resnet20", "--equalize", "--absorption", "--bits_weight", "1"], "out of range"),
+    (["--arch", "cifar_resnet20", "--absorption"], "--absorption needs --equalize"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
+    code, _, err = _run(capsys, "cls", *argv, "--data", str(shared("cifar10_foolbox20.npz")), "--quantize")
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_corrupt_and_mismatched_weights(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(bad), "--data",
+                        str(shared("cifar10_foolbox20.npz")))
+    assert code == 2 and "corrupt" in err
+    code, _, err = _run(capsys, "cls", "--arch", "cifar_resnet56", "--weights",
+                        str(shared("cifar10_resnet20-12fca82f.th")), "--data", str(shared("cifar10_foolbox20.npz")))
+    assert code == 2 and "missing" in err and "layer1.3" in err
+
+
+def test_unknown_data_format(tmp_path, capsys):
+    f = tmp_path / "x.npz"
+    import numpy as np
+
+    np.savez(f, foo=np.zeros(3))
+    code, _, err = _run(capsys, "cls", "--arch", "cifar_resnet20", "--data", str(f))
+    assert code == 2 and "not a known image format" in err
+
+
+def test_user_model_spec(tmp_path, capsys):
+    src = tmp_path / "mynet.py"
+    src.write_text("import torch\n"
+                   "def build():\n"
+                   "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
+                   "        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))\n")
+    code, out, _ = _run(capsys, "cls", "--model", f"{src}:build", "--data", str(shared("cifar10_foolbox20.npz")),
+                        "--resize", "0", "--crop", "0", "--quantize", "--quiet")
+    assert code == 0 and "top1" in out
+    assert torch.__version__
