@@ -9,7 +9,6 @@ import json
 import logging
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,6 @@ from dfq.config import IMAGENET_MEAN, IMAGENET_STD, PipelineConfig, QuantConfig
 from dfq.errors import DfqError
 
 log = logging.getLogger("dfq")
-
-ABLATION = [  # the rows of the DFQ paper's ablation (Table 1/2 style), each W8A8
-    ("Original", {}),
-    ("+ReLU", {"relu": True}),
-    ("+ReLU+LE", {"relu": True, "equalize": True}),
-    ("+BC", {"correction": True}),
-    ("+BC+clip_15", {"correction": True, "clip_weight": 15.0}),
-    ("+ReLU+LE+BC", {"relu": True, "equalize": True, "correction": True}),
-]
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -139,28 +128,8 @@ def pipeline_config(args, **overrides) -> PipelineConfig:
     return PipelineConfig(**fields)
 
 
-def run_one(model, config: PipelineConfig, batches, reference=None, progress=True, label="dfq") -> dict:
-    """Quantize (per config), evaluate on `batches`, and compare with `reference` if given."""
-    from dfq.pipeline import quantize_model
-    from dfq.tasks.classification import evaluate
-
-    calib = None
-    if config.calib:
-        from dfq.tasks.classification import first_images
-
-        calib = first_images(batches, config.calib)
-    result = quantize_model(model, config, calib_data=calib)
-    t = time.perf_counter()
-    ev = evaluate(result.model, batches, progress=progress, desc=label)
-    out = {"name": label, **ev.summary(), "config": config.to_dict(), "layers": result.layers,
-           "activations": result.activations,
-           "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)}}
-    if reference is not None:
-        out.update(ev.compare(reference))
-    return out
-
-
 def cmd_cls(args) -> dict:
+    from dfq.experiment import ablation, ablation_table, run_one
     from dfq.report import layer_table, markdown_table
     from dfq.tasks.classification import evaluate, load_images, materialize
 
@@ -176,17 +145,9 @@ def cmd_cls(args) -> dict:
     if args.compare or args.ablation:
         reference = evaluate(model, batches, progress=progress, desc="fp32")
     if args.ablation:
-        rows = [{"name": "FP32", **reference.summary()}]
-        for name, overrides in ABLATION:
-            base = dict(quantize=True, relu=False, equalize=False, absorption=None, correction=False,
-                        clip_weight=None)
-            cfg = pipeline_config(args, **{**base, **overrides})
-            rows.append(run_one(model, cfg, batches, reference, progress, name))
-        table = markdown_table(
-            ["experiment", "top1", "top5", "Δtop1 vs FP32", "agreement %", "logits SQNR dB", "pipeline s"],
-            [[r["name"], r["top1"], r["top5"], round(r["top1"] - rows[0]["top1"], 2), r.get("agreement"),
-              r.get("logits_sqnr_db"), r.get("timings", {}).get("total")] for r in rows])
-        print(f"\nW{args.bits_weight}A{args.bits_activation} ablation, no data used for quantization:\n{table}")
+        rows = ablation(model, cfg, batches, reference, progress)
+        print(f"\nW{args.bits_weight}A{args.bits_activation} ablation, no data used for quantization:\n"
+              f"{ablation_table(rows)}")
         return {"rows": rows, "n": n, "data": str(args.data), "arch": args.arch or args.model}
     res = run_one(model, cfg, batches, reference, progress, "dfq" if cfg.quantize else "float")
     if not args.quiet:
