@@ -1,0 +1,264 @@
+"""ZeroQ distilled data: synthetic inputs whose per-layer statistics match the BN running stats.
+
+Used where no real images are available to calibrate activation ranges or bias correction.
+Each image is optimised (Adam on the pixels, the model frozen) so that, at the input of every
+BatchNorm2d, its per-channel spatial mean and std equal the BN's running mean and std, and the
+input itself has mean 0 and std 1 per channel. As in ZeroQ's implementation the statistics are
+per image, and each term is a squared L2 norm over (images, channels) divided by the batch size.
+
+Two refinements of the original DFQ code matter on a CPU: the start is spread over the valid
+input range (uniform pixels 0..255 through the normalisation) rather than Gaussian noise, and
+each batch stops early once the loss is below `threshold_factor * (BN layers + 1)`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dfq.errors import DfqError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_FORMAT = "dfq-distilled-v1"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How much synthetic data to make and how hard to optimise it.
+
+    `iterations` is the cap per batch (0 returns the initialisation, a useful baseline);
+    `patience` is the plateau length after which the learning rate drops tenfold;
+    `seconds` is a wall-clock budget for all batches together (None: unlimited);
+    `resolution` (H, W) None means the spatial size of the `input_shape` given to `distill`.
+    """
+
+    batch_size: int = 64
+    num_batches: int = 8
+    resolution: tuple[int, int] | None = None
+    iterations: int = 500
+    lr: float = 0.1
+    patience: int = 100
+    threshold_factor: float = 5.0
+    seconds: float | None = None
+    seed: int = 0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        for name in ("batch_size", "num_batches"):
+            if getattr(self, name) < 1:
+                raise DfqError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.iterations < 0 or self.patience < 0:
+            raise DfqError("DistillConfig.iterations and .patience must be >= 0.")
+        if not self.lr > 0:
+            raise DfqError(f"DistillConfig.lr must be > 0, got {self.lr}.")
+        if self.seconds is not None and not self.seconds > 0:
+            raise DfqError(f"DistillConfig.seconds must be > 0 or None, got {self.seconds}.")
+        if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
+            raise DfqError(f"DistillConfig.resolution must be (H, W), got {self.resolution}.")
+        if len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise DfqError(
+                f"DistillConfig.mean {self.mean} and .std {self.std} must have one entry per "
+                "input channel, with std > 0."
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise DfqError(f"Unknown DistillConfig keys {unknown}.", f"use only {sorted(names)}")
+        d = dict(d)
+        for key in ("resolution", "mean", "std"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """The distilled images and what it took: per-batch final loss and iteration count.
+
+    `config` has `resolution` filled in, so saving it records exactly what was made.
+    """
+
+    data: torch.Tensor
+    losses: tuple[float, ...]
+    iterations: tuple[int, ...]
+    seconds: float
+    bn_layers: int
+    config: DistillConfig
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold_factor * (self.bn_layers + 1)
+
+
+def _stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """||mean - mu_x||^2 + ||std - sigma_x||^2 over (images, channels), divided by batch size.
+
+    Population variance, so a 1x1 feature map gives std sqrt(eps), never NaN.
+    """
+    flat = x.flatten(2)
+    mu = flat.mean(dim=2)
+    sigma = torch.sqrt(flat.var(dim=2, correction=0) + 1e-6)
+    return ((mu - mean).square().sum() + (sigma - std).square().sum()) / x.shape[0]
+
+
+def _initial_batch(shape: tuple[int, ...], mean: torch.Tensor, std: torch.Tensor, gen) -> torch.Tensor:
+    """Uniform pixels 0..255 through the normalisation: spread over the whole valid input range."""
+    pixels = torch.randint(0, 256, shape, generator=gen, dtype=torch.int64).to(torch.float32)
+    return (pixels / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def _frozen_copy(model: nn.Module) -> tuple[nn.Module, list[nn.BatchNorm2d]]:
+    """A deepcopy in eval mode without parameter gradients, and its BN layers with running stats."""
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    bns = [m for m in frozen.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+    if not bns:
+        raise DfqError(
+            "The model has no BatchNorm2d layer with running statistics, so there is nothing to "
+            "distil data from (was BN already folded?).",
+            "pass the float model before BN folding, or use BN-based or real-data activation ranges",
+        )
+    return frozen, bns
+
+
+def distill(
+    model: nn.Module,
+    config: DistillConfig = DistillConfig(),
+    input_shape: tuple[int, int, int] = (3, 224, 224),
+    progress: bool = True,
+) -> DistillResult:
+    """Distil `batch_size * num_batches` inputs of shape (C, H, W) from the model's BN statistics.
+
+    Needs the BN-unfolded float model; layers without BN are simply not matched. The model is
+    never modified (a frozen deepcopy is used). Deterministic for a given seed unless the
+    `seconds` budget cuts batches short; the budget is shared evenly (unused time carries over)
+    and checked after each step, so every batch gets at least one step.
+    """
+    from tqdm.auto import tqdm
+
+    channels = input_shape[0]
+    height, width = config.resolution or tuple(input_shape[1:])
+    if len(config.mean) != channels:
+        raise DfqError(
+            f"The input has {channels} channels but the normalisation mean/std has {len(config.mean)}.",
+            "set DistillConfig.mean and .std to the model's normalisation",
+        )
+    config = dataclasses.replace(config, resolution=(height, width))
+    frozen, bns = _frozen_copy(model)
+    ref = next(frozen.parameters(), bns[0].running_mean)
+    device, dtype = ref.device, ref.dtype
+    targets = {bn: (bn.running_mean.detach().clone(), torch.sqrt(bn.running_var + bn.eps).detach()) for bn in bns}
+    terms: list[torch.Tensor] = []
+
+    def hook(bn, inputs):
+        terms.append(_stat_loss(inputs[0], *targets[bn]))
+
+    handles = [bn.register_forward_pre_hook(hook) for bn in bns]
+    mean = torch.tensor(config.mean, device=device, dtype=dtype)
+    std = torch.tensor(config.std, device=device, dtype=dtype)
+    zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
+    threshold = config.threshold_factor * (len(bns) + 1)
+    gen = torch.Generator().manual_seed(config.seed)
+    shape = (config.batch_size, channels, height, width)
+    batches, losses, iterations = [], [], []
+    start = time.perf_counter()
+    bar = tqdm(total=config.num_batches * config.iterations, desc="distill", disable=not progress)
+    try:
+        for b in range(config.num_batches):
+            deadline = None if config.seconds is None else start + config.seconds * (b + 1) / config.num_batches
+            x = _initial_batch(shape, mean.cpu(), std.cpu(), gen).to(device, dtype).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=config.lr)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=config.patience, min_lr=1e-4)
+            loss_value, steps = math.nan, 0
+            while steps < config.iterations:
+                terms.clear()
+                frozen(x)
+                loss = sum(terms) + _stat_loss(x, zeros, ones)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_value = loss.item()
+                sched.step(loss_value)
+                steps += 1
+                bar.update(1)
+                bar.set_postfix(batch=f"{b + 1}/{config.num_batches}", loss=f"{loss_value:.3g}")
+                if loss_value <= threshold or (deadline is not None and time.perf_counter() >= deadline):
+                    bar.total -= config.iterations - steps
+                    bar.refresh()
+                    break
+            batches.append(x.detach())
+            losses.append(loss_value)
+            iterations.append(steps)
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    return DistillResult(
+        data=torch.cat(batches),
+        losses=tuple(losses),
+        iterations=tuple(iterations),
+        seconds=time.perf_counter() - start,
+        bn_layers=len(bns),
+        config=config,
+    )
+
+
+def save_distilled(path: str | Path, data: torch.Tensor, config: DistillConfig) -> None:
+    """Save distilled data with the config that made it, so an experiment pays for it once."""
+    _check_shape(data, config, str(path))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": _FORMAT, "data": data.detach().cpu(), "config": config.to_dict()}, path)
+
+
+def load_distilled(
+    path: str | Path, input_shape: tuple[int, int, int] | None = None
+) -> tuple[torch.Tensor, DistillConfig]:
+    """Load what `save_distilled` wrote; with `input_shape` (C, H, W), also check it fits the model."""
+    fix = "delete it and distil again (or save it with dfq.distill.save_distilled)"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DfqError(f"Distilled data file '{path}' does not exist.", "check the path, or distil first") from None
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise DfqError(f"'{path}' is not a readable distilled-data file ({type(e).__name__}).", fix) from None
+    if (
+        not isinstance(blob, dict)
+        or blob.get("format") != _FORMAT
+        or not isinstance(blob.get("data"), torch.Tensor)
+        or not isinstance(blob.get("config"), dict)
+    ):
+        raise DfqError(f"'{path}' is not a dfq distilled-data file.", fix)
+    data, config = blob["data"], DistillConfig.from_dict(blob["config"])
+    _check_shape(data, config, str(path))
+    if input_shape is not None and tuple(data.shape[1:]) != tuple(input_shape):
+        raise DfqError(
+            f"Distilled data in '{path}' has images of shape {tuple(data.shape[1:])}, "
+            f"but the model expects {tuple(input_shape)}.",
+            "distil again at this input shape",
+        )
+    return data, config
+
+
+def _check_shape(data: torch.Tensor, config: DistillConfig, where: str) -> None:
+    expected = (config.batch_size * config.num_batches, len(config.mean), *(config.resolution or data.shape[2:]))
+    if data.dim() != 4 or tuple(data.shape) != expected or not data.is_floating_point():
+        raise DfqError(
+            f"Distilled data for '{where}' has shape {tuple(data.shape)} ({data.dtype}), "
+            f"but its config describes float images of shape {expected}.",
+            "save the data together with the config that produced it (DistillResult.config)",
+        )
