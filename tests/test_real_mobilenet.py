@@ -31,4 +31,5 @@ def test_dfq_w8a8_beats_naive_w8a8(setup):
     naive = run_one(model, PipelineConfig(), batches, ref, progress=False)
     dfq = run_one(model, PipelineConfig(relu=True, equalize=True, correction=True), batches, ref, progress=False)
     assert dfq["logits_sqnr_db"] > naive["logits_sqnr_db"] + 3
-    assert dfq["top1"] >= naive["top1"] and dfq["agreement"] >= 90.0
+    # top-1 on 20 images is noise (one image = 5 points); agreement with FP32 is paired
+    assert dfq["agreement"] >= max(naive["agreement"], 95.0)
