@@ -32,7 +32,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--equalize", action="store_true", help="cross-layer equalization")
     g.add_argument("--absorption", action=argparse.BooleanOptionalAction, default=None,
                    help="high-bias absorption (default: on with --equalize)")
-    g.add_argument("--correction", action="store_true", help="data-free bias correction")
+    g.add_argument("--correction", nargs="?", const="bn", default=False, choices=["bn", "distill"],
+                   help="bias correction: bn = data-free (default), distill = empirical on the distilled "
+                        "(or --true_data) images")
     g.add_argument("--clip_weight", type=float, nargs="?", const=15.0, default=None,
                    help="clamp weights to [-V, V] (default V 15)")
     g.add_argument("--bits_weight", type=int, default=8)
@@ -44,6 +46,19 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--range_std", type=float, default=6.0, help="BN ranges: mean +- N std")
     g.add_argument("--calib", type=int, default=0, metavar="N",
                    help="activation ranges from N real images of --data (for comparison; not data-free)")
+    d = p.add_argument_group("distilled data (ZeroQ)")
+    d.add_argument("--distill_range", action="store_true", help="activation ranges from distilled data")
+    d.add_argument("--range_percentile", type=float, default=None, metavar="P",
+                   help="data ranges at the P-th percentile (e.g. 99.99) instead of min/max")
+    d.add_argument("--true_data", type=int, default=0, metavar="N",
+                   help="use N real images of --data instead of distilled ones (for comparison)")
+    d.add_argument("--dis_batch_size", type=int, default=64)
+    d.add_argument("--dis_num_batch", type=int, default=8)
+    d.add_argument("--dis_resolution", type=int, default=None, help="distilled image side (default: the input's)")
+    d.add_argument("--dis_iterations", type=int, default=500, help="maximum Adam steps per batch")
+    d.add_argument("--distill-seconds", type=float, default=240.0, help="time budget for all batches")
+    d.add_argument("--save", type=Path, default=None, help="save the distilled images here")
+    d.add_argument("--load", type=Path, default=None, help="reuse distilled images saved with --save")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +70,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=float, nargs=3, default=None)
     g.add_argument("--resize", type=int, default=None, help="shorter side (0 = none; default 256, CIFAR 0)")
     g.add_argument("--crop", type=int, default=None, help="center crop (0 = none; default 224, CIFAR 0)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
+    g = p.add_argument_group("int8 runtime (dfq/targets.py, dfq/deploy.py)")
+    g.add_argument("--target", choices=["generic", "ort", "ncnn"], default=None,
+                   help="runtime profile the simulation models (default: generic; the backend/format's own)")
+    g.add_argument("--reduce_range", action=argparse.BooleanOptionalAction, default=None,
+                   help="fewer weight bits where the runtime needs them (ort: 7; ncnn: 6 for 3x3 s1); default by CPU")
+    g.add_argument("--export-dir", default=None, help="where --backend writes its model (default: a temp dir)")
+    if backend:
+        g.add_argument("--backend", choices=["torch", "ort", "ncnn"], default="torch",
+                       help="evaluate the simulation (torch) or the exported int8 model in onnxruntime/ncnn")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
     c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_runtime_args(c, backend=True)
+    e = sub.add_parser("export", help="quantize and write an int8 model (ONNX QDQ or ncnn)")
+    _add_model_args(e)
+    _add_pipeline_args(e)
+    e.add_argument("--format", choices=["onnx", "ncnn"], required=True)
+    e.add_argument("--output", "-o", required=True, help="file (.onnx) or path stem (ncnn: STEM.param/.bin/.table)")
+    e.add_argument("--input-size", type=int, default=None, help="square input side (default 224, CIFAR 32)")
+    e.add_argument("--data", default=None, help="images for --calib only")
+    for name in ("--mean", "--std"):
+        e.add_argument(name, type=float, nargs=3, default=None)
+    e.add_argument("--resize", type=int, default=None)
+    e.add_argument("--crop", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", type=Path, help="write what was exported here")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_runtime_args(e, backend=False)
     sub.add_parser("archs", help="list the architectures --arch accepts")
     return p
 
@@ -119,20 +162,38 @@ def pipeline_config(args, **overrides) -> PipelineConfig:
     quant = QuantConfig(bits_weight=args.bits_weight, bits_activation=args.bits_activation,
                         bits_bias=args.bits_bias, per_channel=args.per_channel,
                         weight_symmetric=not args.asymmetric_weight,
-                        activation_symmetric=args.symmetric_activation)
+                        activation_symmetric=args.symmetric_activation,
+                        target=getattr(args, "target", None) or "generic", reduce_range=getattr(args, "reduce_range", None))
     fields = dict(quantize=args.quantize, relu=args.relu, equalize=args.equalize, absorption=args.absorption,
                   correction=args.correction, clip_weight=args.clip_weight, quant=quant,
-                  range_std=args.range_std, calib=args.calib, input_mean=tuple(args.mean or IMAGENET_MEAN),
+                  range_std=args.range_std, calib=args.calib, distill_range=args.distill_range,
+                  range_percentile=args.range_percentile, input_mean=tuple(args.mean or IMAGENET_MEAN),
                   input_std=tuple(args.std or IMAGENET_STD))
     fields.update(overrides)
     return PipelineConfig(**fields)
 
 
+def data_spec(args, cfg: PipelineConfig):
+    """--true_data / --load / --save / --dis_* as a DataSpec (distillation runs on demand)."""
+    from dfq.distill import DistillConfig
+    from dfq.experiment import DataSpec
+
+    res = (args.dis_resolution,) * 2 if args.dis_resolution else None
+    dcfg = DistillConfig(batch_size=args.dis_batch_size, num_batches=args.dis_num_batch, resolution=res,
+                         iterations=args.dis_iterations, seconds=args.distill_seconds, seed=args.seed,
+                         mean=cfg.input_mean, std=cfg.input_std)
+    return DataSpec(true_data=args.true_data, distill=dcfg, load=args.load, save=args.save)
+
+
 def cmd_cls(args) -> dict:
-    from dfq.experiment import ablation, ablation_table, run_one
+    from dfq.experiment import ablation, ablation_table, pipeline_data, run_one
     from dfq.report import layer_table, markdown_table
     from dfq.tasks.classification import evaluate, load_images, materialize
 
+    if getattr(args, "backend", "torch") != "torch":
+        from dfq.deploy import cls_backend
+
+        return cls_backend(args)
     _seed(args.seed)
     cfg = pipeline_config(args)  # validate the switches before any slow work
     model = load_model(args)
@@ -144,12 +205,15 @@ def cmd_cls(args) -> dict:
     reference = None
     if args.compare or args.ablation:
         reference = evaluate(model, batches, progress=progress, desc="fp32")
+    data, data_info = pipeline_data(model, cfg, batches, data_spec(args, cfg), progress)
     if args.ablation:
-        rows = ablation(model, cfg, batches, reference, progress)
-        print(f"\nW{args.bits_weight}A{args.bits_activation} ablation, no data used for quantization:\n"
+        rows = ablation(model, cfg, batches, reference, progress, data)
+        print(f"\nW{args.bits_weight}A{args.bits_activation} ablation, quantization data: {data_info['source']}\n"
               f"{ablation_table(rows)}")
-        return {"rows": rows, "n": n, "data": str(args.data), "arch": args.arch or args.model}
-    res = run_one(model, cfg, batches, reference, progress, "dfq" if cfg.quantize else "float")
+        return {"rows": rows, "n": n, "data": str(args.data), "arch": args.arch or args.model,
+                "quantization_data": data_info}
+    res = run_one(model, cfg, batches, reference, progress, "dfq" if cfg.quantize else "float", data)
+    res["quantization_data"] = data_info
     if not args.quiet:
         print(layer_table(res["layers"]))
     keys = ["top1", "top5", "n", "fp32_top1", "agreement", "logits_sqnr_db"]
@@ -170,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="dfq: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        result = {"cls": cmd_cls, "archs": cmd_archs}[args.command](args)
+        if args.command == "export":
+            from dfq.deploy import cmd_export
+
+            result = cmd_export(args)
+        else:
+            result = {"cls": cmd_cls, "archs": cmd_archs}[args.command](args)
     except DfqError as exc:
         if args.debug:
             raise

@@ -8,6 +8,7 @@ from typing import Any
 from dfq.errors import DfqError
 from dfq.quant.primitives import Grid
 
+TARGETS = ("generic", "ort", "ncnn")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -24,6 +25,10 @@ class QuantConfig:
     weight_symmetric: bool = True
     activation_symmetric: bool = False
     rounding: str = "half_even"
+    # Runtime profile (dfq/targets.py): "generic" (as configured), "ort" (onnxruntime QDQ) or
+    # "ncnn" (ncnn int8); the pipeline resolves it into the grids that runtime computes with.
+    target: str = "generic"
+    reduce_range: bool | None = None  # fewer weight bits where the runtime needs them; None = by CPU
 
     def __post_init__(self):
         for name in ("bits_weight", "bits_activation"):
@@ -33,6 +38,8 @@ class QuantConfig:
             raise DfqError(f"--bits_bias {self.bits_bias} is not supported.", "use 8, 16 or 32")
         if self.rounding not in ("half_even", "half_away"):
             raise DfqError(f"rounding '{self.rounding}' is unknown.", "use half_even or half_away")
+        if self.target not in TARGETS:
+            raise DfqError(f"--target '{self.target}' is unknown.", f"use one of {', '.join(TARGETS)}")
 
     @property
     def weight_grid(self) -> Grid:
@@ -61,17 +68,25 @@ class PipelineConfig:
     relu: bool = False            # replace ReLU6 by ReLU (explicit; changes the float model)
     equalize: bool = False        # cross-layer equalization
     absorption: bool | None = None  # high-bias absorption; None = on with --equalize
-    correction: bool = False      # data-free bias correction
+    correction: bool | str = False  # True/"bn": data-free bias correction; "data": empirical, on data
     clip_weight: float | None = None  # e.g. 15.0: clamp weights to [-15, 15]
     quant: QuantConfig = field(default_factory=QuantConfig)
     equalization: EqualizeConfig = field(default_factory=EqualizeConfig)
     range_std: float = 6.0        # BN-based activation ranges: mean +- range_std * std
     absorb_std: float = 3.0       # high-bias absorption: c = max(0, beta - absorb_std * gamma)
     calib: int = 0                # >0: activation ranges from that many real images instead
+    distill_range: bool = False   # activation ranges from the (distilled) data given to the pipeline
+    range_percentile: float | None = None  # data ranges: this percentile (e.g. 99.99) instead of min/max
     input_mean: tuple[float, ...] = IMAGENET_MEAN
     input_std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self):
+        modes = {False: "", None: "", "": "", "none": "", True: "bn", "bn": "bn", "data": "data", "distill": "data"}
+        if self.correction not in modes:
+            raise DfqError(f"--correction '{self.correction}' is unknown.", "use bn (data-free) or distill")
+        object.__setattr__(self, "correction", modes[self.correction])
+        if self.range_percentile is not None and not 50 < self.range_percentile <= 100:
+            raise DfqError(f"--range_percentile {self.range_percentile} must be in (50, 100].")
         if self.absorption and not self.equalize:
             raise DfqError("--absorption needs --equalize (it moves the biases equalization inflates).",
                            "add --equalize, or drop --absorption")
@@ -79,6 +94,11 @@ class PipelineConfig:
             raise DfqError(f"--clip_weight {self.clip_weight} must be positive.", "e.g. --clip_weight 15")
         if self.range_std <= 0:
             raise DfqError(f"range_std {self.range_std} must be positive.")
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the pipeline must be given input batches (distilled or real)."""
+        return bool(self.calib or self.distill_range or self.correction == "data")
 
     @property
     def absorb(self) -> bool:

@@ -3,13 +3,19 @@ DFQ paper's ablation rows, always paired against FP32 on the same images."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from dfq.config import PipelineConfig
 from dfq.pipeline import quantize_model
 from dfq.tasks.classification import Evaluation, evaluate, first_images
+
+if TYPE_CHECKING:
+    from dfq.distill import DistillConfig
 
 ABLATION = [  # the rows of the DFQ paper's ablation, each quantized
     ("Original", {}),
@@ -22,11 +28,47 @@ ABLATION = [  # the rows of the DFQ paper's ablation, each quantized
 ABLATION_BASE = dict(quantize=True, relu=False, equalize=False, absorption=None, correction=False, clip_weight=None)
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the images come from when a config uses data: N real ones, or distilled."""
+
+    true_data: int = 0
+    distill: DistillConfig | None = None
+    load: Path | None = None
+    save: Path | None = None
+
+
+def pipeline_data(model: nn.Module, config: PipelineConfig, batches, spec: DataSpec = DataSpec(),
+                  progress: bool = True) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
+    """The input batches `config` needs (None if it is data-free), and where they came from."""
+    if not config.needs_data:
+        return None, {"source": "none (data-free)"}
+    real = config.calib or spec.true_data
+    if real:
+        return first_images(batches, real), {"source": "real", "images": real}
+    from dfq.distill import DistillConfig, distill, load_distilled, save_distilled
+
+    shape = tuple(batches[0][0].shape[1:])
+    if spec.load:
+        data, dcfg = load_distilled(spec.load)
+        return list(data.split(dcfg.batch_size)), {"source": "distilled", "loaded": str(spec.load),
+                                                   "images": len(data), "config": dcfg.to_dict()}
+    dcfg = spec.distill or DistillConfig(mean=config.input_mean, std=config.input_std)
+    res = distill(model, dcfg, input_shape=shape, progress=progress)
+    if spec.save:
+        save_distilled(spec.save, res.data, res.config)
+    return list(res.data.split(dcfg.batch_size)), {
+        "source": "distilled", "images": len(res.data), "seconds": round(res.seconds, 2),
+        "iterations": list(res.iterations), "final_losses": [round(v, 3) for v in res.losses],
+        "config": res.config.to_dict()}
+
+
 def run_one(model: nn.Module, config: PipelineConfig, batches, reference: Evaluation | None = None,
-            progress: bool = True, label: str = "dfq") -> dict[str, Any]:
-    """Quantize per `config`, evaluate on `batches`, compare with `reference` if given."""
-    calib = first_images(batches, config.calib) if config.calib else None
-    result = quantize_model(model, config, calib_data=calib)
+            progress: bool = True, label: str = "dfq", data: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Quantize per `config` (with `data` if it needs any), evaluate on `batches`, compare."""
+    if data is None and config.needs_data:
+        data, _ = pipeline_data(model, config, batches, progress=progress)
+    result = quantize_model(model, config, calib_data=data)
     t = time.perf_counter()
     ev = evaluate(result.model, batches, progress=progress, desc=label)
     out = {"name": label, **ev.summary(), "config": config.to_dict(), "layers": result.layers,
@@ -38,14 +80,14 @@ def run_one(model: nn.Module, config: PipelineConfig, batches, reference: Evalua
 
 
 def ablation(model: nn.Module, base: PipelineConfig, batches, reference: Evaluation,
-             progress: bool = True) -> list[dict[str, Any]]:
+             progress: bool = True, data: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """FP32 and the ablation rows, each with its top-1 difference to FP32."""
     import dataclasses
 
     rows = [{"name": "FP32", **reference.summary()}]
     for name, overrides in ABLATION:
         cfg = dataclasses.replace(base, **{**ABLATION_BASE, **overrides})
-        rows.append(run_one(model, cfg, batches, reference, progress, name))
+        rows.append(run_one(model, cfg, batches, reference, progress, name, data))
     for r in rows:
         r["delta_top1"] = round(r["top1"] - rows[0]["top1"], 3)
     return rows

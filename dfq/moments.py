@@ -16,7 +16,8 @@ import torch
 from torch import fx
 
 from dfq.graph.channels import channel_matrix, to_features
-from dfq.graph.ops import activation_of, is_add, is_cat, is_pass_through, weighted_module
+from dfq.graph.ops import (activation_of, channel_padding, is_add, is_cat, is_pass_through, is_spatial_slice,
+                           weighted_module)
 from dfq.stats import Stats
 
 
@@ -97,8 +98,10 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
         elif (act := activation_of(gm, node)) is not None:
             mean, var = clipped_normal_moments(src.mean, src.var.sqrt(), act.lo, act.hi)
             out[node.name] = Moments(mean, var, src.lo.clamp(act.lo, act.hi), src.hi.clamp(act.lo, act.hi))
-        elif is_pass_through(gm, node):
+        elif is_pass_through(gm, node) or is_spatial_slice(node):
             out[node.name] = src
+        elif (pads := channel_padding(node)) is not None:
+            out[node.name] = _pad_channels(src, *pads)
         elif is_add(node) and len(args) == 2 and all(a.name in out for a in args):
             a, b = (out[x.name] for x in args)
             if a.mean.shape == b.mean.shape:
@@ -111,6 +114,13 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
             out[node.name] = Moments(*(torch.cat([getattr(p, f) for p in parts])
                                        for f in ("mean", "var", "lo", "hi")))
     return out
+
+
+def _pad_channels(m: Moments, before: int, after: int) -> Moments:
+    """Zero channels (mean, var, range all 0) added by a channel-padding op."""
+    def pad(t):
+        return torch.cat([t.new_zeros(before), t, t.new_zeros(after)])
+    return Moments(pad(m.mean), pad(m.var), pad(m.lo), pad(m.hi))
 
 
 def input_moments(mean: tuple[float, ...], std: tuple[float, ...], dtype=torch.float32) -> Moments:

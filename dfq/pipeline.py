@@ -7,6 +7,7 @@ them, and merges their per-layer notes into one report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -24,7 +25,7 @@ from dfq.quant.weights import quantize_weights
 from dfq.stats import Stats
 from dfq.transforms import Transformed
 from dfq.transforms.bias_absorb import absorb_high_bias
-from dfq.transforms.bias_correct import correct_bias
+from dfq.transforms.bias_correct import correct_bias, correct_bias_empirical_
 from dfq.transforms.bn_fold import fold_batchnorm
 from dfq.transforms.clip import clip_weights
 from dfq.transforms.equalize import equalize
@@ -98,7 +99,17 @@ def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transfor
 
 def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
                    calib_data: Iterable[torch.Tensor] | None = None) -> QuantizationResult:
-    """Run the DFQ pipeline on a copy of `model`; `calib_data` only when config.calib > 0."""
+    """Run the DFQ pipeline on a copy of `model`.
+
+    `calib_data` (input batches, distilled or real) is needed only when config.needs_data:
+    data-driven activation ranges (calib, distill_range) or empirical bias correction.
+    """
+    if config.needs_data and calib_data is None:
+        raise ValueError("this config uses data (calib / distill_range / correction='data'): pass calib_data")
+    from dfq.targets import resolve
+
+    # the runtime profile (QuantConfig.target) becomes concrete grids; result.config records them
+    config = dataclasses.replace(config, quant=resolve(config.quant))
     layers: dict[str, dict] = {}
     timings: dict[str, float] = {}
     steps = _Steps(layers, timings)
@@ -114,16 +125,20 @@ def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
             moments = propagate(prepared.gm, prepared.stats,
                                 input_moments(config.input_mean, config.input_std), config.range_std)
         q = steps.run("quantize_weights", quantize_weights, prepared.gm, prepared.stats, qc)
-        if config.correction:
+        if config.correction == "bn":
             q = steps.run("bias_correction", correct_bias, q.gm, prepared.gm, prepared.stats, moments)
         with steps.timed("activation_ranges"):
-            gm = insert_quantizers(q.gm, quantization_points(q.gm), qc)
-            if config.calib:
-                if calib_data is None:
-                    raise ValueError("config.calib > 0 needs calib_data")
-                result.activations = calibrate(gm, calib_data)
+            gm = insert_quantizers(q.gm, quantization_points(q.gm, qc), qc)
+            if config.calib or config.distill_range:
+                result.activations = calibrate(gm, calib_data, config.range_percentile)
+                inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+                result.activations.update(set_ranges_from_moments(gm, moments, only=inputs))
             else:
                 result.activations = set_ranges_from_moments(gm, moments)
+        if config.correction == "data":
+            with steps.timed("bias_correction"):
+                for layer, notes in correct_bias_empirical_(gm, prepared.gm, calib_data).items():
+                    layers.setdefault(layer, {}).update(notes)
         with steps.timed("quantize_bias"):
             for layer, notes in quantize_biases(gm, qc).items():
                 layers.setdefault(layer, {}).update(notes)

@@ -71,10 +71,26 @@ def test_same_config_gives_bit_identical_models(small_net):
 
 
 def test_calibration_ranges_come_from_data(small_net):
-    data = [torch.randn(8, 3, 16, 16)]
+    data = [torch.randn(8, 3, 16, 16) * 5]
     res = quantize_model(small_net, PipelineConfig(calib=8), calib_data=data)
-    lo, hi = res.activations["x"]["activation_range"]
-    assert lo == round(float(data[0].min()), 4) and hi == round(float(data[0].max()), 4)
+    stem = small_net.stem(data[0])
+    assert res.activations["stem_2"]["activation_range"] == [0.0, round(float(stem.max()), 4)]
+    # the input's range is known exactly from the normalisation, whatever the data spans
+    assert res.activations["x"]["activation_range"] == [-2.1179, 2.64]
+
+
+def test_percentile_ranges_are_inside_min_max(small_net):
+    data = [torch.randn(8, 3, 16, 16)]
+    full = quantize_model(small_net, PipelineConfig(calib=8), calib_data=data).activations
+    pct = quantize_model(small_net, PipelineConfig(calib=8, range_percentile=99.0), calib_data=data).activations
+    assert pct["stem_2"]["activation_range"][1] < full["stem_2"]["activation_range"][1]
+
+
+def test_empirical_bias_correction_on_data(small_net):
+    data = [torch.randn(16, 3, 16, 16)]
+    res = quantize_model(small_net, PipelineConfig(correction="distill", calib=16), calib_data=data)
+    assert res.config.correction == "data"
+    assert res.layers["stem.0"]["bias_correction"] == "empirical"
 
 
 def test_per_channel_and_asymmetric_weights(small_net):

@@ -102,12 +102,37 @@ def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), PASS_MODULES)
     if node.op == "call_function":
-        if node.target is F.pad:
-            return node.kwargs.get("mode", "constant") == "constant" and not node.kwargs.get("value")
+        if node.target is F.pad:  # zero padding of H and W only
+            pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+            spatial = isinstance(pad, (tuple, list)) and len(pad) <= 4
+            return spatial and node.kwargs.get("mode", "constant") == "constant" and not node.kwargs.get("value")
         return node.target in PASS_FUNCTIONS
     if node.op == "call_method":
         return node.target in PASS_METHODS
     return False
+
+
+def is_spatial_slice(node: fx.Node) -> bool:
+    """x[:, :, a:b:s, c:d:t]: strided subsampling that keeps batch and channels whole."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    idx = node.args[1]
+    if not isinstance(idx, tuple) or len(idx) < 2:
+        return False
+    whole = slice(None, None, None)
+    return idx[0] == whole and idx[1] == whole and all(isinstance(i, slice) for i in idx[2:])
+
+
+def channel_padding(node: fx.Node) -> tuple[int, int] | None:
+    """(before, after) channels of zeros that F.pad adds to an NCHW tensor (spatial pads 0)."""
+    if node.op != "call_function" or node.target is not F.pad:
+        return None
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    if mode != "constant" or value or not isinstance(pad, (tuple, list)) or len(pad) != 6 or any(pad[:4]):
+        return None
+    return int(pad[4]), int(pad[5])
 
 
 def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -28,8 +28,14 @@ def _fused_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     return node
 
 
-def quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes (in graph order) whose outputs get an activation quantizer."""
+def quantization_points(gm: fx.GraphModule, config: QuantConfig | None = None) -> list[fx.Node]:
+    """Nodes (in graph order) whose outputs get an activation quantizer.
+
+    With the ncnn profile: the inputs of conv/linear layers only (ncnn quantizes inside each
+    layer and keeps every other blob in float), see dfq/targets.py."""
+    if config is not None and config.target == "ncnn":
+        inputs = {n.args[0] for n in gm.graph.nodes if weighted_module(gm, n) is not None}
+        return [n for n in gm.graph.nodes if n in inputs]
     points: list[fx.Node] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -53,10 +59,13 @@ def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantCo
         if node.name not in names:
             continue
         target = f"act_quant_{node.name}"
-        gm.add_submodule(target, ActQuant(config.activation_grid, config.rounding))
+        ncnn = config.target == "ncnn"
+        gm.add_submodule(target, ActQuant(config.activation_grid, config.rounding, reciprocal=ncnn))
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(target, (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+        # ncnn: only the conv/linear layers see the int8 value, everything else the float one
+        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q and (
+            not ncnn or weighted_module(gm, u) is not None))
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -68,10 +77,17 @@ def quantizer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActQuant)}
 
 
-def set_ranges_from_moments(gm: fx.GraphModule, moments: dict[str, Moments]) -> dict[str, dict]:
-    """Per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are reported."""
+def set_ranges_from_moments(gm: fx.GraphModule, moments: dict[str, Moments],
+                            only: set[str] | None = None) -> dict[str, dict]:
+    """Per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are reported.
+
+    `only` restricts this to some quantized nodes (by name), e.g. the network input, whose
+    range the normalisation constants give exactly even when the other ranges come from data.
+    """
     info = {}
     for src, qnode in quantizer_nodes(gm).items():
+        if only is not None and src not in only:
+            continue
         aq = gm.get_submodule(qnode.target)
         m = moments.get(src)
         if m is None:
@@ -84,20 +100,42 @@ def set_ranges_from_moments(gm: fx.GraphModule, moments: dict[str, Moments]) -> 
     return info
 
 
-def calibrate(gm: fx.GraphModule, batches) -> dict[str, dict]:
-    """Observe min/max of every quantizer's input on real batches, then set the ranges."""
+def _percentiles(x: torch.Tensor, pct: float, max_elements: int = 1 << 22) -> tuple[float, float]:
+    """(100 - pct, pct) percentiles of x, on an evenly strided subsample for big tensors."""
+    flat = x.detach().flatten().float()
+    if flat.numel() > max_elements:
+        flat = flat[:: flat.numel() // max_elements + 1]
+    q = torch.quantile(flat, torch.tensor([1 - pct / 100, pct / 100]))
+    return float(q[0]), float(q[1])
+
+
+def calibrate(gm: fx.GraphModule, batches, percentile: float | None = None) -> dict[str, dict]:
+    """Ranges of every quantizer's input on data: min/max, or the mean per-batch percentile."""
     quantizers = {src: gm.get_submodule(q.target) for src, q in quantizer_nodes(gm).items()}
-    for aq in quantizers.values():
+    seen: dict[str, list[tuple[float, float]]] = {src: [] for src in quantizers}
+    hooks = []
+    for src, aq in quantizers.items():
         aq.observing = True
         aq.observed_min.fill_(float("inf"))
         aq.observed_max.fill_(float("-inf"))
-    with torch.no_grad():
-        for x in batches:
-            gm(x)
+        if percentile is not None:
+            hooks.append(aq.register_forward_pre_hook(
+                lambda mod, inp, src=src: seen[src].append(_percentiles(inp[0], percentile))))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
     info = {}
     for src, aq in quantizers.items():
         aq.observing = False
-        lo, hi = aq.observed_min.clone(), aq.observed_max.clone()
+        if percentile is not None:
+            lo = torch.tensor(sum(a for a, _ in seen[src]) / len(seen[src]))
+            hi = torch.tensor(sum(b for _, b in seen[src]) / len(seen[src]))
+        else:
+            lo, hi = aq.observed_min.clone(), aq.observed_max.clone()
         aq.set_range(*qparams(lo, hi, aq.grid))
         info[src] = {"activation_range": [round(float(lo), 4), round(float(hi), 4)]}
     return info
@@ -122,6 +160,9 @@ def quantize_biases(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:
     for node in gm.graph.nodes:
         m = weighted_module(gm, node)
         if not isinstance(m, QuantizedLayer) or m.bias is None:
+            continue
+        if config.target == "ncnn":  # ncnn adds the fp32 bias after dequantizing the int32 sum
+            info[node.target] = {"bias": "fp32 (ncnn)"}
             continue
         aq = input_quantizer(gm, node)
         if config.bits_bias == 32 and aq is not None:

@@ -16,10 +16,12 @@ from dfq.quant.primitives import Grid, ROUNDING, dequantize, quantize
 class ActQuant(nn.Module):
     """Per-tensor activation fake quantization; `observe()` mode records min/max instead."""
 
-    def __init__(self, grid: Grid, rounding: str = "half_even"):
+    def __init__(self, grid: Grid, rounding: str = "half_even", reciprocal: bool = False):
         super().__init__()
         self.grid = grid
         self.rounding = rounding
+        # ncnn multiplies by the float32 reciprocal (its "scale" is 1/ours) instead of dividing
+        self.reciprocal = reciprocal
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
         self.register_buffer("observed_min", torch.tensor(float("inf")))
@@ -35,11 +37,18 @@ class ActQuant(nn.Module):
             self.observed_min.copy_(torch.minimum(self.observed_min, x.detach().min()))
             self.observed_max.copy_(torch.maximum(self.observed_max, x.detach().max()))
             return x
+        if self.reciprocal:
+            q = ROUNDING[self.rounding](x * self.inv_scale().to(x.dtype)) + self.zero_point
+            return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
         if self.rounding == "half_even" and x.dtype == torch.float32:
             return torch.fake_quantize_per_tensor_affine(
                 x, self.scale, self.zero_point.int(), self.grid.qmin, self.grid.qmax)
         q = ROUNDING[self.rounding](x / self.scale) + self.zero_point
         return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
+
+    def inv_scale(self) -> torch.Tensor:
+        """1/scale in float32: the number ncnn multiplies by (written as-is into its .bin)."""
+        return 1.0 / self.scale.float()
 
     def extra_repr(self) -> str:
         return f"bits={self.grid.bits}, symmetric={self.grid.symmetric}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import fx, nn
@@ -24,6 +25,14 @@ def weight_qparams(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, 
     return scale, zp, None
 
 
+def layer_config(config: QuantConfig, m: nn.Module) -> QuantConfig:
+    """The config for one layer: a runtime profile may give some layers fewer weight bits."""
+    from dfq.targets import weight_bits
+
+    bits = weight_bits(config, m)
+    return config if bits == config.bits_weight else dataclasses.replace(config, bits_weight=bits)
+
+
 def _replace(gm: fx.GraphModule, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, attr, new)
@@ -36,9 +45,10 @@ def quantize_weights(gm: fx.GraphModule, stats: Stats, config: QuantConfig) -> T
     for node in weighted_nodes(gm):
         m = gm.get_submodule(node.target)
         w = m.weight.detach()
-        scale, zp, axis = weight_qparams(w, config)
+        lc = layer_config(config, m)
+        scale, zp, axis = weight_qparams(w, lc)
         q = quantized_copy(m)
-        q.init_quant(quantize(w, scale, zp, config.weight_grid, axis), scale, zp, config.weight_grid, axis)
+        q.init_quant(quantize(w, scale, zp, lc.weight_grid, axis), scale, zp, lc.weight_grid, axis)
         _replace(gm, node.target, q)
         info[node.target] = {"weight_sqnr_db": round(sqnr_db(w, q.weight), 2),
                              "weight_range": [float(w.min()), float(w.max())]}

@@ -4,6 +4,10 @@ Quantizing W to Q(W) shifts each output's mean by (Q(W) - W) E[x]. E[x] of every
 comes from the BN statistics of the producing layers (clipped-normal means through ReLU and
 ReLU6, sums across residual adds: see dfq.moments), so the shift can be subtracted from
 the bias without data. Works for any weight bit width.
+
+With data (distilled or real), `correct_bias_empirical_` measures the shift instead: the
+mean output difference between the float and the fully quantized layer, layer by layer in
+topological order, each correction applied before the next layer is measured.
 """
 from __future__ import annotations
 
@@ -39,3 +43,37 @@ def correct_bias(gm_q: fx.GraphModule, gm_float: fx.GraphModule, stats: Stats,
             ensure_bias(m).sub_(shift.to(m.weight.dtype))
         info[node.target] = {"bias_correction_max": float(shift.abs().max())}
     return Transformed(gm_q, stats, info)
+
+
+def _channel_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().transpose(0, 1).flatten(1).mean(1)
+
+
+def correct_bias_empirical_(gm_q: fx.GraphModule, gm_float: fx.GraphModule, batches) -> dict[str, dict]:
+    """In place on `gm_q`: bias += E[y_float] - E[y_quant] per layer, measured on `batches`."""
+    x = torch.cat([b for b in batches])
+    names = [n.target for n in gm_q.graph.nodes if isinstance(weighted_module(gm_q, n), QuantizedLayer)]
+    ref: dict[str, torch.Tensor] = {}
+    hooks = [gm_float.get_submodule(n).register_forward_hook(
+        lambda mod, inp, out, n=n: ref.__setitem__(n, _channel_mean(out))) for n in names]
+    info: dict[str, dict] = {}
+
+    def fix(mod, inp, out, name):
+        shift = ref[name] - _channel_mean(out)
+        with torch.no_grad():
+            ensure_bias(mod).add_(shift.to(mod.bias.dtype))
+        info[name] = {"bias_correction_max": float(shift.abs().max()), "bias_correction": "empirical"}
+        return out + shift.reshape(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
+
+    try:
+        with torch.no_grad():
+            gm_float(x)
+            for h in hooks:
+                h.remove()
+            hooks = [gm_q.get_submodule(n).register_forward_hook(
+                lambda mod, inp, out, n=n: fix(mod, inp, out, n)) for n in names]
+            gm_q(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return info

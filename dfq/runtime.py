@@ -1,0 +1,103 @@
+"""Run exported models in their real runtimes (onnxruntime, ncnn) on dfq's batches.
+
+Both runners take and return torch tensors (NCHW float in, logits out), so
+`dfq.tasks.classification.evaluate` works on them unchanged.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfq.errors import DfqError
+
+# onnxruntime's integer kernels (what QDQ groups become after graph optimization)
+INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
+               "QLinearConcat", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "QLinearSigmoid",
+               "QLinearLeakyRelu", "QLinearReduceMean", "QLinearSoftmax", "QLinearWhere", "NhwcQLinearConv"}
+
+
+class OrtRunner(torch.nn.Module):
+    """An onnxruntime CPU session with full graph optimization (QDQ -> integer kernels)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise DfqError("--backend ort needs onnxruntime.", "pip install -e '.[export]'") from exc
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        if optimized_path:
+            opts.optimized_model_filepath = str(optimized_path)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def op_counts(onnx_path: str | Path) -> collections.Counter:
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(onnx_path)).graph.node)
+
+
+def integer_ops(optimized_path: str | Path) -> dict[str, int]:
+    """The integer kernels in a graph onnxruntime optimized (saved via optimized_path)."""
+    return {k: v for k, v in op_counts(optimized_path).items() if k in INTEGER_OPS}
+
+
+def is_int8_param(param: str | Path) -> bool:
+    """Does an ncnn .param carry int8 weights (int8_scale_term 8=N on some layer)?"""
+    return any(tok.startswith("8=") and tok != "8=0" for line in Path(param).read_text().splitlines()[2:]
+               for tok in line.split()[4:])
+
+
+class NcnnRunner(torch.nn.Module):
+    """ncnn on the CPU, image by image (ncnn has no batch axis).
+
+    int8 is decided by the model, never by the caller: ncnn aborts when it loads int8 weights
+    with use_int8_inference off, so an int8 .param always gets it on. fp16/bf16 storage and
+    arithmetic are off, so the float parts compute in fp32 as the simulation does."""
+
+    def __init__(self, param: str | Path, binf: str | Path | None = None, threads: int = 1,
+                 input_name: str = "in0", output_name: str = "out0"):
+        super().__init__()
+        try:
+            import ncnn
+        except ImportError as exc:
+            raise DfqError("--backend ncnn needs the ncnn package.", "pip install -e '.[export]'") from exc
+        param = Path(param)
+        binf = Path(binf) if binf else param.with_suffix(".bin")
+        self.int8 = is_int8_param(param)
+        net = ncnn.Net()
+        opt = net.opt
+        opt.use_int8_inference = self.int8  # must be True before load_model for int8 weights
+        opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = False
+        opt.use_bf16_storage = False
+        opt.num_threads = threads
+        if net.load_param(str(param)) != 0 or net.load_model(str(binf)) != 0:
+            raise DfqError(f"ncnn could not load {param} / {binf}.")
+        self.net, self.input_name, self.output_name, self.threads = net, input_name, output_name, threads
+        self._ncnn = ncnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().contiguous().numpy()
+        outs = []
+        for img in x:
+            img = np.ascontiguousarray(img)  # ncnn.Mat wraps this memory: keep it alive
+            ex = self.net.create_extractor()
+            ex.input(self.input_name, self._ncnn.Mat(img))
+            ret, out = ex.extract(self.output_name)
+            if ret != 0:
+                raise DfqError(f"ncnn extract failed ({ret}).")
+            outs.append(np.array(out).reshape(-1).copy())
+        return torch.from_numpy(np.stack(outs))

@@ -1,0 +1,120 @@
+"""Runtime profiles: make the simulation compute what an int8 runtime will compute.
+
+`QuantConfig.target` names the runtime; `resolve(config)` turns it into concrete grids, rounding
+and quantization points before the pipeline quantizes anything, so the fake-quant model *is*
+the integer model the exporter writes (dfq/export/).
+
+generic  what the config says (defaults: int8 symmetric weights, uint8 activations, int32 bias).
+ort      onnxruntime QDQ -> QLinearConv/QLinearAdd/...: uint8 asymmetric activations, int8
+         symmetric weights, int32 bias at s_in * s_w, QuantizeLinear's round-half-to-even.
+         On x86 CPUs without VNNI, MLAS's u8s8 GEMM multiplies with vpmaddubsw, which adds two
+         u8*s8 products into a saturating int16 (255*127*2 > 32767): onnxruntime's own answer is
+         "reduce_range", 7-bit weights, and so is ours (`reduce_range=None` probes the CPU).
+ncnn     ncnn int8 (src/layer/convolution.cpp, tools/quantize/ncnn2table.cpp): symmetric int8
+         everywhere, scale = 127 / absmax, q = clamp(round(x * scale), -127, 127) with C's
+         round() (half away from zero) and a multiplication by the reciprocal scale; each
+         Convolution/ConvolutionDepthWise/InnerProduct quantizes its own input and returns
+         fp32 (int32 * 1/(s_in*s_w[c]) + fp32 bias), so adds, pools and concats run in float and
+         biases are never quantized. ncnn2table gives 3x3 stride-1 Convolution weights 6 bits
+         (31 / absmax) because ncnn's int8 winograd F(4,3) needs them; reduce_range does the
+         same (default: off on x86, where we measured 8-bit exact, on elsewhere).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import platform
+from pathlib import Path
+
+from dfq.config import QuantConfig
+from dfq.errors import DfqError
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def ort_saturates() -> bool:
+    """Does onnxruntime's u8s8 GEMM saturate on this CPU? Asked of onnxruntime itself where it
+    is installed (a 64-deep MatMulInteger of 255 x 127), else read from the CPU flags (x86
+    without VNNI saturates)."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return _x86() and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+    k, n, m = 64, 16, 8
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+        [numpy_helper.from_array(np.full((k, n), 127, np.int8), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"a": np.full((m, k), 255, np.uint8)})[0]
+    return int(y.min()) != 255 * 127 * k
+
+
+def resolve(q: QuantConfig) -> QuantConfig:
+    """The concrete QuantConfig a target computes with (idempotent; generic is unchanged)."""
+    if q.target == "generic":
+        return q
+    if q.bits_activation != 8 or q.bits_weight > 8:
+        raise DfqError(f"--target {q.target} runs int8: W{q.bits_weight}A{q.bits_activation} cannot be exported.",
+                       "use --bits_weight <= 8 and --bits_activation 8, or --target generic")
+    if not q.weight_symmetric:
+        raise DfqError(f"--target {q.target} uses symmetric int8 weights.", "drop --asymmetric_weight")
+    if q.target == "ort":
+        if q.bits_bias != 32:
+            raise DfqError("--target ort adds an int32 bias at s_in * s_w.", "use --bits_bias 32")
+        reduce = ort_saturates() if q.reduce_range is None else q.reduce_range
+        return dataclasses.replace(q, activation_symmetric=False, rounding="half_even", reduce_range=reduce,
+                                   bits_weight=min(q.bits_weight, 7) if reduce else q.bits_weight)
+    # ncnn: reduce_range = ncnn2table's 6-bit weights for winograd-eligible convolutions
+    reduce = (not _x86()) if q.reduce_range is None else q.reduce_range
+    return dataclasses.replace(q, activation_symmetric=True, rounding="half_away", reduce_range=reduce)
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def weight_bits(q: QuantConfig, module) -> int:
+    """Per-layer weight bit width: ncnn2table's 6-bit rule for winograd-eligible convolutions
+    (with the ncnn profile's reduce_range). Measured with ncnn 1.0.20261020 on x86 (AVX-512
+    VNNI), 3x3 stride-1 int8 convolutions with winograd on are exact with 8-bit weights
+    (tests/test_export_ncnn.py), so reduce_range defaults to off on x86 and on elsewhere."""
+    if q.target == "ncnn" and q.reduce_range and is_ncnn_winograd(module):
+        return min(q.bits_weight, 6)
+    return q.bits_weight
+
+
+def is_ncnn_winograd(m) -> bool:
+    """ncnn2table.cpp: kernel 3x3, dilation 1, stride 1 Convolution (not depthwise) -> 31/absmax."""
+    from torch import nn
+
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.kernel_size) == (3, 3)
+            and tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1))
+
+
+def describe(q: QuantConfig) -> dict:
+    """What the profile does, for reports."""
+    if q.target == "generic":
+        return {"target": "generic"}
+    if q.target == "ort":
+        return {"target": "ort", "reduce_range": q.reduce_range, "bits_weight": q.bits_weight,
+                "note": ("7-bit weights: this CPU's u8s8 kernels saturate int16 pairs (no VNNI)"
+                         if q.reduce_range else "8-bit weights: u8s8 kernels do not saturate here")}
+    return {"target": "ncnn", "reduce_range": q.reduce_range,
+            "note": "symmetric int8, scale 127/absmax, round half away, float adds/pools/bias"
+                    + (", 6-bit weights for 3x3 stride-1 convolutions (ncnn2table, winograd)" if q.reduce_range else "")}

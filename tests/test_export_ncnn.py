@@ -1,0 +1,102 @@
+"""ncnn int8 export written by dfq: layout per ncnn2int8.cpp, numbers per the ncnn profile."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from dfq import PipelineConfig, QuantConfig, quantize_model
+from dfq.quant.modules import ActQuant
+from dfq.quant.primitives import Grid
+from dfq.targets import resolve
+from tests.conftest import load_cifar_resnet, shared
+
+pytest.importorskip("ncnn")
+pytest.importorskip("pnnx")
+
+from dfq.export.ncnn import INT8_TAG, export_ncnn, read_param  # noqa: E402
+from dfq.runtime import NcnnRunner  # noqa: E402
+
+
+@pytest.fixture
+def ncnn_small(small_net, tmp_path):
+    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ncnn", per_channel=True)))
+    return r, export_ncnn(r.model, tmp_path / "small", (1, 3, 16, 16))
+
+
+def test_ncnn_profile_is_symmetric_round_half_away():
+    q = resolve(QuantConfig(target="ncnn"))
+    assert q.activation_symmetric and q.rounding == "half_away" and resolve(q) == q
+    aq = ActQuant(Grid(8, True), "half_away", reciprocal=True)
+    aq.set_range(torch.tensor(0.5), torch.tensor(0))
+    x = torch.tensor([0.25, -0.25, 0.75, 100.0, -100.0])  # x * 2 = .5, -.5, 1.5: away from zero
+    assert aq(x).tolist() == [0.5, -0.5, 1.0, 63.5, -63.5]
+
+
+def test_small_net_int8_matches_the_simulation(ncnn_small):
+    r, info = ncnn_small
+    run = NcnnRunner(info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name)
+    assert run.int8
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sim = r.model(x)
+    got = run(x)
+    assert (got - sim).abs().max() <= 1e-5 * sim.abs().max()
+
+
+def test_param_bin_and_table_follow_ncnn2int8(ncnn_small):
+    r, info = ncnn_small
+    _, layers = read_param(info.param)
+    terms = {l.type: l.param(8) for l in layers if l.param(8)}
+    assert terms == {"Convolution": 2, "ConvolutionDepthWise": 1, "InnerProduct": 2}
+    assert len(info.int8_layers) == 5 and not info.float_layers
+    data, pos = info.bin.read_bytes(), 0
+    for layer in layers:  # walk the .bin as ncnn's ModelBin reads it
+        if layer.param(8) == 0:
+            continue
+        m = r.model.get_submodule(info.int8_layers[layer.name])
+        n_out, n_w = m.weight.shape[0], m.weight.numel()
+        assert struct.unpack_from("<I", data, pos)[0] == INT8_TAG
+        q = np.frombuffer(data, np.int8, n_w, pos + 4)
+        np.testing.assert_array_equal(q, m.int_weight().numpy().reshape(-1))
+        pos += 4 + n_w + (-n_w % 4)
+        np.testing.assert_allclose(np.frombuffer(data, np.float32, n_out, pos), m.bias.numpy())
+        pos += 4 * n_out
+        w_scales = np.frombuffer(data, np.float32, n_out, pos)
+        np.testing.assert_allclose(w_scales, 1 / m.weight_scale.numpy(), rtol=1e-6)  # ncnn: 127 / absmax
+        np.testing.assert_allclose(w_scales * np.abs(m.weight.numpy()).reshape(n_out, -1).max(1), 127, rtol=1e-5)
+        pos += 4 * n_out + 4  # + one input-blob scale
+    assert pos == len(data)
+    lines = info.table.read_text().splitlines()
+    assert len(lines) == 10 and all(l.split()[0].endswith("_param_0") for l in lines[:5])
+    assert all(len(l.split()) == 2 for l in lines[5:])
+
+
+def test_fp32_model_with_int8_inference_off_is_never_int8(ncnn_small):
+    _, info = ncnn_small
+    assert not NcnnRunner(info.fp32_param, info.fp32_bin).int8  # the runner decides from the file
+
+
+def test_reduce_range_gives_6_bit_weights_to_3x3_stride1_convs(small_net):
+    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ncnn", reduce_range=True)))
+    assert r.model.get_submodule("stem.0").weight_grid.bits == 6   # 3x3 stride 1: ncnn2table's 31/absmax
+    assert r.model.get_submodule("dw.0").weight_grid.bits == 8     # depthwise: 127/absmax
+    assert r.model.get_submodule("pw.0").weight_grid.bits == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_resnet20_ncnn_agrees_with_simulation(tmp_path, reduce_range):
+    from dfq.tasks.classification import Preprocess, load_images, materialize
+
+    r = quantize_model(load_cifar_resnet(20), PipelineConfig(quant=QuantConfig(target="ncnn", reduce_range=reduce_range)))
+    info = export_ncnn(r.model, tmp_path / "r20", (1, 3, 32, 32))
+    assert len(info.int8_layers) >= 14  # strided-slice shortcuts became ncnn pools, convs int8
+    (x, y), = materialize(load_images(shared("cifar10_foolbox20.npz"), Preprocess(resize=0, crop=0)), None, 20)
+    with torch.no_grad():
+        sim = r.model(x)
+    got = NcnnRunner(info.param, info.bin, threads=2)(x)
+    assert (got.argmax(1) == sim.argmax(1)).all()
+    assert (got - sim).abs().max() < 0.05 * sim.abs().max()

@@ -1,0 +1,107 @@
+"""ONNX QDQ export: onnxruntime runs integer kernels and computes what the simulation computes."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dfq import PipelineConfig, QuantConfig, quantize_model
+from dfq.errors import DfqError
+from dfq.targets import resolve
+from tests.conftest import load_cifar_resnet, shared
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from dfq.export.onnx_qdq import export_onnx  # noqa: E402
+from dfq.runtime import OrtRunner, integer_ops, op_counts  # noqa: E402
+
+
+def _ort(result, tmp_path, shape):
+    info = export_onnx(result.model, tmp_path / "m.onnx", shape)
+    runner = OrtRunner(info.path, threads=1, optimized_path=tmp_path / "opt.onnx")
+    return info, runner
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_small_net_runs_integer_kernels_and_matches_the_simulation(small_net, tmp_path, per_channel):
+    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ort", per_channel=per_channel)))
+    info, run = _ort(r, tmp_path, (1, 3, 16, 16))
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sim = r.model(x)
+    got = run(x)
+    scale = sim.abs().max()
+    assert (got - sim).abs().max() <= 1e-5 * scale
+    assert (got.argmax(1) == sim.argmax(1)).all()
+    # onnxruntime really computes in integers: every conv is QLinearConv, the add and pool too
+    ops = integer_ops(tmp_path / "opt.onnx")
+    assert ops.get("QLinearConv") == 4 and ops.get("QLinearAdd") == 1 and ops.get("QLinearGlobalAveragePool") == 1
+    optimized = op_counts(tmp_path / "opt.onnx")
+    assert "Conv" not in optimized and "DequantizeLinear" not in optimized
+    assert info.pools == 1  # ReduceMean -> GlobalAveragePool
+
+
+def test_weights_are_int8_initializers_with_dfq_scales(small_net, tmp_path):
+    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ort", per_channel=True)))
+    info = export_onnx(r.model, tmp_path / "m.onnx", (1, 3, 16, 16))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(info.path)).graph.initializer}
+    m = r.model.get_submodule("head.0")
+    assert inits["head.0.weight_quantized"].dtype == np.int8
+    np.testing.assert_array_equal(inits["head.0.weight_quantized"], m.int_weight().numpy())
+    np.testing.assert_allclose(inits["head.0.weight_scale"], m.weight_scale.numpy())
+    assert inits["head.0.bias_quantized"].dtype == np.int32
+    np.testing.assert_array_equal(inits["head.0.bias_quantized"], m.int_bias().numpy())
+    np.testing.assert_allclose(inits["head.0.bias_scale"], m.bias_scale.numpy(), rtol=1e-7)
+
+
+def test_reduce_range_gives_7_bit_weights(small_net, tmp_path):
+    cfg = PipelineConfig(quant=QuantConfig(target="ort", reduce_range=True))
+    r = quantize_model(small_net, cfg)
+    assert r.config.quant.bits_weight == 7 and r.config.quant.reduce_range is True
+    info = export_onnx(r.model, tmp_path / "m.onnx", (1, 3, 16, 16))
+    q = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(info.path)).graph.initializer
+         if t.name.endswith("weight_quantized")]
+    assert q and max(int(np.abs(a).max()) for a in q) <= 63
+
+
+def test_ort_profile_is_resolved_once_and_checked():
+    q = resolve(QuantConfig(target="ort"))
+    assert q.reduce_range in (True, False) and resolve(q) == q
+    assert q.bits_weight == (7 if q.reduce_range else 8) and not q.activation_symmetric
+    with pytest.raises(DfqError):
+        resolve(QuantConfig(target="ort", bits_activation=4))
+    with pytest.raises(DfqError):
+        resolve(QuantConfig(target="ort", weight_symmetric=False))
+
+
+def test_symmetric_activations_are_refused_by_the_onnx_exporter(small_net, tmp_path):
+    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(activation_symmetric=True)))
+    with pytest.raises(DfqError):
+        export_onnx(r.model, tmp_path / "m.onnx", (1, 3, 16, 16))
+
+
+def test_import_dfq_does_not_import_runtimes():
+    code = "import sys, dfq, dfq.targets, dfq.runtime, dfq.deploy; print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_resnet20_ort_agrees_with_simulation(tmp_path):
+    from dfq.tasks.classification import Preprocess, load_images, materialize
+
+    model = load_cifar_resnet(20)
+    r = quantize_model(model, PipelineConfig(quant=QuantConfig(target="ort")))
+    info, run = _ort(r, tmp_path, (1, 3, 32, 32))
+    (x, y), = materialize(load_images(shared("cifar10_foolbox20.npz"), Preprocess(resize=0, crop=0)), None, 20)
+    with torch.no_grad():
+        sim = r.model(x)
+    got = run(x)
+    assert (got.argmax(1) == sim.argmax(1)).all()
+    assert (got - sim).abs().max() < 0.05 * sim.abs().max()
+    assert integer_ops(tmp_path / "opt.onnx").get("QLinearConv", 0) >= 14
