@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
         batches = materialize(source, args.limit, 50, progress=False)
         rows = []
         fp32 = evaluate(model, batches)
+        print(f"fp32 top1 {fp32.summary()['top1']} on {len(fp32.labels)} images", flush=True)
         rows.append(["FP32 (PyTorch)", fp32.summary()["top1"], None, None])
         for target, runner, label in (("ort", ort_int8, "onnxruntime int8 (QDQ)"), ("ncnn", ncnn_int8, "ncnn int8")):
             sim = evaluate(sims[target].model, batches)
@@ -101,6 +102,7 @@ def main(argv=None) -> dict:
             res[f"{target}_sim_top1"], res[f"{target}_real_top1"] = sim.summary()["top1"], real.summary()["top1"]
             res[f"{target}_agreement_with_sim"] = agree
             res[f"{target}_max_abs_logit_diff"] = float((real.logits - sim.logits).abs().max())
+            print(f"{target}: simulation top1 {rows[-2][1]}, runtime top1 {rows[-1][1]}, agreement {agree}%", flush=True)
         res["fp32_top1"], res["n"] = fp32.summary()["top1"], len(fp32.labels)
         res["accuracy_table"] = rows
         print(f"\nMobileNetV2 on {res['n']} images of imagenet_val1300 (Resize 256, CenterCrop 224), DFQ W8A8:")

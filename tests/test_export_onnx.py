@@ -105,3 +105,26 @@ def test_resnet20_ort_agrees_with_simulation(tmp_path):
     assert (got.argmax(1) == sim.argmax(1)).all()
     assert (got - sim).abs().max() < 0.05 * sim.abs().max()
     assert integer_ops(tmp_path / "opt.onnx").get("QLinearConv", 0) >= 14
+
+
+@pytest.mark.slow
+def test_cli_export_and_backend(tmp_path, capsys):
+    from dfq.cli import main
+
+    weights = str(shared("cifar10_resnet20-12fca82f.th"))
+    assert main(["export", "--format", "onnx", "--arch", "cifar_resnet20", "--weights", weights,
+                 "-o", str(tmp_path / "r20.onnx")]) == 0
+    assert (tmp_path / "r20.onnx").exists()
+    assert main(["export", "--format", "ncnn", "--arch", "cifar_resnet20", "--weights", weights,
+                 "-o", str(tmp_path / "r20")]) == 0
+    assert (tmp_path / "r20.param").exists() and (tmp_path / "r20.table").exists()
+    out = tmp_path / "cls.json"
+    assert main(["cls", "--arch", "cifar_resnet20", "--weights", weights, "--data", str(shared("cifar10_foolbox20.npz")),
+                 "--backend", "ort", "--quiet", "--json", str(out), "--export-dir", str(tmp_path / "ort")]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["agreement_with_sim"] == 100.0 and res["integer_ops"]["QLinearConv"] >= 19
+    # a format needs its own profile
+    assert main(["export", "--format", "onnx", "--target", "ncnn", "--arch", "cifar_resnet20", "--weights", weights,
+                 "-o", str(tmp_path / "x.onnx")]) == 2
