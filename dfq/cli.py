@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", type=Path, help="write the results here")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
-    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_runtime_args(c, backend=True)
     e = sub.add_parser("export", help="quantize and write an int8 model (ONNX QDQ or ncnn)")
     _add_model_args(e)
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--crop", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", type=Path, help="write what was exported here")
-    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_runtime_args(e, backend=False)
     sub.add_parser("archs", help="list the architectures --arch accepts")
     return p

@@ -86,7 +86,7 @@ class PipelineConfig:
             raise DfqError(f"--correction '{self.correction}' is unknown.", "use bn (data-free) or distill")
         object.__setattr__(self, "correction", modes[self.correction])
         if self.range_percentile is not None and not 50 < self.range_percentile <= 100:
-            raise DfqError(f"--range_percentile {self.range_percentile} must be in (50, 100].")
+            raise DfqError(f"--range_percentile {self.range_percentile} must be in (50, 100].", "e.g. 99.99")
         if self.absorption and not self.equalize:
             raise DfqError("--absorption needs --equalize (it moves the biases equalization inflates).",
                            "add --equalize, or drop --absorption")

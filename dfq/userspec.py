@@ -18,7 +18,7 @@ def load_callable(spec: str) -> Callable:
         if where.endswith(".py"):
             path = Path(where)
             if not path.exists():
-                raise DfqError(f"--model file {path} does not exist.")
+                raise DfqError(f"--model file {path} does not exist.", "check the path before the colon")
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -30,5 +30,5 @@ def load_callable(spec: str) -> Callable:
         raise DfqError(f"--model: importing {where} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise DfqError(f"--model: {where} has no callable '{name}'.")
+        raise DfqError(f"--model: {where} has no callable '{name}'.", "name a function that returns the nn.Module")
     return fn

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import copy
+import logging
 import traceback
 
 import torch
 from torch import fx, nn
 
 from dfq.errors import DfqError
+
+log = logging.getLogger("dfq")
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -28,6 +31,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
         return gm
     if not isinstance(model, nn.Module):
         raise DfqError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
+    if model.training:
+        log.warning("%s is in training mode: dfq quantizes an eval-mode copy (BN running statistics, "
+                    "no dropout) and leaves the model itself as it is", type(model).__name__)
     model = copy.deepcopy(model).eval()
     try:
         gm = fx.symbolic_trace(model)

@@ -165,9 +165,15 @@ def quantize_biases(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:
             info[node.target] = {"bias": "fp32 (ncnn)"}
             continue
         aq = input_quantizer(gm, node)
-        if config.bits_bias == 32 and aq is not None:
-            scale = m.weight_scale.double() * aq.scale.double()
+        scale = m.weight_scale.double() * aq.scale.double() if aq is not None else None
+        # at s_w * s_in an int32 overflows once bits_w + bits_a approach 31 (W16A16): the bias
+        # would be clamped, so it goes onto its own range instead (and says so)
+        fits = scale is not None and bool((m.bias.detach().double().abs() / scale <= config.bias_grid.qmax).all())
+        if config.bits_bias == 32 and fits:
             note = "int32 at s_w * s_in"
+        elif config.bits_bias == 32 and aq is not None:
+            scale = m.bias.detach().abs().max().double() / config.bias_grid.qmax
+            note = "int32 on its own range (it overflows int32 at s_w * s_in)"
         else:
             scale = m.bias.detach().abs().max().double().clamp_min(1e-30) / config.bias_grid.qmax
             note = f"int{config.bits_bias} on its own range" + ("" if aq else " (input not quantized)")

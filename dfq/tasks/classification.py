@@ -69,7 +69,8 @@ def _from_npz(path: Path, transform) -> ImageSource:
         d = np.load(path)
         keys = set(d.files)
     except Exception as exc:
-        raise DfqError(f"{path} is not a readable .npz file ({exc}).") from exc
+        raise DfqError(f"{path} is not a readable .npz file ({exc}).",
+                       "re-save it with numpy.savez (no pickled objects)") from exc
     if "labels" not in keys or not ({"jpeg", "offsets"} <= keys or "images" in keys):
         raise DfqError(f"{path} has arrays {sorted(keys)}, not a known image format.",
                        "use jpeg+offsets+labels or images(NHWC uint8)+labels, as in ../shared/data")

@@ -13,13 +13,33 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.layers import find_pairs
 from dfq.graph.ops import pads_input
 from dfq.stats import Stats, freeze
 from dfq.transforms import Transformed
+
+
+def _zero_padding_between(gm: fx.GraphModule, first: str, second: str) -> str | None:
+    """A zero-padding op on the path first -> second (its zeros do not take the shift c, so the
+    second layer's +W2 c would be wrong at the borders), by node name; None if there is none."""
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == first)
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if node.op == "call_module" and node.target == second:
+            return None
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            pads = isinstance(m, nn.ZeroPad2d) or (isinstance(m, nn.AvgPool2d) and m.count_include_pad
+                                                   and m.padding not in (0, (0, 0)))
+        else:
+            pads = node.op == "call_function" and node.target is F.pad
+        if pads:
+            return node.name
+    return None
 
 
 def absorbable_shift(mean: torch.Tensor, std: torch.Tensor, n_std: float = 3.0) -> torch.Tensor:
@@ -42,6 +62,9 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = 3.0) -> Tr
         first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
         if pads_input(second):
             info[p.first] = {"absorption_note": f"not absorbed: {p.second} zero-pads its input"}
+            continue
+        if (pad := _zero_padding_between(gm, p.first, p.second)) is not None:
+            info[p.first] = {"absorption_note": f"not absorbed: {pad} zero-pads between it and {p.second}"}
             continue
         with torch.no_grad():
             ensure_bias(first).sub_(c)
