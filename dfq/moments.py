@@ -29,34 +29,40 @@ class Moments:
     var: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    # for a clipped tensor: the normal it was clipped from and the bounds so far, so that a
+    # second clip (ReLU then ChannelMin) is computed from the normal, not from a normal fit
+    clipped_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _phi(z: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(z), torch.zeros_like(z), torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
 
 
-def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo: float, hi: float):
+def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo, hi):
     """Mean and variance of clamp(X, lo, hi) for X ~ N(mean, std^2), per channel.
 
     E = lo*P(X<lo) + hi*P(X>hi) + mean*P_in + std*(phi(a) - phi(b)), a, b the standardised
-    bounds; infinite bounds contribute nothing; std == 0 gives clamp(mean).
+    bounds; lo and hi are floats or per-channel tensors, infinite bounds contribute nothing;
+    std == 0 gives clamp(mean).
     """
+    lo_t = torch.as_tensor(lo, dtype=mean.dtype).expand_as(mean)
+    hi_t = torch.as_tensor(hi, dtype=mean.dtype).expand_as(mean)
     s = std.clamp_min(torch.finfo(std.dtype).tiny)
-    a = (lo - mean) / s
-    b = (hi - mean) / s
+    a = (lo_t - mean) / s
+    b = (hi_t - mean) / s
     cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
     pa, pb = _phi(a), _phi(b)
     p_in = cdf_b - cdf_a
-    lo_t = torch.full_like(mean, lo) if math.isfinite(lo) else torch.zeros_like(mean)
-    hi_t = torch.full_like(mean, hi) if math.isfinite(hi) else torch.zeros_like(mean)
+    lo_f = torch.where(torch.isinf(lo_t), torch.zeros_like(lo_t), lo_t)
+    hi_f = torch.where(torch.isinf(hi_t), torch.zeros_like(hi_t), hi_t)
     a_pa = torch.where(torch.isinf(a), torch.zeros_like(a), a * pa)
     b_pb = torch.where(torch.isinf(b), torch.zeros_like(b), b * pb)
-    e1 = lo_t * cdf_a + hi_t * (1 - cdf_b) + mean * p_in + s * (pa - pb)
-    e2 = (lo_t ** 2 * cdf_a + hi_t ** 2 * (1 - cdf_b) + (mean ** 2 + s ** 2) * p_in
+    e1 = lo_f * cdf_a + hi_f * (1 - cdf_b) + mean * p_in + s * (pa - pb)
+    e2 = (lo_f ** 2 * cdf_a + hi_f ** 2 * (1 - cdf_b) + (mean ** 2 + s ** 2) * p_in
           + 2 * mean * s * (pa - pb) + s ** 2 * (a_pa - b_pb))
     var = (e2 - e1 ** 2).clamp_min(0)
     degenerate = std <= 0
-    e1 = torch.where(degenerate, mean.clamp(lo, hi), e1)
+    e1 = torch.where(degenerate, torch.minimum(torch.maximum(mean, lo_t), hi_t), e1)
     var = torch.where(degenerate, torch.zeros_like(var), var)
     return e1, var
 
@@ -64,6 +70,17 @@ def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo: float, hi:
 def normal(mean: torch.Tensor, var: torch.Tensor, n_std: float) -> Moments:
     sd = var.clamp_min(0).sqrt()
     return Moments(mean, var, mean - n_std * sd, mean + n_std * sd)
+
+
+def _clip(src: Moments, lo, hi) -> Moments:
+    """Moments of clamp(x, lo, hi), composing with an earlier clip of the same normal."""
+    base_mean, base_std, base_lo, base_hi = src.clipped_from or (
+        src.mean, src.var.sqrt(), torch.full_like(src.mean, -math.inf), torch.full_like(src.mean, math.inf))
+    lo_t = torch.maximum(base_lo, torch.as_tensor(lo, dtype=src.mean.dtype).expand_as(src.mean))
+    hi_t = torch.minimum(base_hi, torch.as_tensor(hi, dtype=src.mean.dtype).expand_as(src.mean))
+    mean, var = clipped_normal_moments(base_mean, base_std, lo_t, hi_t)
+    return Moments(mean, var, torch.minimum(torch.maximum(src.lo, lo_t), hi_t),
+                   torch.minimum(torch.maximum(src.hi, lo_t), hi_t), (base_mean, base_std, lo_t, hi_t))
 
 
 def _linear(gm: fx.GraphModule, node: fx.Node, x: Moments, n_std: float) -> Moments:
@@ -96,8 +113,7 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
         elif src is None:
             continue
         elif (act := activation_of(gm, node)) is not None:
-            mean, var = clipped_normal_moments(src.mean, src.var.sqrt(), act.lo, act.hi)
-            out[node.name] = Moments(mean, var, src.lo.clamp(act.lo, act.hi), src.hi.clamp(act.lo, act.hi))
+            out[node.name] = _clip(src, act.lo, act.hi)
         elif is_pass_through(gm, node) or is_spatial_slice(node):
             out[node.name] = src
         elif (pads := channel_padding(node)) is not None:

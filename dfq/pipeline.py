@@ -20,7 +20,7 @@ from dfq.graph.trace import check_finite, trace
 from dfq.graph.ops import layer_kind, weighted_module
 from dfq.moments import input_moments, propagate
 from dfq.quant.activations import (calibrate, insert_quantizers, quantization_points, quantize_biases,
-                                   set_ranges_from_moments)
+                                   set_ranges_from_moments, snap_clips_to_grid)
 from dfq.quant.weights import quantize_weights
 from dfq.stats import Stats
 from dfq.transforms import Transformed
@@ -135,6 +135,7 @@ def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
                 result.activations.update(set_ranges_from_moments(gm, moments, only=inputs))
             else:
                 result.activations = set_ranges_from_moments(gm, moments)
+            snap_clips_to_grid(gm)
         if config.correction == "data":
             with steps.timed("bias_correction"):
                 for layer, notes in correct_bias_empirical_(gm, prepared.gm, calib_data).items():

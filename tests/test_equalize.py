@@ -68,13 +68,27 @@ def test_zero_channel_gives_no_nan():
     assert torch.equal(equalization_scales(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])), torch.ones(2))
 
 
-def test_relu6_kept_is_skipped_with_reason(small_net):
-    t = _prepared(small_net, relu=False)
+def test_relu6_kept_is_equalized_exactly_float64(small_net):
+    """ReLU6(x/s)*s = min(ReLU(x), 6/s)*s: per-channel bounds keep the float function."""
+    from dfq.nn import ChannelMin
+
+    t = _prepared(small_net.double(), relu=False)
     eq = equalize(t.gm, t.stats)
-    assert not eq.info["dw.0"]["equalized"]
-    assert "relu6" in eq.info["dw.0"]["equalize_note"] and "--relu" in eq.info["dw.0"]["equalize_note"]
-    x = torch.randn(1, 3, 8, 8)
-    assert torch.allclose(eq.gm(x), t.gm(x), atol=1e-6)
+    assert eq.info["dw.0"]["equalized_with"] == "pw.0" and "ReLU6 kept" in eq.info["dw.0"]["kept_clip"]
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 3
+    assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-9
+    clip = [m for m in eq.gm.modules() if isinstance(m, ChannelMin)][0]
+    scales = torch.tensor(eq.info["dw.0"]["scale_min"]), torch.tensor(eq.info["dw.0"]["scale_max"])
+    assert clip.hi.min() >= 6 / scales[1] - 1e-6 and clip.hi.max() <= 6 / scales[0] + 1e-6
+
+
+def test_mobilenet_v2_relu6_kept_invariant_float64():
+    m = randomize_bn(torchvision.models.mobilenet_v2(), seed=4).double()
+    t = _prepared(m, relu=False)
+    eq = equalize(t.gm, t.stats)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64) * 2
+    assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
+    assert sum(1 for v in eq.info.values() if v.get("equalized")) == 37
 
 
 def test_equalize_through_flatten_into_linear_float64():

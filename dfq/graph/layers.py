@@ -2,7 +2,8 @@
 
 A pair (first, second) is two weighted layers such that first's output reaches second's
 input only through ops that commute with a positive per-channel scale (ReLU, pooling,
-padding, identity, flatten). Depthwise convs are both a second and a first, which gives the
+padding, identity, flatten), or through upper clips (ReLU6) that equalization can carry as
+per-channel bounds. Depthwise convs are both a second and a first, which gives the
 conv -> depthwise -> conv triples of MobileNets. Everything else is reported with a reason.
 """
 from __future__ import annotations
@@ -20,15 +21,17 @@ class Pair:
     first: str
     second: str
     activations: tuple[Activation, ...]  # clipping activations between the two layers
+    clips: tuple[str, ...] = ()          # names of the nodes among them with an upper clip
 
 
 def weighted_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if weighted_module(gm, n) is not None]
 
 
-def _follow(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[Activation, ...]] | str:
+def _follow(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[Activation, ...], tuple[str, ...]] | str:
     """From a layer's output, the next weighted layer along a single-user scale-invariant path."""
     acts: list[Activation] = []
+    clips: list[str] = []
     cur = node
     while True:
         users = list(cur.users)
@@ -42,10 +45,12 @@ def _follow(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[Activatio
             return f"its output feeds {len(users)} consumers"
         nxt = users[0]
         if weighted_module(gm, nxt) is not None:
-            return nxt, tuple(acts)
+            return nxt, tuple(acts), tuple(clips)
         act = activation_of(gm, nxt)
         if act is not None:
             acts.append(act)
+            if not act.scale_invariant:
+                clips.append(nxt.name)
         elif not is_pass_through(gm, nxt):
             return f"its output goes through {describe(gm, nxt)}, which is not scale-invariant"
         cur = nxt
@@ -60,16 +65,15 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
         if isinstance(found, str):
             skipped[node.target] = found
             continue
-        nxt, acts = found
+        nxt, acts, clips = found
         first, second = weighted_module(gm, node), weighted_module(gm, nxt)
         if layer_kind(first) == "grouped" or layer_kind(second) == "grouped":
             skipped[node.target] = f"grouped conv in the pair with {nxt.target} (not supported)"
         elif not features_per_channel_ok(first, second):
             skipped[node.target] = f"channel layout into {nxt.target} is not a flatten of its output"
-        elif any(not a.scale_invariant for a in acts):
-            bad = next(a.kind for a in acts if not a.scale_invariant)
-            skipped[node.target] = (f"{bad} between it and {nxt.target} is not scale-invariant "
-                                    "(use --relu to replace ReLU6 by ReLU)")
+        elif any(not (a.scale_invariant or a.rescalable) for a in acts):
+            bad = next(a.kind for a in acts if not (a.scale_invariant or a.rescalable))
+            skipped[node.target] = f"{bad} between it and {nxt.target} is not scale-invariant"
         else:
-            pairs.append(Pair(node.target, nxt.target, acts))
+            pairs.append(Pair(node.target, nxt.target, acts, clips))
     return pairs, skipped

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dfq.nn import ChannelMin
+
 WEIGHTED = (nn.Conv2d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 
@@ -30,18 +32,26 @@ ADD_FUNCTIONS = {operator.add, torch.add}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Activation:
-    """A clipping activation: y = clamp(x, lo, hi) (ReLU: [0, inf), ReLU6: [0, 6])."""
+    """A clipping activation: y = clamp(x, lo, hi) (ReLU: [0, inf), ReLU6: [0, 6]);
+    `hi` is a per-channel tensor for dfq's ChannelMin."""
 
     kind: str
     lo: float
-    hi: float
+    hi: float | torch.Tensor
 
     @property
     def scale_invariant(self) -> bool:
         """Only an unbounded ReLU commutes with a positive per-channel scale."""
-        return self.lo == 0.0 and math.isinf(self.hi)
+        return self.lo == 0.0 and isinstance(self.hi, float) and math.isinf(self.hi)
+
+    @property
+    def rescalable(self) -> bool:
+        """An upper clip that equalization can carry exactly as per-channel bounds (hi / s):
+        ReLU6, hardtanh(0, b), ChannelMin."""
+        return self.kind == "channel_min" or (self.lo == 0.0 and isinstance(self.hi, float)
+                                              and math.isfinite(self.hi) and self.hi > 0)
 
 
 RELU = Activation("relu", 0.0, math.inf)
@@ -54,6 +64,8 @@ def activation_of(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
         m = gm.get_submodule(node.target)
         if type(m) is nn.ReLU:
             return RELU
+        if isinstance(m, ChannelMin):
+            return Activation("channel_min", -math.inf, m.hi)
         if type(m) is nn.ReLU6:
             return RELU6
         if type(m) is nn.Hardtanh:
@@ -136,8 +148,11 @@ def channel_padding(node: fx.Node) -> tuple[int, int] | None:
 
 
 def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True where the output needs no requantization (max pool, reshapes, identities)."""
+    """True where the output needs no requantization (max pool, reshapes, identities, and a
+    ChannelMin whose bounds were snapped onto its input's grid)."""
     key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
+    if key is ChannelMin:
+        return True
     return key in GRID_PRESERVING or node.target is F.pad
 
 

@@ -16,6 +16,7 @@ from torch import fx
 from dfq.config import QuantConfig
 from dfq.graph.ops import activation_of, is_add, is_cat, is_pass_through, keeps_grid, weighted_module
 from dfq.moments import Moments
+from dfq.nn import ChannelMin
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.quant.primitives import qparams
 
@@ -90,6 +91,9 @@ def set_ranges_from_moments(gm: fx.GraphModule, moments: dict[str, Moments],
             continue
         aq = gm.get_submodule(qnode.target)
         m = moments.get(src)
+        clip = _channel_min_after(gm, qnode)
+        if clip is not None and clip.name in moments:
+            m = moments[clip.name]  # values above the per-channel bounds are clipped anyway
         if m is None:
             info[src] = {"activation_range": None, "note": "no data-free range: kept in float (use --calib)"}
             aq.observing = True  # pass-through: never invent a range
@@ -141,6 +145,31 @@ def calibrate(gm: fx.GraphModule, batches, percentile: float | None = None) -> d
     return info
 
 
+def _is_channel_min(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ChannelMin)
+
+
+def _channel_min_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 and _is_channel_min(gm, users[0]) else None
+
+
+def snap_clips_to_grid(gm: fx.GraphModule) -> int:
+    """Put each ChannelMin that follows a quantizer onto that quantizer's grid, so that
+    min(q, hi) stays on the grid: runtimes then apply it to int8 values exactly."""
+    n = 0
+    for qnode in quantizer_nodes(gm).values():
+        clip = _channel_min_after(gm, qnode)
+        aq = gm.get_submodule(qnode.target)
+        if clip is None or aq.observing:
+            continue
+        m = gm.get_submodule(clip.target)
+        q = torch.clamp(torch.round(m.hi / aq.scale) + aq.zero_point, aq.grid.qmin, aq.grid.qmax)
+        m.hi.copy_((q - aq.zero_point) * aq.scale)
+        n += 1
+    return n
+
+
 def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
     """The quantizer that sets the grid of `node`'s first input (through grid-keeping ops)."""
     cur = node.args[0]
@@ -148,7 +177,7 @@ def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
         if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), ActQuant):
             aq = gm.get_submodule(cur.target)
             return None if aq.observing else aq
-        if not (is_pass_through(gm, cur) and keeps_grid(gm, cur)):
+        if not ((is_pass_through(gm, cur) or _is_channel_min(gm, cur)) and keeps_grid(gm, cur)):
             return None
         cur = cur.args[0]
     return None

@@ -19,6 +19,7 @@ from torch import fx, nn
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.layers import find_pairs
 from dfq.graph.ops import pads_input
+from dfq.nn import ChannelMin
 from dfq.stats import Stats, freeze
 from dfq.transforms import Transformed
 
@@ -52,9 +53,11 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = 3.0) -> Tr
     pairs, _ = find_pairs(gm)
     new_stats = dict(stats)
     info: dict[str, dict] = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
     for p in pairs:
-        if p.first not in new_stats:
-            continue
+        clips = [gm.get_submodule(nodes[c].target) if nodes[c].op == "call_module" else None for c in p.clips]
+        if p.first not in new_stats or not all(isinstance(c, ChannelMin) for c in clips):
+            continue  # a plain ReLU6 cannot take the shift (split it by equalizing first)
         st = new_stats[p.first]
         c = absorbable_shift(st.mean, st.std, n_std)
         if not bool((c > 0).any()):
@@ -69,6 +72,8 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = 3.0) -> Tr
         with torch.no_grad():
             ensure_bias(first).sub_(c)
             ensure_bias(second).add_(input_contribution(second, c))
+        for clip in clips:  # min(ReLU(x), hi) - c = min(ReLU(x - c), hi - c) for x >= c
+            clip.hi.sub_(c)
         new_stats[p.first] = st.shifted(c)
         info[p.first] = {"absorbed_channels": int((c > 0).sum()), "absorbed_max": float(c.max())}
     return Transformed(gm, freeze(new_stats), info)

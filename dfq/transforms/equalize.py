@@ -4,17 +4,23 @@ For a pair (W1, W2) with a positively homogeneous op between them, dividing outp
 of W1 by s_i and multiplying input channel i of W2 by s_i leaves the function unchanged.
 With r1, r2 the per-channel ranges (max |w|), s_i = sqrt(r1_i / r2_i) makes both ranges
 sqrt(r1_i * r2_i): the best joint per-tensor precision. Pairs are swept until no scale moves.
+
+A ReLU6 (or hardtanh(0, b)) between the layers is split into ReLU + ChannelMin(6) first, and
+the ChannelMin bounds are divided by s with the weights: ReLU6(x / s) * s = min(ReLU(x), 6 / s)
+... * s, so the float function stays exactly the same with ReLU6 kept.
 """
 from __future__ import annotations
 
 import copy
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.config import EqualizeConfig
 from dfq.graph.channels import features_per_channel
 from dfq.graph.layers import Pair, find_pairs
-from dfq.graph.ops import is_depthwise
+from dfq.graph.ops import activation_of, is_depthwise
+from dfq.nn import ChannelMin
 from dfq.stats import Stats, freeze
 from dfq.transforms import Transformed
 
@@ -55,10 +61,37 @@ def scale_pair_(first: nn.Module, second: nn.Module, s: torch.Tensor) -> None:
             w2.mul_(s.repeat_interleave(k).reshape(1, -1, *([1] * (w2.dim() - 2))))
 
 
+def split_clip_(gm: fx.GraphModule, node: fx.Node, channels: int) -> None:
+    """In place: turn a clip node (ReLU6, hardtanh(0, b)) into F.relu followed by ChannelMin(b)."""
+    act = activation_of(gm, node)
+    node.op, node.target, node.args, node.kwargs = "call_function", F.relu, node.args[:1], {}
+    name = f"{node.name}_clip"
+    gm.add_submodule(name, ChannelMin(torch.full((channels,), float(act.hi))))
+    with gm.graph.inserting_after(node):
+        clip = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(clip, delete_user_cb=lambda u: u is not clip)
+
+
+def _with_split_clips(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
+    """Split every clip inside a pair (in place), then find the pairs again."""
+    pairs, _ = find_pairs(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for p in pairs:
+        for name in p.clips:
+            if activation_of(gm, nodes[name]).kind != "channel_min":
+                split_clip_(gm, nodes[name], output_ranges(gm.get_submodule(p.first)).numel())
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return find_pairs(gm)
+
+
 def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = EqualizeConfig()) -> Transformed:
     """Equalize every pair of `gm` (a copy) until the scales converge."""
     gm = copy.deepcopy(gm)
-    pairs, skipped = find_pairs(gm)
+    pairs, skipped = _with_split_clips(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    clips = {p.first: [gm.get_submodule(nodes[c].target) for c in p.clips] for p in pairs}
     new_stats = dict(stats)
     before = {p.first: output_ranges(gm.get_submodule(p.first)) for p in pairs}
     total = {p.first: torch.ones_like(before[p.first]) for p in pairs}
@@ -70,6 +103,8 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
             r1 = output_ranges(first)
             s = equalization_scales(r1, input_ranges(second, r1.numel()))
             scale_pair_(first, second, s)
+            for clip in clips[p.first]:
+                clip.hi.div_(s)
             total[p.first] *= s
             if p.first in new_stats:
                 new_stats[p.first] = new_stats[p.first].scaled(s)
@@ -77,6 +112,9 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
         if worst < config.threshold:
             break
     info = _report(gm, pairs, skipped, before, total, sweeps)
+    for p in pairs:
+        if clips[p.first]:
+            info[p.first]["kept_clip"] = "ReLU6 kept as ReLU + per-channel bounds"
     return Transformed(gm, freeze(new_stats), info)
 
 

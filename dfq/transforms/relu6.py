@@ -24,7 +24,7 @@ def replace_relu6(gm: fx.GraphModule, stats: Stats) -> Transformed:
     info: dict[str, dict] = {}
     for node in gm.graph.nodes:
         act = activation_of(gm, node)
-        if act is None or (act.lo, act.hi) != (RELU6.lo, RELU6.hi):
+        if act is None or act.kind not in ("relu6", "hardtanh") or (act.lo, act.hi) != (RELU6.lo, RELU6.hi):
             continue
         if node.op == "call_module":
             parent, _, attr = node.target.rpartition(".")
