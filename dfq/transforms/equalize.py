@@ -61,12 +61,24 @@ def scale_pair_(first: nn.Module, second: nn.Module, s: torch.Tensor) -> None:
             w2.mul_(s.repeat_interleave(k).reshape(1, -1, *([1] * (w2.dim() - 2))))
 
 
-def split_clip_(gm: fx.GraphModule, node: fx.Node, channels: int) -> None:
-    """In place: turn a clip node (ReLU6, hardtanh(0, b)) into F.relu followed by ChannelMin(b)."""
+def _joint_ranges(r1, r2, st, clips, n_std):
+    """Per-channel ranges that also count the activation between the layers: each channel's
+    first-layer range is the larger of its weight and activation ranges, each relative to its
+    tensor's maximum (both scale by 1/s, and both are quantized per tensor)."""
+    a = (st.mean + n_std * st.std).clamp_min(0)
+    for clip in clips:
+        a = torch.minimum(a, clip.hi.to(a.dtype))
+    norm = lambda r: r / r.max().clamp_min(torch.finfo(r.dtype).tiny)  # noqa: E731
+    return torch.maximum(norm(r1), norm(a).to(r1.dtype)), norm(r2)
+
+
+def split_clip_(gm: fx.GraphModule, node: fx.Node, like: torch.Tensor) -> None:
+    """In place: turn a clip node (ReLU6, hardtanh(0, b)) into F.relu followed by ChannelMin(b),
+    with one bound per channel of `like` (in its dtype, so float64 models stay float64)."""
     act = activation_of(gm, node)
     node.op, node.target, node.args, node.kwargs = "call_function", F.relu, node.args[:1], {}
     name = f"{node.name}_clip"
-    gm.add_submodule(name, ChannelMin(torch.full((channels,), float(act.hi))))
+    gm.add_submodule(name, ChannelMin(torch.full_like(like, float(act.hi))))
     with gm.graph.inserting_after(node):
         clip = gm.graph.call_module(name, (node,))
     node.replace_all_uses_with(clip, delete_user_cb=lambda u: u is not clip)
@@ -79,7 +91,7 @@ def _with_split_clips(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
     for p in pairs:
         for name in p.clips:
             if activation_of(gm, nodes[name]).kind != "channel_min":
-                split_clip_(gm, nodes[name], output_ranges(gm.get_submodule(p.first)).numel())
+                split_clip_(gm, nodes[name], output_ranges(gm.get_submodule(p.first)))
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -101,7 +113,10 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
         for p in pairs:
             first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
             r1 = output_ranges(first)
-            s = equalization_scales(r1, input_ranges(second, r1.numel()))
+            r2 = input_ranges(second, r1.numel())
+            if config.activation_aware and p.first in new_stats:
+                r1, r2 = _joint_ranges(r1, r2, new_stats[p.first], clips[p.first], config.activation_std)
+            s = equalization_scales(r1, r2)
             scale_pair_(first, second, s)
             for clip in clips[p.first]:
                 clip.hi.div_(s)
