@@ -84,6 +84,29 @@ def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
                        help="evaluate the simulation (torch) or the exported int8 model in onnxruntime/ncnn")
 
 
+def _add_task_parser(sub, name: str, what: str) -> None:
+    """`dfq seg` / `dfq det`: the cls switches, with a VOCdevkit as --data (dfq/tasks/runs.py)."""
+    t = sub.add_parser(name, help=f"quantize and evaluate {what}")
+    _add_model_args(t)
+    _add_pipeline_args(t)
+    g = t.add_argument_group("data (PASCAL VOC)")
+    g.add_argument("--data", required=True, help="folder holding VOCdevkit/VOC<year> (or VOCdevkit itself)")
+    g.add_argument("--year", default=None, help="VOC year (default: seg 2012, det 2007)")
+    g.add_argument("--split", default=None, help="image list in ImageSets (default: seg val, det test)")
+    g.add_argument("--size", type=int, default=None, help="seg: crop size (default 513); det: input side (300)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--mean", type=float, nargs=3, default=None, help="input normalisation (default: the task's)")
+    g.add_argument("--std", type=float, nargs=3, default=None)
+    t.add_argument("--compare", action="store_true", help="also run FP32: fp32_<metric>, delta_<metric>")
+    t.add_argument("--ablation", action="store_true", help="evaluate the original experiment's rows")
+    t.add_argument("--json", type=Path, help="write the results here")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfq", description="Data-free quantization of PyTorch CNNs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -114,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="write what was exported here")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_runtime_args(e, backend=False)
+    for name, what in (("seg", "DeepLab-v3+ on VOC segmentation (mIoU)"), ("det", "SSD-Lite on VOC detection (mAP)")):
+        _add_task_parser(sub, name, what)
     sub.add_parser("archs", help="list the architectures --arch accepts")
     return p
 
@@ -222,6 +247,12 @@ def cmd_cls(args) -> dict:
     return res
 
 
+def cmd_task(args) -> dict:
+    from dfq.tasks.runs import TASKS, cmd_task as run
+
+    return run(args, TASKS[args.command])
+
+
 def cmd_archs(args) -> dict:
     from dfq import models
 
@@ -239,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = cmd_export(args)
         else:
-            result = {"cls": cmd_cls, "archs": cmd_archs}[args.command](args)
+            result = {"cls": cmd_cls, "archs": cmd_archs, "seg": cmd_task, "det": cmd_task}[args.command](args)
     except DfqError as exc:
         if args.debug:
             raise

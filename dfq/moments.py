@@ -110,7 +110,7 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
                 out[node.name] = normal(st.mean.detach(), st.std.detach() ** 2, n_std)
             elif src is not None:
                 out[node.name] = _linear(gm, node, src, n_std)
-        elif src is None:
+        elif src is None and not is_cat(node):  # cat takes a list of tensors
             continue
         elif (act := activation_of(gm, node)) is not None:
             out[node.name] = _clip(src, act.lo, act.hi)

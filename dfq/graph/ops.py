@@ -20,9 +20,10 @@ BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 
 # Ops through which a positive per-channel scale passes unchanged and which keep the channel
 # layout (so equalization can look through them) and the per-channel mean (bias correction).
+# Resampling (F.interpolate, nn.Upsample) is linear per channel with weights summing to 1.
 PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity,
-                nn.ZeroPad2d, nn.Flatten)
-PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten}
+                nn.ZeroPad2d, nn.Flatten, nn.Upsample)
+PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten, F.interpolate}
 PASS_METHODS = {"flatten", "contiguous"}
 # Of those, the ones whose output lies on its input's quantization grid (no requantization).
 GRID_PRESERVING = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.Flatten, F.max_pool2d,
