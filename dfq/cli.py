@@ -30,6 +30,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", action="store_true", help="fake-quantize weights and activations")
     g.add_argument("--relu", action="store_true", help="replace ReLU6 by ReLU (changes the float model)")
     g.add_argument("--equalize", action="store_true", help="cross-layer equalization")
+    g.add_argument("--equalize_activations", action="store_true",
+                   help="equalization also balances the activation between the layers (BN ranges)")
+    g.add_argument("--equalize_residuals", action="store_true",
+                   help="equalization also covers the streams around residual adds (shared scales)")
     g.add_argument("--absorption", action=argparse.BooleanOptionalAction, default=None,
                    help="high-bias absorption (default: on with --equalize)")
     g.add_argument("--correction", nargs="?", const="bn", default=False, choices=["bn", "distill"],
@@ -189,7 +193,11 @@ def pipeline_config(args, **overrides) -> PipelineConfig:
                         weight_symmetric=not args.asymmetric_weight,
                         activation_symmetric=args.symmetric_activation,
                         target=getattr(args, "target", None) or "generic", reduce_range=getattr(args, "reduce_range", None))
+    from dfq.config import EqualizeConfig
+
     fields = dict(quantize=args.quantize, relu=args.relu, equalize=args.equalize, absorption=args.absorption,
+                  equalization=EqualizeConfig(activation_aware=getattr(args, "equalize_activations", False),
+                                              residual_regions=getattr(args, "equalize_residuals", False)),
                   correction=args.correction, clip_weight=args.clip_weight, quant=quant,
                   range_std=args.range_std, calib=args.calib, distill_range=args.distill_range,
                   range_percentile=args.range_percentile, input_mean=tuple(args.mean or IMAGENET_MEAN),

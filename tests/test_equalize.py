@@ -136,3 +136,35 @@ def test_activation_aware_equalization_is_float_exact_and_balances_joint_ranges(
     r1 = output_ranges(first)
     j1, j2 = _joint_ranges(r1, input_ranges(second, r1.numel()), aware.stats["features.0.0"], [clip], 6.0)
     assert torch.allclose(j1, j2, rtol=0.05)
+
+
+def test_residual_regions_equalize_mobilenet_and_resnet_exactly():
+    """Around residual adds all producers share one scale vector and every consumer takes the
+    inverse: float64 unchanged, and only the classifiers are left unequalized."""
+    from dfq import EqualizeConfig
+    from dfq.graph.regions import find_regions
+    from dfq.transforms.equalize import _region_ranges
+
+    for net, n_regions in ((torchvision.models.mobilenet_v2(), 5), (torchvision.models.resnet18(), 4)):
+        m = randomize_bn(net.eval(), seed=6).double()
+        t = _prepared(m, relu=False)
+        eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
+        x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+        assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
+        regions, skipped = find_regions(eq.gm)
+        assert len(regions) == n_regions and not skipped
+        left = [k for k, v in eq.info.items() if "equalize_note" in v]
+        assert left == [next(k for k in eq.info if k in ("classifier.1", "fc"))]
+        for r in regions:  # the largest producer and consumer ranges now match per channel
+            r1, r2 = _region_ranges(eq.gm, r)
+            assert torch.allclose(r1, r2, rtol=0.05)
+
+
+def test_region_through_channel_padding_is_reported():
+    from dfq import EqualizeConfig
+    from dfq.models import build
+
+    m = randomize_bn(build("cifar_resnet20"))
+    t = _prepared(m, relu=False)
+    eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
+    assert "residual region not equalized" in eq.info["add"]["equalize_note"]

@@ -8,6 +8,10 @@ sqrt(r1_i * r2_i): the best joint per-tensor precision. Pairs are swept until no
 A ReLU6 (or hardtanh(0, b)) between the layers is split into ReLU + ChannelMin(6) first, and
 the ChannelMin bounds are divided by s with the weights: ReLU6(x / s) * s = min(ReLU(x), 6 / s)
 ... * s, so the float function stays exactly the same with ReLU6 kept.
+
+With `residual_regions`, the tensors around residual adds are equalized too: all producers of
+a residual stream share one scale vector, chosen from the largest producer and consumer range
+of each channel, and every consumer takes the inverse (see dfq.graph.regions).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from torch import fx, nn
 from dfq.config import EqualizeConfig
 from dfq.graph.channels import features_per_channel
 from dfq.graph.layers import Pair, find_pairs
+from dfq.graph.regions import Region, find_regions
 from dfq.graph.ops import activation_of, is_depthwise
 from dfq.nn import ChannelMin
 from dfq.stats import Stats, freeze
@@ -47,18 +52,36 @@ def equalization_scales(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(s, nan=1.0, posinf=1.0, neginf=1.0)
 
 
+def scale_outputs_(m: nn.Module, s: torch.Tensor) -> None:
+    """In place: W[i] /= s_i, b[i] /= s_i."""
+    with torch.no_grad():
+        m.weight.div_(s.reshape(-1, *([1] * (m.weight.dim() - 1))))
+        if m.bias is not None:
+            m.bias.div_(s)
+
+
+def scale_inputs_(m: nn.Module, s: torch.Tensor) -> None:
+    """In place: W[:, i] *= s_i (a depthwise filter is its own input channel; flatten repeats)."""
+    w = m.weight
+    with torch.no_grad():
+        if is_depthwise(m):
+            w.mul_(s.reshape(-1, *([1] * (w.dim() - 1))))
+        else:
+            k = features_per_channel(m, s.numel())
+            w.mul_(s.repeat_interleave(k).reshape(1, -1, *([1] * (w.dim() - 2))))
+
+
 def scale_pair_(first: nn.Module, second: nn.Module, s: torch.Tensor) -> None:
     """W1[i] /= s_i, b1[i] /= s_i, W2[:, i] *= s_i (in place on the modules given)."""
-    with torch.no_grad():
-        first.weight.div_(s.reshape(-1, *([1] * (first.weight.dim() - 1))))
-        if first.bias is not None:
-            first.bias.div_(s)
-        w2 = second.weight
-        if is_depthwise(second):
-            w2.mul_(s.reshape(-1, *([1] * (w2.dim() - 1))))
-        else:
-            k = features_per_channel(second, s.numel())
-            w2.mul_(s.repeat_interleave(k).reshape(1, -1, *([1] * (w2.dim() - 2))))
+    scale_outputs_(first, s)
+    scale_inputs_(second, s)
+
+
+def _region_ranges(gm: fx.GraphModule, region: Region) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per stream channel: the largest producer output range and consumer input range."""
+    r1 = torch.stack([output_ranges(gm.get_submodule(n)) for n in region.producers]).amax(0)
+    r2 = torch.stack([input_ranges(gm.get_submodule(n), r1.numel()) for n in region.consumers]).amax(0)
+    return r1, r2
 
 
 def _joint_ranges(r1, r2, st, clips, n_std):
@@ -107,9 +130,21 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
     new_stats = dict(stats)
     before = {p.first: output_ranges(gm.get_submodule(p.first)) for p in pairs}
     total = {p.first: torch.ones_like(before[p.first]) for p in pairs}
+    regions, region_skipped = find_regions(gm) if config.residual_regions else ([], {})
+    region_before = [_region_ranges(gm, r)[0] for r in regions]
     sweeps = 0
     for sweeps in range(1, config.max_iterations + 1):
         worst = 0.0
+        for r in regions:
+            r1, r2 = _region_ranges(gm, r)
+            s = equalization_scales(r1, r2)
+            for name in r.producers:
+                scale_outputs_(gm.get_submodule(name), s)
+                if name in new_stats:
+                    new_stats[name] = new_stats[name].scaled(s)
+            for name in r.consumers:
+                scale_inputs_(gm.get_submodule(name), s)
+            worst = max(worst, float(s.log().abs().max()))
         for p in pairs:
             first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
             r1 = output_ranges(first)
@@ -127,6 +162,16 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
         if worst < config.threshold:
             break
     info = _report(gm, pairs, skipped, before, total, sweeps)
+    for i, (r, r1) in enumerate(zip(regions, region_before)):
+        after = _region_ranges(gm, r)[0]
+        for name in r.producers:
+            info.setdefault(name, {}).update({
+                "equalized": True, "equalized_region": f"region {i}: {len(r.producers)} producers, "
+                f"{len(r.consumers)} consumers", "region_spread_before": _spread(r1),
+                "region_spread_after": _spread(after)})
+            info[name].pop("equalize_note", None)
+    for add, why in region_skipped.items():
+        info[add] = {"equalize_note": f"residual region not equalized: {why}"}
     for p in pairs:
         if clips[p.first]:
             info[p.first]["kept_clip"] = "ReLU6 kept as ReLU + per-channel bounds"
