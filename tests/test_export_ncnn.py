@@ -100,3 +100,20 @@ def test_resnet20_ncnn_agrees_with_simulation(tmp_path, reduce_range):
     got = NcnnRunner(info.param, info.bin, threads=2)(x)
     assert (got.argmax(1) == sim.argmax(1)).all()
     assert (got - sim).abs().max() < 0.05 * sim.abs().max()
+
+
+def test_relu6_kept_with_per_channel_bounds_matches_ncnn(small_net, tmp_path):
+    """ReLU + ChannelMin (ReLU6 kept through equalization): pnnx writes the bounds as a
+    MemoryData + BinaryOp min, which the int8 writer carries over; ncnn computes the simulation."""
+    from dfq.nn import ChannelMin
+
+    r = quantize_model(small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ncnn")))
+    assert any(isinstance(m, ChannelMin) for m in r.model.modules())
+    info = export_ncnn(r.model, tmp_path / "kept", (1, 3, 16, 16))
+    assert "MemoryData" in info.param.read_text()
+    run = NcnnRunner(info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name)
+    assert run.int8
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sim = r.model(x)
+    assert (run(x) - sim).abs().max() <= 1e-5 * sim.abs().max()

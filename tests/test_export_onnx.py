@@ -128,3 +128,22 @@ def test_cli_export_and_backend(tmp_path, capsys):
     # a format needs its own profile
     assert main(["export", "--format", "onnx", "--target", "ncnn", "--arch", "cifar_resnet20", "--weights", weights,
                  "-o", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_relu6_kept_with_per_channel_bounds_matches_onnxruntime(small_net, tmp_path):
+    """Equalization with ReLU6 kept leaves ReLU + ChannelMin: exported as Min with the bounds
+    (snapped onto the quantizer's grid) and the same Q/DQ after it, so ORT still runs QLinearConv
+    everywhere and computes the simulation's values."""
+    from dfq.nn import ChannelMin
+
+    r = quantize_model(small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ort")))
+    assert any(isinstance(m, ChannelMin) for m in r.model.modules())
+    info, run = _ort(r, tmp_path, (1, 3, 16, 16))
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        sim = r.model(x)
+    got = run(x)
+    assert (got - sim).abs().max() <= 1e-5 * sim.abs().max()
+    ops = integer_ops(tmp_path / "opt.onnx")
+    assert ops.get("QLinearConv") == 4
+    assert "Min" in op_counts(tmp_path / "opt.onnx")

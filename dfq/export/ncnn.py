@@ -98,9 +98,10 @@ def read_param(path: Path) -> tuple[str, list[NcnnLayer]]:
     return f"{magic}\n{counts}\n", layers
 
 
-def _read_weights(layers: list[NcnnLayer], data: bytes) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """fp32 weights and biases of the weighted layers of a pnnx .bin (tag 0 = raw float32)."""
-    out, pos = {}, 0
+def _read_weights(layers: list[NcnnLayer], data: bytes):
+    """fp32 weights and biases of the weighted layers of a pnnx .bin (tag 0 = raw float32), and
+    the MemoryData constants (raw float32, no tag: ncnn's MemoryData::load_model), by layer."""
+    out, constants, pos = {}, {}, 0
     for layer in layers:
         if layer.type in WEIGHTED:
             n_w = layer.param(6) if layer.type != "InnerProduct" else layer.param(2)
@@ -118,12 +119,17 @@ def _read_weights(layers: list[NcnnLayer], data: bytes) -> dict[str, tuple[np.nd
                 b = np.frombuffer(data, np.float32, layer.param(0), pos)
                 pos += 4 * layer.param(0)
             out[layer.name] = (w, b)
+        elif layer.type == "MemoryData":  # constants, e.g. ChannelMin bounds: raw float32, no tag
+            dims = [layer.param(k) for k in (0, 1, 11, 2)]
+            n = int(np.prod([d for d in dims if d])) if any(dims) else 0
+            constants[layer.name] = np.frombuffer(data, np.float32, n, pos)
+            pos += 4 * n
         elif layer.type not in WEIGHTLESS:
             raise DfqError(f"ncnn layer type {layer.type} ({layer.name}) is not supported by the int8 writer.",
                            "the model has an op dfq cannot place in the ncnn .bin")
     if pos != len(data):
         raise DfqError(f"ncnn .bin has {len(data) - pos} unread bytes: unexpected layer data.")
-    return out
+    return out, constants
 
 
 def float_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -245,13 +251,16 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
     stem = Path(stem)
     fp32_param, fp32_bin = pnnx_convert(float_copy(gm), stem, tuple(input_shape))
     header, layers = read_param(fp32_param)
-    weights = _read_weights(layers, fp32_bin.read_bytes())
+    weights, constants = _read_weights(layers, fp32_bin.read_bytes())
     mapping = _match(gm, weights)
     info = NcnnExport(stem.with_suffix(".param"), stem.with_suffix(".bin"), fp32_param, fp32_bin,
                       stem.with_suffix(".table"), layers[0].tops[0] if layers and layers[0].type == "Input" else "in0",
                       layers[-1].tops[0])
     blob, weight_lines, input_lines = bytearray(), [], []
     for layer in layers:
+        if layer.type == "MemoryData":
+            blob += constants[layer.name].tobytes()
+            continue
         if layer.type not in WEIGHTED:
             continue
         w32, b32 = weights[layer.name]

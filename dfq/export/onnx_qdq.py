@@ -28,6 +28,7 @@ import torch
 from torch import fx
 
 from dfq.errors import DfqError
+from dfq.nn import ChannelMin
 from dfq.quant.modules import ActQuant, QuantizedLayer
 
 log = logging.getLogger("dfq")
@@ -98,10 +99,26 @@ class _QDQ(torch.nn.Module):
             q, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8)
 
 
+def _requantize_clips(model: fx.GraphModule) -> None:
+    """A ChannelMin (ReLU6 kept through equalization) after a quantizer becomes Min followed by
+    the same Q/DQ: its bounds are on that grid, so the integers are unchanged, and the next
+    conv again reads a quantized tensor (DQ -> Conv -> Q fuses into QLinearConv)."""
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), ChannelMin):
+            continue
+        src = node.args[0]
+        aq = model.get_submodule(src.target) if src.op == "call_module" else None
+        if isinstance(aq, ActQuant) and not aq.observing:
+            parent, _, attr = node.target.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, attr, torch.nn.Sequential(model.get_submodule(node.target), _QDQ(aq)))
+
+
 def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
     model = copy.deepcopy(gm).eval()
+    _requantize_clips(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, ActQuant):
             parent, _, attr = name.rpartition(".")
