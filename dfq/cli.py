@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compare", action="store_true", help="also run FP32: agreement, SQNR, fp32_top1")
     c.add_argument("--ablation", action="store_true", help="evaluate the original experiment's rows")
     c.add_argument("--json", type=Path, help="write the results here")
+    c.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                   help="write a PNG of the worst layer's per-channel weight ranges before/after equalization")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -247,6 +249,11 @@ def cmd_cls(args) -> dict:
                 "quantization_data": data_info}
     res = run_one(model, cfg, batches, reference, progress, "dfq" if cfg.quantize else "float", data)
     res["quantization_data"] = data_info
+    if args.plot:
+        from dfq.report import plot_weight_ranges
+
+        png = plot_weight_ranges(res["layers"], args.plot)
+        print(f"wrote {png}" if png else "--plot: no layer was equalized (add --equalize)")
     if not args.quiet:
         print(layer_table(res["layers"]))
     keys = ["top1", "top5", "n", "fp32_top1", "agreement", "logits_sqnr_db"]

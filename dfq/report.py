@@ -1,6 +1,7 @@
 """Readable tables of what was done to which layer, and of accuracy runs (Markdown)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -38,3 +39,37 @@ def layer_table(layers: dict[str, dict[str, Any]]) -> str:
             row.append("yes" if v is True or (key == "bn_folded" and isinstance(v, str)) else v)
         rows.append(row)
     return markdown_table([h for h, _ in LAYER_COLUMNS], rows)
+
+
+def plot_weight_ranges(layers: dict[str, dict[str, Any]], out_dir: str | Path) -> Path | None:
+    """Per-channel weight ranges of the worst-conditioned equalized layer, before and after
+    (the DFQ paper's Figure 2), as a PNG; None if nothing was equalized."""
+    worst = max((name for name, info in layers.items() if "channel_ranges_before" in info),
+                key=lambda n: layers[n]["range_spread_before"], default=None)
+    if worst is None:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from dfq.errors import DfqError
+
+        raise DfqError("--plot needs matplotlib.", "pip install matplotlib==3.11.2") from exc
+    info = layers[worst]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, key, title in ((axes[0], "channel_ranges_before", "before"), (axes[1], "channel_ranges_after", "after")):
+        r = info[key]
+        ax.bar(range(len(r)), r, width=1.0, color="tab:blue" if title == "before" else "tab:green")
+        spread = info["range_spread_" + title]
+        ax.set_title(f"{worst}: {title} equalization (max/median {spread:.1f})")
+        ax.set_xlabel("output channel")
+    axes[0].set_ylabel("max |w| per channel")
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"weight_ranges_{worst.replace('.', '_')}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -81,3 +81,12 @@ def test_user_model_spec(tmp_path, capsys):
                         "--resize", "0", "--crop", "0", "--quantize", "--quiet")
     assert code == 0 and "top1" in out
     assert torch.__version__
+
+
+def test_plot_writes_the_worst_layers_ranges(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, out, _ = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th")),
+                        "--data", str(shared("cifar10_foolbox20.npz")), "--quantize", "--equalize", "--quiet",
+                        "--limit", "4", "--plot", str(tmp_path / "plots"))
+    pngs = list((tmp_path / "plots").glob("weight_ranges_*.png"))
+    assert code == 0 and len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"

@@ -178,6 +178,11 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
     return Transformed(gm, freeze(new_stats), info)
 
 
+def _rounded(r: torch.Tensor) -> list[float]:
+    """Per-channel ranges for the report and plots (4 significant digits keep the JSON small)."""
+    return [float(f"{v:.4g}") for v in r.tolist()]
+
+
 def _spread(r: torch.Tensor) -> float:
     """max / median channel range: 1 is perfectly balanced."""
     med = float(r.median())
@@ -191,6 +196,7 @@ def _report(gm, pairs: list[Pair], skipped: dict[str, str], before, total, sweep
         info[p.first] = {
             "equalized": True, "equalized_with": p.second, "equalize_sweeps": sweeps,
             "range_spread_before": _spread(before[p.first]), "range_spread_after": _spread(after),
+            "channel_ranges_before": _rounded(before[p.first]), "channel_ranges_after": _rounded(after),
             "scale_min": float(total[p.first].min()), "scale_max": float(total[p.first].max()),
         }
     return info
