@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfq import PipelineConfig, QuantConfig, quantize_model
+from dfq import EqualizeConfig, PipelineConfig, QuantConfig, quantize_model
 from dfq.quant.primitives import sqnr_db
 from strategies import build, example_input
 
@@ -148,7 +148,10 @@ def check_architecture(spec: dict, config: PipelineConfig, bits: int = 8, train_
     x64 = x.double()
     with torch.no_grad():
         ref64 = copy.deepcopy(m64).eval()(x64)
-    plain = quantize_model(m64, PipelineConfig(quantize=False, equalize=True, absorption=False))
+    # every equalization option at once: pairs (ReLU6 kept exactly), activation-aware scales,
+    # and the streams around residual adds
+    every = EqualizeConfig(activation_aware=True, residual_regions=True)
+    plain = quantize_model(m64, PipelineConfig(quantize=False, equalize=True, absorption=False, equalization=every))
     with torch.no_grad():
         y = plain.model(x64)
     _finite(y, "fold+equalize")
