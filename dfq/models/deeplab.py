@@ -23,6 +23,7 @@ from torch import nn
 
 from dfq.errors import DfqError
 from dfq.models import register
+from dfq.models.blocks import inverted_residual_layers
 
 # MobileNetV2 stages: expansion t, output channels c, repeats n, stride s.
 _STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -34,21 +35,10 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, inp: int, oup: int, stride: int, dilation: int, expand_ratio: int):
         super().__init__()
-        hidden = round(inp * expand_ratio)
         self.use_res_connect = stride == 1 and inp == oup
         # Symmetric for a 3x3 kernel: effective size 2*dilation+1 needs `dilation` on each side.
         self.pad = nn.ZeroPad2d(dilation)
-        layers: list[nn.Module] = []
-        if expand_ratio != 1:
-            layers += [nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
-        layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 0, dilation, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU6(),
-            nn.Conv2d(hidden, oup, 1, bias=False),
-            nn.BatchNorm2d(oup),
-        ]
-        self.conv = nn.Sequential(*layers)
+        self.conv = inverted_residual_layers(inp, oup, stride, expand_ratio, padding=0, dilation=dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(self.pad(x))
