@@ -277,7 +277,8 @@ def cmd_archs(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="dfq: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="dfq: %(message)s")
+    log.setLevel(logging.INFO)  # dfq's own notes; other libraries (onnxscript...) only warnings
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":

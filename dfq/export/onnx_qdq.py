@@ -118,6 +118,9 @@ def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
     model = copy.deepcopy(gm).eval()
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer):
+            m.requant = None  # the runtime does the integer arithmetic; export the plain conv
     _requantize_clips(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, ActQuant):

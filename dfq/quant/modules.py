@@ -7,7 +7,10 @@ values an int8 runtime uses, and exporters recover the integers with `int_weight
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dfq.quant.primitives import Grid, ROUNDING, dequantize, quantize
@@ -90,8 +93,31 @@ class QuantizedLayer:
         return quantize(self.bias.detach(), self.bias_scale, zero, self.bias_grid, axis)
 
 
+class Requant(NamedTuple):
+    """What a runtime's integer conv needs to requantize its accumulator (dfq.quant.integer_exact)."""
+
+    in_scale: torch.Tensor
+    out_scale: torch.Tensor
+    out_zero_point: int
+    qmin: int
+    qmax: int
+
+
 class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
-    pass
+    requant: Requant | None = None  # set: compute like onnxruntime's QLinearConv, exactly
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.requant
+        if r is None:
+            return super().forward(x)
+        xi = torch.round(x.double() / r.in_scale.double())  # the input's integers (q - zp)
+        acc = F.conv2d(xi, self.int_weight().double(), None, self.stride, self.padding, self.dilation, self.groups)
+        if self.bias is not None:
+            acc = acc + self.int_bias().double().reshape(1, -1, 1, 1)
+        m = (r.in_scale.float() * self.weight_scale.float()) / r.out_scale.float()  # float32, as the runtime
+        y = acc.float() * m.reshape(1, -1, 1, 1)
+        zp = float(r.out_zero_point)
+        return torch.round(y.clamp(r.qmin - zp, r.qmax - zp)) * r.out_scale.float()
 
 
 class QuantizedLinear(QuantizedLayer, nn.Linear):
