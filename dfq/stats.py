@@ -36,8 +36,3 @@ Stats = Mapping[str, BNStats]
 def freeze(d: dict[str, BNStats]) -> Stats:
     """A read-only view, so a transform can only change statistics by returning new ones."""
     return MappingProxyType(dict(d))
-
-
-def updated(stats: Stats, changes: Mapping[str, BNStats]) -> Stats:
-    """A new table with `changes` applied (module names contain dots, so no kwargs)."""
-    return freeze({**stats, **changes})
