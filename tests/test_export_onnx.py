@@ -150,7 +150,8 @@ def test_relu6_kept_with_per_channel_bounds_matches_onnxruntime(small_net, tmp_p
 
 
 @pytest.mark.slow
-def test_ort_profile_simulates_qlinearconv_exactly(tmp_path):
+@pytest.mark.parametrize("relu6_kept", [False, True])
+def test_ort_profile_simulates_qlinearconv_exactly(tmp_path, relu6_kept):
     """With --target ort every int8 conv requantizes its exact int32 accumulator as QLinearConv
     does, so the simulation and onnxruntime give the same logits on real MobileNetV2 (before:
     rounding ties flipped, the deep net amplified them to |dlogit| ~ 1 and 2 % argmax flips)."""
@@ -164,7 +165,8 @@ def test_ort_profile_simulates_qlinearconv_exactly(tmp_path):
     except DfqError as exc:
         pytest.skip(str(exc))
     x = torch.cat([b for b, _ in materialize(load_images(shared("imagenet_foolbox20.npz"), Preprocess(0, 0)))])
-    r = quantize_model(model, PipelineConfig(relu=True, equalize=True, correction=True,
+    # ReLU6 kept: equalization leaves per-channel ChannelMin bounds, exported as Min + Q/DQ
+    r = quantize_model(model, PipelineConfig(relu=not relu6_kept, equalize=True, correction=True,
                                              quant=QuantConfig(target="ort")))
     exact = [k for k, v in r.layers.items() if v.get("simulation", "").startswith("integer-exact")]
     assert len(exact) == 52  # every conv; the classifier (float logits, QGemm) stays a float op
