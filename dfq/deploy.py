@@ -54,20 +54,20 @@ def runner_for(fmt: str, files: dict, threads: int | None = None, optimized_path
     return NcnnRunner(files["param"], files["bin"], threads or 1, files["input"], files["output"])
 
 
-def quantize_for(args, model, batches, target: str):
+def quantize_for(args, model, batches, target: str, input_shape: tuple[int, ...]):
+    """Quantize with the runtime's profile, with the same data sources as `dfq cls`
+    (real images, or distilled ones for --distill_range / --correction distill)."""
     import dataclasses
 
-    from dfq.cli import pipeline_config
+    from dfq.cli import data_spec, pipeline_config
+    from dfq.experiment import pipeline_data
     from dfq.pipeline import quantize_model
 
     cfg = pipeline_config(args, quantize=True)
     cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, target=target))
-    calib = None
-    if cfg.calib:
-        from dfq.tasks.classification import first_images
-
-        calib = first_images(batches, cfg.calib)
-    return quantize_model(model, cfg, calib_data=calib)
+    data, _ = pipeline_data(model, cfg, batches, data_spec(args, cfg), progress=not getattr(args, "quiet", False),
+                            input_shape=input_shape[1:])
+    return quantize_model(model, cfg, calib_data=data)
 
 
 def cls_backend(args) -> dict:
@@ -93,7 +93,7 @@ def cls_backend(args) -> dict:
     n = sum(len(y) for _, y in batches)
     x0 = batches[0][0]
     shape = (1, *x0.shape[1:])
-    result = quantize_for(args, model, batches, target)
+    result = quantize_for(args, model, batches, target, shape)
     out_dir = Path(args.export_dir) if args.export_dir else Path(tempfile.mkdtemp(prefix="dfq_export_"))
     files = export(result, fmt, out_dir / (args.arch or "model").replace(":", "_"), shape)
     opt_path = out_dir / "ort_optimized.onnx" if fmt == "onnx" else None
@@ -124,14 +124,13 @@ def cmd_export(args) -> dict:
     target = args.target or FORMAT_TARGET[args.format]
     model = load_model(args)
     batches = []
-    if args.calib:
-        if not args.data:
-            raise DfqError("--calib needs --data.")
+    real = args.calib or args.true_data
+    if real and args.data:
         from dfq.cli import preprocess_for
         from dfq.tasks.classification import load_images, materialize
 
-        batches = materialize(load_images(args.data, preprocess_for(args)), args.calib, args.calib)
-    result = quantize_for(args, model, batches, target)
+        batches = materialize(load_images(args.data, preprocess_for(args)), real, real)
+    result = quantize_for(args, model, batches, target, input_shape(args))
     from dfq.targets import describe
 
     files = export(result, args.format, Path(args.output), input_shape(args))

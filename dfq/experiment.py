@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dfq.config import PipelineConfig
+from dfq.errors import DfqError
 from dfq.pipeline import quantize_model
 from dfq.tasks.classification import Evaluation, evaluate, first_images
 
@@ -39,21 +40,28 @@ class DataSpec:
 
 
 def pipeline_data(model: nn.Module, config: PipelineConfig, batches, spec: DataSpec = DataSpec(),
-                  progress: bool = True) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
-    """The input batches `config` needs (None if it is data-free), and where they came from."""
+                  progress: bool = True, input_shape: tuple[int, ...] | None = None
+                  ) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
+    """The input batches `config` needs (None if it is data-free), and where they came from.
+
+    Distilled images take the shape of the real batches, or `input_shape` (C, H, W) without any.
+    """
     if not config.needs_data:
         return None, {"source": "none (data-free)"}
     real = config.calib or spec.true_data
     if real:
+        if not batches:
+            raise DfqError(f"{real} real images were asked for (--calib / --true_data), but none were given.",
+                           "pass --data")
         return first_images(batches, real), {"source": "real", "images": real}
     from dfq.distill import DistillConfig, distill, load_distilled, save_distilled
 
-    shape = tuple(batches[0][0].shape[1:])
     if spec.load:
         data, dcfg = load_distilled(spec.load)
         return list(data.split(dcfg.batch_size)), {"source": "distilled", "loaded": str(spec.load),
                                                    "images": len(data), "config": dcfg.to_dict()}
     dcfg = spec.distill or DistillConfig(mean=config.input_mean, std=config.input_std)
+    shape = tuple(input_shape or batches[0][0].shape[1:])
     res = distill(model, dcfg, input_shape=shape, progress=progress)
     if spec.save:
         save_distilled(spec.save, res.data, res.config)

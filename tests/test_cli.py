@@ -102,3 +102,17 @@ def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
     assert cfg("--distill_range", "--true_data", "64").range_percentile is None
     assert cfg("--calib", "64").range_percentile is None
     assert cfg("--distill_range", "--range_percentile", "99.9").range_percentile == 99.9
+
+
+def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):
+    """`dfq export` quantizes through dfq.experiment.pipeline_data: distilled ranges work without
+    --data, and real ones without --data are a one-line error."""
+    pytest.importorskip("onnx")
+    w = str(shared("cifar10_resnet20-12fca82f.th"))
+    code, _, err = _run(capsys, "export", "--format", "onnx", "--arch", "cifar_resnet20", "--weights", w,
+                        "-o", str(tmp_path / "a.onnx"), "--calib", "8")
+    assert code == 2 and "pass --data" in err
+    code, out, _ = _run(capsys, "export", "--format", "onnx", "--arch", "cifar_resnet20", "--weights", w,
+                        "-o", str(tmp_path / "b.onnx"), "--distill_range", "--dis_batch_size", "4",
+                        "--dis_num_batch", "1", "--dis_iterations", "2")
+    assert code == 0 and (tmp_path / "b.onnx").exists()
