@@ -21,7 +21,7 @@ from dfq.graph.ops import layer_kind, weighted_module
 from dfq.moments import input_moments, propagate
 from dfq.quant.activations import (calibrate, insert_quantizers, quantization_points, quantize_biases,
                                    set_ranges_from_moments, snap_clips_to_grid)
-from dfq.quant.integer_exact import make_integer_exact_
+from dfq.quant.integer_exact import make_integer_exact_, make_ncnn_exact_
 from dfq.quant.weights import quantize_weights
 from dfq.stats import Stats
 from dfq.transforms import Transformed
@@ -147,6 +147,9 @@ def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
         if qc.target == "ort":
             for layer in make_integer_exact_(gm):
                 layers.setdefault(layer, {})["simulation"] = "integer-exact (as QLinearConv)"
+        elif qc.target == "ncnn":
+            for layer, how in make_ncnn_exact_(gm).items():
+                layers.setdefault(layer, {})["simulation"] = f"integer-exact as ncnn; multipliers: {how}"
     result.model = gm
     timings["total"] = round(time.perf_counter() - t_start, 4)
     return result

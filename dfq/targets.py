@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import struct
 import platform
 from pathlib import Path
 
@@ -118,3 +119,47 @@ def describe(q: QuantConfig) -> dict:
     return {"target": "ncnn", "reduce_range": q.reduce_range,
             "note": "symmetric int8, scale 127/absmax, round half away, float adds/pools/bias"
                     + (", 6-bit weights for 3x3 stride-1 convolutions (ncnn2table, winograd)" if q.reduce_range else "")}
+
+
+def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> "np.ndarray":
+    """The float32 multipliers ncnn's int8 ConvolutionDepthWise dequantizes its int32 sums with,
+    read off ncnn itself on this CPU.
+
+    ncnn's x86 depthwise int8 kernel for packed channels (elempack 8: channels % 8 == 0) takes
+    `_mm_rcp_ps(bottom_scale * weight_scale)`, an approximate reciprocal (12 bits, and not the
+    same on every CPU), where the unpacked path divides exactly (convolutiondepthwise_x86.cpp,
+    forward_int8_x86). Off by ~1e-4, it moves values across rounding boundaries of the next
+    quantizer, and a deep network amplifies that (MobileNetV2: 95.5 % argmax agreement). So we
+    ask ncnn: a 1x1 depthwise layer with the real scales, int8 weights 1 and an input that
+    quantizes to 1 returns exactly the multiplier of each channel. `in_scale` and
+    `weight_scales` are ncnn's (127 / absmax, i.e. dfq's reciprocal scales)."""
+    import tempfile
+
+    import numpy as np
+
+    import ncnn
+
+    ws = np.asarray(weight_scales, np.float32).reshape(-1)
+    g = ws.size
+    param = ("7767517\n2 2\n"
+             f"Input in0 0 1 in0 0=1 1=1 2={g}\n"
+             f"ConvolutionDepthWise dw 1 1 in0 out0 0={g} 1=1 11=1 2=1 12=1 3=1 13=1 4=0 14=0 5=0 6={g} 7={g} 8=1\n")
+    blob = (struct.pack("<I", 0x000D4B38) + np.ones(g, np.int8).tobytes() + b"\0" * (-g % 4)
+            + ws.tobytes() + np.array([in_scale], np.float32).tobytes())
+    with tempfile.TemporaryDirectory(prefix="dfq_ncnn_probe_") as tmp:
+        Path(tmp, "p.param").write_text(param)
+        Path(tmp, "p.bin").write_bytes(blob)
+        net = ncnn.Net()
+        net.opt.use_int8_inference = True
+        net.opt.use_fp16_storage = net.opt.use_fp16_packed = net.opt.use_fp16_arithmetic = False
+        net.opt.use_bf16_storage = False
+        net.opt.num_threads = 1
+        if net.load_param(str(Path(tmp, "p.param"))) != 0 or net.load_model(str(Path(tmp, "p.bin"))) != 0:
+            raise DfqError("ncnn could not load its depthwise probe.")
+        x = np.full((g, 1, 1), np.float32(1.0) / np.float32(in_scale), np.float32)
+        ex = net.create_extractor()
+        ex.input("in0", ncnn.Mat(x))
+        ret, out = ex.extract("out0")
+        if ret != 0:
+            raise DfqError(f"ncnn depthwise probe failed ({ret}).")
+        return np.array(out).reshape(-1).astype(np.float32).copy()

@@ -94,7 +94,7 @@ class QuantizedLayer:
 
 
 class Requant(NamedTuple):
-    """What a runtime's integer conv needs to requantize its accumulator (dfq.quant.integer_exact)."""
+    """What onnxruntime's QLinearConv needs to requantize its accumulator (dfq.quant.integer_exact)."""
 
     in_scale: torch.Tensor
     out_scale: torch.Tensor
@@ -103,25 +103,57 @@ class Requant(NamedTuple):
     qmax: int
 
 
+class Dequant(NamedTuple):
+    """How ncnn turns an int8 layer's int32 sums back into float32 (dfq.quant.integer_exact):
+    `acc * multiplier[c] + bias[c]`, rounded once (`fused`, an FMA) or after each step."""
+
+    in_scale: torch.Tensor
+    multiplier: torch.Tensor  # float32, per output channel
+    fused: bool
+
+
+def _integer_forward(layer, x: torch.Tensor, op) -> torch.Tensor | None:
+    """The runtime's arithmetic when `layer.requant` or `layer.dequant` is set, else None:
+    the exact int32 accumulator (float64 holds it exactly), then the runtime's float32 steps."""
+    r, d = layer.requant, layer.dequant
+    if r is None and d is None:
+        return None
+    xi = torch.round(x.double() / (r or d).in_scale.double())  # the input's integers (q - zp)
+    acc = op(xi, layer.int_weight().double())
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    if r is not None:
+        if layer.bias is not None:
+            acc = acc + layer.int_bias().double().reshape(shape)
+        m = (r.in_scale.float() * layer.weight_scale.float()) / r.out_scale.float()  # float32, as the runtime
+        y = acc.float() * m.reshape(shape)
+        zp = float(r.out_zero_point)
+        return (torch.round(y.clamp(r.qmin - zp, r.qmax - zp)) * r.out_scale.float()).to(x.dtype)
+    m = d.multiplier.reshape(shape)
+    bias = layer.bias.detach().float().reshape(shape) if layer.bias is not None else torch.zeros(())
+    if d.fused:  # acc * m exact in float64 (< 53 bits), one rounding to float32 after the add
+        y = (acc.float().double() * m.double() + bias.double()).float()
+    else:
+        y = acc.float() * m + bias
+    return y.to(x.dtype)
+
+
 class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
     requant: Requant | None = None  # set: compute like onnxruntime's QLinearConv, exactly
+    dequant: Dequant | None = None  # set: compute like ncnn's int8 convolution, exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.requant
-        if r is None:
-            return super().forward(x)
-        xi = torch.round(x.double() / r.in_scale.double())  # the input's integers (q - zp)
-        acc = F.conv2d(xi, self.int_weight().double(), None, self.stride, self.padding, self.dilation, self.groups)
-        if self.bias is not None:
-            acc = acc + self.int_bias().double().reshape(1, -1, 1, 1)
-        m = (r.in_scale.float() * self.weight_scale.float()) / r.out_scale.float()  # float32, as the runtime
-        y = acc.float() * m.reshape(1, -1, 1, 1)
-        zp = float(r.out_zero_point)
-        return torch.round(y.clamp(r.qmin - zp, r.qmax - zp)) * r.out_scale.float()
+        y = _integer_forward(self, x, lambda xi, w: F.conv2d(xi, w, None, self.stride, self.padding,
+                                                             self.dilation, self.groups))
+        return super().forward(x) if y is None else y
 
 
 class QuantizedLinear(QuantizedLayer, nn.Linear):
-    pass
+    requant = None
+    dequant: Dequant | None = None  # set: compute like ncnn's int8 InnerProduct, exactly
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _integer_forward(self, x, F.linear)
+        return super().forward(x) if y is None else y
 
 
 def quantized_copy(m: nn.Module) -> nn.Module:
