@@ -1,5 +1,6 @@
 """Cross-layer equalization and high-bias absorption: invariance, equal ranges, convergence."""
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -167,4 +168,71 @@ def test_region_through_channel_padding_is_reported():
     m = randomize_bn(build("cifar_resnet20"))
     t = _prepared(m, relu=False)
     eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
-    assert "residual region not equalized" in eq.info["add"]["equalize_note"]
+    assert "region not equalized" in eq.info["add"]["equalize_note"]
+
+
+class _CatNet(nn.Module):
+    """Two branches concatenated (one upsampled, one reading the input twice via a fan-out),
+    then a conv and a linear head: channel-sliced regions with every kind of member."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 10, 3, stride=2, padding=1), nn.BatchNorm2d(10), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+        self.fuse = nn.Sequential(nn.Conv2d(20, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        up = F.interpolate(self.b(x), size=x.shape[2:], mode="bilinear", align_corners=False)
+        y = torch.cat([self.a(x), up, self.c(x)], dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.fuse(y), 1), 1))
+
+
+def test_concatenation_regions_are_channel_sliced_and_exact():
+    """All inputs of a concatenation share one scale vector, each producer takes its slice and
+    the consumer the inverse; the stem's fan-out to three branches is a region too."""
+    from dfq import EqualizeConfig
+    from dfq.graph.regions import find_regions
+    from dfq.transforms.equalize import _region_ranges
+
+    m = randomize_bn(_CatNet(), seed=3).double().eval()
+    with torch.no_grad():
+        m.a[0].weight.mul_(torch.linspace(0.01, 10, 6, dtype=torch.float64).reshape(-1, 1, 1, 1))  # wide spread
+    t = _prepared(m, relu=False)
+    regions, skipped = find_regions(t.gm)
+    assert not skipped
+    by_consumer = {r.consumers[0][0]: r for r in regions}
+    cat = by_consumer["fuse.0"]
+    assert cat.kind == "concatenation" and cat.channels == 20
+    assert sorted(cat.producers) == [("a.0", 0), ("b.0", 6), ("c.0", 16)]
+    fan = next(r for r in regions if r.producers == (("stem.0", 0),))
+    assert {c for c, *_ in fan.consumers} == {"a.0", "b.0", "c.0"}
+    eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
+    r1, r2 = _region_ranges(eq.gm, cat)
+    assert torch.allclose(r1, r2, rtol=0.05)
+    before, after = (_region_ranges(g, cat)[0] for g in (t.gm, eq.gm))
+    assert after.max() / after.median() < before.max() / before.median()
+    assert eq.info["a.0"]["equalized_region"].startswith("concatenation region")
+
+
+def test_deeplab_concatenations_and_fan_outs_are_equalized():
+    """DeepLab-v3+: ASPP's five branches and the decoder's two inputs are concatenation regions;
+    only the logits layer stays unequalized, and the float model is unchanged."""
+    from dfq import EqualizeConfig
+    from dfq.models import build
+
+    m = randomize_bn(build("deeplabv3plus_mobilenetv2"), seed=1).double().eval()
+    t = _prepared(m, relu=False)
+    eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
+    x = torch.randn(1, 3, 65, 65, dtype=torch.float64)
+    assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
+    left = [k for k, v in eq.info.items() if "equalize_note" in v]
+    assert left == ["decoder.last_conv.6"]
+    cats = sorted(v["equalized_region"] for v in eq.info.values()
+                  if v.get("equalized_region", "").startswith("concatenation"))
+    assert len(cats) == 7 and any("5 producers" in c for c in cats) and any("2 producers" in c for c in cats)

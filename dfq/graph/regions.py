@@ -1,11 +1,14 @@
-"""Residual regions: the layers around adds that share one equalization scale vector.
+"""Equalization regions: the layers around residual adds and channel concatenations that
+share one scale vector.
 
-Every tensor that flows through a residual add (MobileNetV2's bottleneck stream, a ResNet
-stage) is a sum of several producers' outputs and is read by several consumers. Scaling its
-channel c by 1/s_c is exact if every producer divides its output channel c by s_c and every
-consumer multiplies its input channel c by s_c (adds are linear, ReLU is positively
-homogeneous). A region is the closure of such tensors; anything else touching it (the network
-input or output, a channel-changing op, a clip) leaves it unequalized, with the reason.
+A tensor that flows through a residual add (MobileNetV2's bottleneck stream, a ResNet stage) is
+a sum of several producers' outputs; a concatenation (DeepLab's ASPP and decoder) stacks several
+producers' outputs along the channels. Either way, scaling channel c of the combined tensor by
+1/s_c is exact if every producer divides the output channels it contributes by their s, and every
+consumer multiplies the input channels it reads by theirs (adds and concatenations are linear,
+ReLU is positively homogeneous). A region is the closure of such tensors, each placed at a
+channel offset in one region-wide channel space; anything else touching it (the network input
+or output, a clip, a channel-changing op) leaves it unequalized, with the reason.
 """
 from __future__ import annotations
 
@@ -13,81 +16,168 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from dfq.graph.ops import activation_of, describe, features_per_channel_ok, is_add, is_pass_through, layer_kind, weighted_module
+from dfq.graph.ops import activation_of, describe, is_add, is_cat, is_pass_through, layer_kind, weighted_module
 
 
 @dataclass(frozen=True)
 class Region:
-    producers: tuple[str, ...]  # weighted layers whose outputs are summed into the region
-    consumers: tuple[str, ...]  # weighted layers that read it
+    producers: tuple[tuple[str, int], ...]  # (weighted layer, offset of its output channels in the region)
+    consumers: tuple[tuple[str, int, int], ...]  # (weighted layer, first region channel it reads, how many)
+    channels: int
+
+    @property
+    def kind(self) -> str:
+        return "concatenation" if any(off for _, off, *_ in self.producers + self.consumers) else "residual"
+
+
+def _shape_query(node: fx.Node) -> bool:
+    """x.shape / x.size() / x.dim(): reads no values, so scaling cannot change it."""
+    return ((node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device"))
+            or (node.op == "call_method" and node.target in ("size", "dim")))
 
 
 def _inside(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops a region may contain: adds, scale-invariant activations and channel-keeping ops."""
+    """Ops a region may contain: adds, channel concatenations, scale-invariant activations and
+    channel-keeping ops."""
     act = activation_of(gm, node)
-    return is_add(node) or (act is not None and act.scale_invariant) or is_pass_through(gm, node)
+    return is_add(node) or is_cat(node) or (act is not None and act.scale_invariant) or is_pass_through(gm, node)
 
 
-def _region_from(gm: fx.GraphModule, start: fx.Node) -> tuple[set[fx.Node], set[fx.Node], set[fx.Node]] | str:
-    tensors, producers, consumers = {start}, set(), set()
+def _inputs(node: fx.Node) -> list:
+    return list(node.args[0]) if is_cat(node) else list(node.args)
+
+
+def channels_of(gm: fx.GraphModule, node: fx.Node, memo: dict) -> int | None:
+    """Channel count of a tensor built from weighted layers by region ops (None if unknown)."""
+    if node in memo:
+        return memo[node]
+    m = weighted_module(gm, node)
+    if m is not None:
+        c = m.out_features if layer_kind(m) == "linear" else m.out_channels
+    elif is_cat(node):
+        parts = [channels_of(gm, a, memo) if isinstance(a, fx.Node) else None for a in node.args[0]]
+        c = None if None in parts else sum(parts)
+    elif _inside(gm, node):
+        known = [channels_of(gm, a, memo) for a in _inputs(node) if isinstance(a, fx.Node)]
+        c = next((k for k in known if k is not None), None)
+    else:
+        c = None
+    memo[node] = c
+    return c
+
+
+def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
+    """Walk the tensors connected to `start` through region ops, placing each at its channel
+    offset. Returns (tensors, {producer: offset}, {consumer: (offset, width read)}, region
+    width) or why it cannot be equalized."""
+    offset = {start: 0}
+    producers: dict[fx.Node, int] = {start: 0} if weighted_module(gm, start) is not None else {}
+    consumers: dict[fx.Node, tuple[int, int]] = {}
     todo = [start]
+
+    def place(n: fx.Node, off: int) -> str | None:
+        if offset.setdefault(n, off) != off:
+            return f"{n.name} would sit at two channel offsets"
+        if n not in seen:
+            seen.add(n)
+            todo.append(n)
+        return None
+
+    def width(n) -> int | None:
+        return channels_of(gm, n, memo) if isinstance(n, fx.Node) else None
+
+    seen = {start}
     while todo:
         n = todo.pop()
-        if n not in producers:
-            for a in n.args:
-                if not isinstance(a, fx.Node):
-                    continue
-                if weighted_module(gm, a) is not None:
-                    producers.add(a)
-                elif a.op == "placeholder":
-                    return "a residual add reads the network input"
-                elif not _inside(gm, a):
-                    return f"a residual add reads {describe(gm, a)}, which is not scale-invariant"
-                if a not in tensors:
-                    tensors.add(a)
-                    todo.append(a)
+        o = offset[n]
+        if weighted_module(gm, n) is None:  # a producer's own inputs are outside the region
+            ins, pos = _inputs(n), o
+            for a in ins:
+                if is_cat(n) and width(a) is None:
+                    return "a concatenation joins tensors that are not layer outputs (e.g. reshaped head outputs)"
+                if isinstance(a, fx.Node):
+                    if weighted_module(gm, a) is not None:
+                        producers[a] = pos
+                    elif a.op == "placeholder":
+                        return "the region reads the network input"
+                    elif not _inside(gm, a):
+                        return f"the region reads {describe(gm, a)}, which is not scale-invariant"
+                    if (why := place(a, pos)) is not None:
+                        return why
+                if is_cat(n):
+                    pos += width(a)
         for u in n.users:
+            if _shape_query(u):
+                continue
             if u.op == "output":
-                return "the residual stream is a network output"
+                return "the region's tensor is a network output"
             if weighted_module(gm, u) is not None:
                 if u.args[0] is not n:
-                    return f"{u.target} reads the stream as a second argument"
-                consumers.add(u)
+                    return f"{u.target} reads the region as a second argument"
+                if consumers.setdefault(u, (o, width(n))) != (o, width(n)):
+                    return f"{u.target} reads the region at two offsets"
+            elif is_cat(u):
+                before = 0
+                for a in u.args[0]:
+                    if a is n:
+                        break
+                    if width(a) is None:
+                        return "a concatenation input has no known width"
+                    before += width(a)
+                if (why := place(u, o - before)) is not None:
+                    return why
             elif _inside(gm, u):
-                if u not in tensors:
-                    tensors.add(u)
-                    todo.append(u)
+                if (why := place(u, o)) is not None:
+                    return why
             else:
-                return f"the residual stream goes through {describe(gm, u)}, which is not scale-invariant"
-    return tensors, producers, consumers
+                return f"the region's tensor goes through {describe(gm, u)}, which is not scale-invariant"
+    if any(width(n) is None for n in offset):
+        return "a tensor of the region has no known width"
+    low = min(offset.values())
+    total = max(off + width(n) for n, off in offset.items()) - low
+    return (set(offset), {n: off - low for n, off in producers.items()},
+            {n: (off - low, w) for n, (off, w) in consumers.items()}, total)
+
+
+def _reads_per_channel(consumer, width: int) -> bool:
+    """The consumer's inputs are the `width` channels it reads, each repeated k >= 1 times (flatten)."""
+    n_in = consumer.in_features if layer_kind(consumer) == "linear" else consumer.in_channels
+    return n_in % width == 0 and (n_in == width or layer_kind(consumer) == "linear")
 
 
 def find_regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, str]]:
-    """All residual regions (in graph order), and why the others are left alone (by add node)."""
+    """All regions (in graph order), and why the others are left alone (by add/cat node, or
+    by the layer whose output several layers read)."""
     regions: list[Region] = []
     skipped: dict[str, str] = {}
-    seen: set[fx.Node] = set()
+    done: set[fx.Node] = set()
+    memo: dict = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
-        if not is_add(node) or node in seen:
+        layer = weighted_module(gm, node) is not None
+        if not (is_add(node) or is_cat(node) or layer) or node in done:
             continue
-        found = _region_from(gm, node)
+        found = _region_from(gm, node, memo)
+        if layer and (isinstance(found, str) or len(found[2]) < 2):
+            continue  # one reader is a pair (dfq.graph.layers); the pair's note says why not
         if isinstance(found, str):
             skipped[node.name] = found
-            seen.add(node)
+            done.add(node)
             continue
-        tensors, producers, consumers = found
-        seen |= tensors
-        mods = {n: weighted_module(gm, n) for n in producers | consumers}
-        out_channels = {m.out_features if layer_kind(m) == "linear" else m.out_channels
-                        for n, m in mods.items() if n in producers}
-        if len(out_channels) != 1 or any(layer_kind(mods[n]) == "grouped" for n in mods):
-            skipped[node.name] = "producers disagree on channels, or a grouped conv touches the stream"
-            continue
-        first = mods[next(iter(producers))]
-        if not all(features_per_channel_ok(first, mods[c]) for c in consumers):
-            skipped[node.name] = "a consumer does not read the stream channel by channel"
-            continue
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        regions.append(Region(tuple(n.target for n in sorted(producers, key=order.get)),
-                              tuple(n.target for n in sorted(consumers, key=order.get))))
+        tensors, producers, consumers, width = found
+        done |= tensors
+        mods = {n: weighted_module(gm, n) for n in producers.keys() | consumers.keys()}
+        covered = [False] * width
+        for p, off in producers.items():
+            covered[off:off + channels_of(gm, p, memo)] = [True] * channels_of(gm, p, memo)
+        if any(layer_kind(m) == "grouped" for m in mods.values()):
+            skipped[node.name] = "a grouped convolution touches the region"
+        elif not all(covered):
+            skipped[node.name] = "some of the region's channels come from no layer"
+        elif not all(_reads_per_channel(mods[c], w) for c, (_, w) in consumers.items()):
+            skipped[node.name] = "a consumer does not read the region channel by channel"
+        else:
+            regions.append(Region(tuple((n.target, producers[n]) for n in sorted(producers, key=order.get)),
+                                  tuple((n.target, *consumers[n]) for n in sorted(consumers, key=order.get)),
+                                  width))
     return regions, skipped

@@ -78,10 +78,31 @@ def scale_pair_(first: nn.Module, second: nn.Module, s: torch.Tensor) -> None:
 
 
 def _region_ranges(gm: fx.GraphModule, region: Region) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per stream channel: the largest producer output range and consumer input range."""
-    r1 = torch.stack([output_ranges(gm.get_submodule(n)) for n in region.producers]).amax(0)
-    r2 = torch.stack([input_ranges(gm.get_submodule(n), r1.numel()) for n in region.consumers]).amax(0)
-    return r1, r2
+    """Per region channel: the largest output range of the producers that write it and the
+    largest input range of the consumers that read it (0 where none does)."""
+    r1 = r2 = None
+    for name, off in region.producers:
+        r = output_ranges(gm.get_submodule(name))
+        r1 = torch.zeros(region.channels, dtype=r.dtype) if r1 is None else r1
+        r1[off:off + r.numel()] = torch.maximum(r1[off:off + r.numel()], r)
+    for name, off, width in region.consumers:
+        r = input_ranges(gm.get_submodule(name), width)
+        r2 = torch.zeros(region.channels, dtype=r.dtype) if r2 is None else r2
+        r2[off:off + width] = torch.maximum(r2[off:off + width], r)
+    return r1, r2 if r2 is not None else torch.zeros_like(r1)
+
+
+def scale_region_(gm: fx.GraphModule, region: Region, s: torch.Tensor, stats: dict) -> None:
+    """In place: each producer divides its channels by their slice of s, each consumer takes
+    the inverse on the channels it reads; producers' BN statistics follow."""
+    for name, off in region.producers:
+        m = gm.get_submodule(name)
+        part = s[off:off + output_ranges(m).numel()]
+        scale_outputs_(m, part)
+        if name in stats:
+            stats[name] = stats[name].scaled(part)
+    for name, off, width in region.consumers:
+        scale_inputs_(gm.get_submodule(name), s[off:off + width])
 
 
 def _joint_ranges(r1, r2, st, clips, n_std):
@@ -138,12 +159,7 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
         for r in regions:
             r1, r2 = _region_ranges(gm, r)
             s = equalization_scales(r1, r2)
-            for name in r.producers:
-                scale_outputs_(gm.get_submodule(name), s)
-                if name in new_stats:
-                    new_stats[name] = new_stats[name].scaled(s)
-            for name in r.consumers:
-                scale_inputs_(gm.get_submodule(name), s)
+            scale_region_(gm, r, s, new_stats)
             worst = max(worst, float(s.log().abs().max()))
         for p in pairs:
             first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
@@ -164,14 +180,14 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
     info = _report(gm, pairs, skipped, before, total, sweeps)
     for i, (r, r1) in enumerate(zip(regions, region_before)):
         after = _region_ranges(gm, r)[0]
-        for name in r.producers:
+        for name, _ in r.producers:
             info.setdefault(name, {}).update({
-                "equalized": True, "equalized_region": f"region {i}: {len(r.producers)} producers, "
+                "equalized": True, "equalized_region": f"{r.kind} region {i}: {len(r.producers)} producers, "
                 f"{len(r.consumers)} consumers", "region_spread_before": _spread(r1),
                 "region_spread_after": _spread(after)})
             info[name].pop("equalize_note", None)
     for add, why in region_skipped.items():
-        info[add] = {"equalize_note": f"residual region not equalized: {why}"}
+        info[add] = {"equalize_note": f"region not equalized: {why}"}
     for p in pairs:
         if clips[p.first]:
             info[p.first]["kept_clip"] = "ReLU6 kept as ReLU + per-channel bounds"
