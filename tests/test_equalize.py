@@ -161,14 +161,21 @@ def test_residual_regions_equalize_mobilenet_and_resnet_exactly():
             assert torch.allclose(r1, r2, rtol=0.05)
 
 
-def test_region_through_channel_padding_is_reported():
+def test_region_through_channel_padding_is_exact():
+    """ResNet "option A" shortcuts subsample and zero-pad channels: the padded stream sits at a
+    channel offset in the next stage's region, so each stage's stream joins the next one."""
     from dfq import EqualizeConfig
+    from dfq.graph.regions import find_regions
     from dfq.models import build
 
-    m = randomize_bn(build("cifar_resnet20"))
+    m = randomize_bn(build("cifar_resnet20"), seed=2).double().eval()
     t = _prepared(m, relu=False)
+    regions, skipped = find_regions(t.gm)
+    assert not skipped and len(regions) == 1 and regions[0].channels == 64
     eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
-    assert "region not equalized" in eq.info["add"]["equalize_note"]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
+    assert [k for k, v in eq.info.items() if "equalize_note" in v] == ["linear"]
 
 
 class _CatNet(nn.Module):

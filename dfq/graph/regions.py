@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from dfq.graph.ops import activation_of, describe, is_add, is_cat, is_pass_through, layer_kind, weighted_module
+from dfq.graph.ops import (activation_of, channel_padding, describe, is_add, is_cat, is_pass_through, is_spatial_slice,
+                           layer_kind, weighted_module)
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,21 @@ def _inside(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Ops a region may contain: adds, channel concatenations, scale-invariant activations and
     channel-keeping ops."""
     act = activation_of(gm, node)
-    return is_add(node) or is_cat(node) or (act is not None and act.scale_invariant) or is_pass_through(gm, node)
+    return (is_add(node) or is_cat(node) or (act is not None and act.scale_invariant) or is_pass_through(gm, node)
+            or is_spatial_slice(node) or channel_padding(node) is not None)
 
 
 def _inputs(node: fx.Node) -> list:
-    return list(node.args[0]) if is_cat(node) else list(node.args)
+    if is_cat(node):
+        return list(node.args[0])
+    return node.args[:1] if channel_padding(node) is not None or is_spatial_slice(node) else list(node.args)
+
+
+def _shift(node: fx.Node) -> int:
+    """Where a node's (first) input sits relative to its output: channel padding adds zero
+    channels in front (ResNet "option A" shortcuts), like a concatenation with zeros."""
+    pad = channel_padding(node)
+    return pad[0] if pad else 0
 
 
 def channels_of(gm: fx.GraphModule, node: fx.Node, memo: dict) -> int | None:
@@ -57,6 +68,9 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, memo: dict) -> int | None:
     elif is_cat(node):
         parts = [channels_of(gm, a, memo) if isinstance(a, fx.Node) else None for a in node.args[0]]
         c = None if None in parts else sum(parts)
+    elif channel_padding(node) is not None:
+        c = channels_of(gm, node.args[0], memo)
+        c = None if c is None else c + sum(channel_padding(node))
     elif _inside(gm, node):
         known = [channels_of(gm, a, memo) for a in _inputs(node) if isinstance(a, fx.Node)]
         c = next((k for k in known if k is not None), None)
@@ -91,7 +105,7 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
         n = todo.pop()
         o = offset[n]
         if weighted_module(gm, n) is None:  # a producer's own inputs are outside the region
-            ins, pos = _inputs(n), o
+            ins, pos = _inputs(n), o + _shift(n)
             for a in ins:
                 if is_cat(n) and width(a) is None:
                     return "a concatenation joins tensors that are not layer outputs (e.g. reshaped head outputs)"
@@ -127,7 +141,7 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
                 if (why := place(u, o - before)) is not None:
                     return why
             elif _inside(gm, u):
-                if (why := place(u, o)) is not None:
+                if (why := place(u, o - _shift(u))) is not None:
                     return why
             else:
                 return f"the region's tensor goes through {describe(gm, u)}, which is not scale-invariant"
@@ -135,7 +149,7 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
         return "a tensor of the region has no known width"
     low = min(offset.values())
     total = max(off + width(n) for n, off in offset.items()) - low
-    return (set(offset), {n: off - low for n, off in producers.items()},
+    return ({n: off - low for n, off in offset.items()}, {n: off - low for n, off in producers.items()},
             {n: (off - low, w) for n, (off, w) in consumers.items()}, total)
 
 
@@ -165,11 +179,16 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, str]]:
             done.add(node)
             continue
         tensors, producers, consumers, width = found
-        done |= tensors
+        done |= set(tensors)
         mods = {n: weighted_module(gm, n) for n in producers.keys() | consumers.keys()}
         covered = [False] * width
         for p, off in producers.items():
             covered[off:off + channels_of(gm, p, memo)] = [True] * channels_of(gm, p, memo)
+        for pad_node, off in tensors.items():  # channel padding's zeros: any scale keeps them 0
+            if (pad := channel_padding(pad_node)) is not None:
+                inner = channels_of(gm, pad_node.args[0], memo)
+                covered[off:off + pad[0]] = [True] * pad[0]
+                covered[off + pad[0] + inner:off + pad[0] + inner + pad[1]] = [True] * pad[1]
         if any(layer_kind(m) == "grouped" for m in mods.values()):
             skipped[node.name] = "a grouped convolution touches the region"
         elif not all(covered):
