@@ -33,7 +33,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--equalize_activations", action="store_true",
                    help="equalization also balances the activation between the layers (BN ranges)")
     g.add_argument("--equalize_residuals", action="store_true",
-                   help="equalization also covers the streams around residual adds (shared scales)")
+                   help="equalization also covers residual adds, concatenations (channel-sliced) and outputs "
+                        "read by several layers (shared scales per region)")
     g.add_argument("--absorption", action=argparse.BooleanOptionalAction, default=None,
                    help="high-bias absorption (default: on with --equalize)")
     g.add_argument("--correction", nargs="?", const="bn", default=False, choices=["bn", "distill"],

@@ -60,7 +60,7 @@ class EqualizeConfig:
     threshold: float = 1e-3  # stop when every |log s_i| of a sweep is below this (0.1 %)
     activation_aware: bool = False  # balance the activation between the layers too
     activation_std: float = 6.0     # its range from BN statistics: mean + n * std
-    residual_regions: bool = False  # also equalize the streams around residual adds
+    residual_regions: bool = False  # also equalize around adds, concatenations and fan-outs (regions)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ A ReLU6 (or hardtanh(0, b)) between the layers is split into ReLU + ChannelMin(6
 the ChannelMin bounds are divided by s with the weights: ReLU6(x / s) * s = min(ReLU(x), 6 / s)
 ... * s, so the float function stays exactly the same with ReLU6 kept.
 
-With `residual_regions`, the tensors around residual adds are equalized too: all producers of
-a residual stream share one scale vector, chosen from the largest producer and consumer range
-of each channel, and every consumer takes the inverse (see dfq.graph.regions).
+With `residual_regions`, the tensors that pairs cannot reach are equalized too: those around
+residual adds, channel concatenations (channel-sliced), channel padding and outputs read by
+several layers. All producers of such a region share one scale vector (each takes its slice),
+chosen from the largest producer and consumer range of each channel, and every consumer takes
+the inverse (see dfq.graph.regions).
 """
 from __future__ import annotations
 
