@@ -137,8 +137,9 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> "np.ndarray":
     import tempfile
 
     import numpy as np
+    import torch
 
-    import ncnn
+    from dfq.runtime import NcnnRunner
 
     ws = np.asarray(weight_scales, np.float32).reshape(-1)
     g = ws.size
@@ -150,17 +151,6 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> "np.ndarray":
     with tempfile.TemporaryDirectory(prefix="dfq_ncnn_probe_") as tmp:
         Path(tmp, "p.param").write_text(param)
         Path(tmp, "p.bin").write_bytes(blob)
-        net = ncnn.Net()
-        net.opt.use_int8_inference = True
-        net.opt.use_fp16_storage = net.opt.use_fp16_packed = net.opt.use_fp16_arithmetic = False
-        net.opt.use_bf16_storage = False
-        net.opt.num_threads = 1
-        if net.load_param(str(Path(tmp, "p.param"))) != 0 or net.load_model(str(Path(tmp, "p.bin"))) != 0:
-            raise DfqError("ncnn could not load its depthwise probe.")
-        x = np.full((g, 1, 1), np.float32(1.0) / np.float32(in_scale), np.float32)
-        ex = net.create_extractor()
-        ex.input("in0", ncnn.Mat(x))
-        ret, out = ex.extract("out0")
-        if ret != 0:
-            raise DfqError(f"ncnn depthwise probe failed ({ret}).")
-        return np.array(out).reshape(-1).astype(np.float32).copy()
+        run = NcnnRunner(Path(tmp, "p.param"), Path(tmp, "p.bin"), threads=1)
+        x = torch.full((1, g, 1, 1), float(np.float32(1.0) / np.float32(in_scale)))  # quantizes to 1
+        return run(x)[0].numpy().astype(np.float32)

@@ -18,6 +18,8 @@ with identical logits.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import fx, nn
 
@@ -75,10 +77,10 @@ def make_ncnn_exact_(gm: fx.GraphModule) -> dict[str, str]:
         mult, how = 1.0 / prod, "exact reciprocal"
         depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels == n_out and n_out > 1
         if depthwise and n_out % 8 == 0:
-            try:
+            if importlib.util.find_spec("ncnn") is not None:
                 mult = torch.from_numpy(ncnn_depthwise_multipliers(float(in_q.inv_scale()), w_inv.numpy()))
                 how = "read off ncnn (approximate reciprocal of the packed depthwise kernel)"
-            except ImportError:
+            else:
                 how = "exact reciprocal (ncnn not installed: its packed depthwise kernel rounds differently)"
         mult = torch.where(w_inv == 0, torch.zeros_like(mult), mult).float()
         fused = isinstance(m, nn.Conv2d) and not depthwise
