@@ -1,4 +1,5 @@
 """Cross-layer equalization and high-bias absorption: invariance, equal ranges, convergence."""
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -182,11 +183,11 @@ class _CatNet(nn.Module):
     """Two branches concatenated (one upsampled, one reading the input twice via a fan-out),
     then a conv and a linear head: channel-sliced regions with every kind of member."""
 
-    def __init__(self):
+    def __init__(self, act=nn.ReLU):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(8, 10, 3, stride=2, padding=1), nn.BatchNorm2d(10), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act())
+        self.a = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), act())
+        self.b = nn.Sequential(nn.Conv2d(8, 10, 3, stride=2, padding=1), nn.BatchNorm2d(10), act())
         self.c = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
         self.fuse = nn.Sequential(nn.Conv2d(20, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
         self.fc = nn.Linear(12, 3)
@@ -198,14 +199,16 @@ class _CatNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.fuse(y), 1), 1))
 
 
-def test_concatenation_regions_are_channel_sliced_and_exact():
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_concatenation_regions_are_channel_sliced_and_exact(act):
     """All inputs of a concatenation share one scale vector, each producer takes its slice and
-    the consumer the inverse; the stem's fan-out to three branches is a region too."""
+    the consumer the inverse; the stem's fan-out to three branches is a region too. ReLU6 inside
+    a region becomes ReLU + per-channel bounds that follow their channels' scales."""
     from dfq import EqualizeConfig
     from dfq.graph.regions import find_regions
     from dfq.transforms.equalize import _region_ranges
 
-    m = randomize_bn(_CatNet(), seed=3).double().eval()
+    m = randomize_bn(_CatNet(act), seed=3).double().eval()
     with torch.no_grad():
         m.a[0].weight.mul_(torch.linspace(0.01, 10, 6, dtype=torch.float64).reshape(-1, 1, 1, 1))  # wide spread
     t = _prepared(m, relu=False)
@@ -225,6 +228,9 @@ def test_concatenation_regions_are_channel_sliced_and_exact():
     before, after = (_region_ranges(g, cat)[0] for g in (t.gm, eq.gm))
     assert after.max() / after.median() < before.max() / before.median()
     assert eq.info["a.0"]["equalized_region"].startswith("concatenation region")
+    if act is nn.ReLU6:
+        assert len(find_regions(eq.gm)[0][0].clips + find_regions(eq.gm)[0][1].clips) == 3
+        assert not any(isinstance(mod, nn.ReLU6) for mod in eq.gm.modules())
 
 
 def test_deeplab_concatenations_and_fan_outs_are_equalized():

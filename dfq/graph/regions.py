@@ -25,6 +25,7 @@ class Region:
     producers: tuple[tuple[str, int], ...]  # (weighted layer, offset of its output channels in the region)
     consumers: tuple[tuple[str, int, int], ...]  # (weighted layer, first region channel it reads, how many)
     channels: int
+    clips: tuple[tuple[str, int], ...] = ()  # (upper clip node: ReLU6 & co. or ChannelMin, its offset)
 
     @property
     def kind(self) -> str:
@@ -38,11 +39,12 @@ def _shape_query(node: fx.Node) -> bool:
 
 
 def _inside(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops a region may contain: adds, channel concatenations, scale-invariant activations and
-    channel-keeping ops."""
+    """Ops a region may contain: adds, channel concatenations, channel-keeping ops, and
+    activations that a per-channel scale commutes with (ReLU) or that can carry per-channel
+    bounds (ReLU6, hardtanh(0, b), ChannelMin: clip(x / s, 0, b) = min(relu(x), b * s) / s)."""
     act = activation_of(gm, node)
-    return (is_add(node) or is_cat(node) or (act is not None and act.scale_invariant) or is_pass_through(gm, node)
-            or is_spatial_slice(node) or channel_padding(node) is not None)
+    return (is_add(node) or is_cat(node) or (act is not None and (act.scale_invariant or act.rescalable))
+            or is_pass_through(gm, node) or is_spatial_slice(node) or channel_padding(node) is not None)
 
 
 def _inputs(node: fx.Node) -> list:
@@ -196,7 +198,8 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, str]]:
         elif not all(_reads_per_channel(mods[c], w) for c, (_, w) in consumers.items()):
             skipped[node.name] = "a consumer does not read the region channel by channel"
         else:
+            clips = [n for n in tensors if (a := activation_of(gm, n)) is not None and a.rescalable]
             regions.append(Region(tuple((n.target, producers[n]) for n in sorted(producers, key=order.get)),
                                   tuple((n.target, *consumers[n]) for n in sorted(consumers, key=order.get)),
-                                  width))
+                                  width, tuple((n.name, tensors[n]) for n in sorted(clips, key=order.get))))
     return regions, skipped

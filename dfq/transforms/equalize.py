@@ -25,7 +25,7 @@ from torch import fx, nn
 from dfq.config import EqualizeConfig
 from dfq.graph.channels import features_per_channel
 from dfq.graph.layers import Pair, find_pairs
-from dfq.graph.regions import Region, find_regions
+from dfq.graph.regions import Region, channels_of, find_regions
 from dfq.graph.ops import activation_of, is_depthwise
 from dfq.nn import ChannelMin
 from dfq.stats import Stats, freeze
@@ -105,6 +105,10 @@ def scale_region_(gm: fx.GraphModule, region: Region, s: torch.Tensor, stats: di
             stats[name] = stats[name].scaled(part)
     for name, off, width in region.consumers:
         scale_inputs_(gm.get_submodule(name), s[off:off + width])
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, off in region.clips:  # ChannelMin bounds follow their channels (split first)
+        clip = gm.get_submodule(nodes[name].target)
+        clip.hi[...] = clip.hi / s[off:off + clip.hi.numel()]
 
 
 def _joint_ranges(r1, r2, st, clips, n_std):
@@ -130,14 +134,23 @@ def split_clip_(gm: fx.GraphModule, node: fx.Node, like: torch.Tensor) -> None:
     node.replace_all_uses_with(clip, delete_user_cb=lambda u: u is not clip)
 
 
-def _with_split_clips(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
-    """Split every clip inside a pair (in place), then find the pairs again."""
+def _with_split_clips(gm: fx.GraphModule, regions: bool) -> tuple[list[Pair], dict[str, str]]:
+    """Split every clip inside a pair (and, with `regions`, inside a region) into ReLU +
+    ChannelMin (in place), then find the pairs again."""
     pairs, _ = find_pairs(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     for p in pairs:
         for name in p.clips:
             if activation_of(gm, nodes[name]).kind != "channel_min":
                 split_clip_(gm, nodes[name], output_ranges(gm.get_submodule(p.first)))
+    if regions:
+        like = torch.zeros(0, dtype=next(iter(gm.parameters()), torch.zeros(())).dtype)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for r in find_regions(gm)[0]:
+            for name, off in r.clips:
+                if activation_of(gm, nodes[name]).kind != "channel_min":
+                    width = channels_of(gm, nodes[name], {})
+                    split_clip_(gm, nodes[name], like.new_zeros(width))
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -147,7 +160,7 @@ def _with_split_clips(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
 def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = EqualizeConfig()) -> Transformed:
     """Equalize every pair of `gm` (a copy) until the scales converge."""
     gm = copy.deepcopy(gm)
-    pairs, skipped = _with_split_clips(gm)
+    pairs, skipped = _with_split_clips(gm, config.residual_regions)
     nodes = {n.name: n for n in gm.graph.nodes}
     clips = {p.first: [gm.get_submodule(nodes[c].target) for c in p.clips] for p in pairs}
     new_stats = dict(stats)
