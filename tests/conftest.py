@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -41,6 +42,26 @@ class SmallNet(nn.Module):
         x = x + self.pw(self.dw(x))
         x = self.head(x)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated (one upsampled, one reading the input twice via a fan-out),
+    then a conv and a linear head: channel-sliced regions with every kind of member."""
+
+    def __init__(self, act=nn.ReLU):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act())
+        self.a = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), act())
+        self.b = nn.Sequential(nn.Conv2d(8, 10, 3, stride=2, padding=1), nn.BatchNorm2d(10), act())
+        self.c = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+        self.fuse = nn.Sequential(nn.Conv2d(20, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        up = F.interpolate(self.b(x), size=x.shape[2:], mode="bilinear", align_corners=False)
+        y = torch.cat([self.a(x), up, self.c(x)], dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.fuse(y), 1), 1))
 
 
 @pytest.fixture

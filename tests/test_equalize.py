@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from conftest import SmallNet, randomize_bn
+from conftest import CatNet, SmallNet, randomize_bn
 from dfq import absorb_high_bias, equalize, find_pairs, fold_batchnorm, replace_relu6, trace
 from dfq.transforms.equalize import equalization_scales, input_ranges, output_ranges
 
@@ -147,6 +147,7 @@ def test_residual_regions_equalize_mobilenet_and_resnet_exactly():
     from dfq.graph.regions import find_regions
     from dfq.transforms.equalize import _region_ranges
 
+    torch.manual_seed(0)  # the conv weights: region and pair sweeps meet within ~4 % on these
     for net, n_regions in ((torchvision.models.mobilenet_v2(), 5), (torchvision.models.resnet18(), 4)):
         m = randomize_bn(net.eval(), seed=6).double()
         t = _prepared(m, relu=False)
@@ -179,26 +180,6 @@ def test_region_through_channel_padding_is_exact():
     assert [k for k, v in eq.info.items() if "equalize_note" in v] == ["linear"]
 
 
-class _CatNet(nn.Module):
-    """Two branches concatenated (one upsampled, one reading the input twice via a fan-out),
-    then a conv and a linear head: channel-sliced regions with every kind of member."""
-
-    def __init__(self, act=nn.ReLU):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act())
-        self.a = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), act())
-        self.b = nn.Sequential(nn.Conv2d(8, 10, 3, stride=2, padding=1), nn.BatchNorm2d(10), act())
-        self.c = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
-        self.fuse = nn.Sequential(nn.Conv2d(20, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
-        self.fc = nn.Linear(12, 3)
-
-    def forward(self, x):
-        x = self.stem(x)
-        up = F.interpolate(self.b(x), size=x.shape[2:], mode="bilinear", align_corners=False)
-        y = torch.cat([self.a(x), up, self.c(x)], dim=1)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.fuse(y), 1), 1))
-
-
 @pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
 def test_concatenation_regions_are_channel_sliced_and_exact(act):
     """All inputs of a concatenation share one scale vector, each producer takes its slice and
@@ -208,7 +189,8 @@ def test_concatenation_regions_are_channel_sliced_and_exact(act):
     from dfq.graph.regions import find_regions
     from dfq.transforms.equalize import _region_ranges
 
-    m = randomize_bn(_CatNet(act), seed=3).double().eval()
+    torch.manual_seed(0)
+    m = randomize_bn(CatNet(act), seed=3).double().eval()
     with torch.no_grad():
         m.a[0].weight.mul_(torch.linspace(0.01, 10, 6, dtype=torch.float64).reshape(-1, 1, 1, 1))  # wide spread
     t = _prepared(m, relu=False)

@@ -11,7 +11,7 @@ from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.quant.modules import ActQuant
 from dfq.quant.primitives import Grid
 from dfq.targets import resolve
-from tests.conftest import load_cifar_resnet, shared
+from tests.conftest import CatNet, load_cifar_resnet, randomize_bn, shared
 
 pytest.importorskip("ncnn")
 pytest.importorskip("pnnx")
@@ -169,3 +169,21 @@ def test_ncnn_profile_equals_ncnn_on_real_mobilenet(tmp_path, relu6_kept):
     with torch.no_grad():
         sim = r.model(x)
     assert torch.equal(NcnnRunner(info.param, info.bin, threads=2)(x), sim)
+
+
+def test_regions_with_kept_relu6_export_exactly(tmp_path):
+    """Concatenation and fan-out regions with ReLU6 inside (per-channel bounds that follow the
+    region's scales): ncnn still computes the simulation bit for bit."""
+    from torch import nn
+
+    from dfq import EqualizeConfig
+
+    every = EqualizeConfig(activation_aware=True, residual_regions=True)
+    r = quantize_model(randomize_bn(CatNet(nn.ReLU6), seed=3),
+                       PipelineConfig(equalize=True, correction=True, equalization=every,
+                                      quant=QuantConfig(target="ncnn", per_channel=True)))
+    info = export_ncnn(r.model, tmp_path / "cat", (1, 3, 12, 12))
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sim = r.model(x)
+    assert torch.equal(NcnnRunner(info.param, info.bin, 1, info.input_name, info.output_name)(x), sim)
