@@ -231,3 +231,28 @@ def test_deeplab_concatenations_and_fan_outs_are_equalized():
     cats = sorted(v["equalized_region"] for v in eq.info.values()
                   if v.get("equalized_region", "").startswith("concatenation"))
     assert len(cats) == 7 and any("5 producers" in c for c in cats) and any("2 producers" in c for c in cats)
+
+
+class _AddConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.b(x) + 1.0)
+
+
+def test_add_with_a_constant_is_no_region():
+    """x / s + 1 != (x + 1) / s: a region must not reach through an add of a constant."""
+    from dfq import EqualizeConfig
+
+    torch.manual_seed(0)
+    m = _AddConstant().double().eval()
+    with torch.no_grad():
+        m.a.weight.mul_(torch.tensor([0.01, 1, 10, 100], dtype=torch.float64).reshape(-1, 1, 1, 1))
+    t = _prepared(m, relu=False)
+    eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
+    assert "add with a constant" in eq.info["add"]["equalize_note"]

@@ -108,6 +108,8 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
         o = offset[n]
         if weighted_module(gm, n) is None:  # a producer's own inputs are outside the region
             ins, pos = _inputs(n), o + _shift(n)
+            if is_add(n) and not all(isinstance(a, fx.Node) for a in ins):
+                return "an add with a constant is not scale-invariant"
             for a in ins:
                 if is_cat(n) and width(a) is None:
                     return "a concatenation joins tensors that are not layer outputs (e.g. reshaped head outputs)"
