@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import struct
 import platform
+import struct
 from pathlib import Path
 
 from dfq.config import QuantConfig
@@ -122,6 +122,12 @@ def describe(q: QuantConfig) -> dict:
                     + (", 6-bit weights for 3x3 stride-1 convolutions (ncnn2table, winograd)" if q.reduce_range else "")}
 
 
+def ncnn_weight_scales(m) -> "torch.Tensor":
+    """ncnn's float32 weight scale per output channel of a quantized layer: 127 / absmax, i.e.
+    the reciprocal of dfq's (what the .bin holds and the int8 kernels multiply with)."""
+    return (1.0 / m.weight_scale.float()).reshape(-1).expand(m.weight.shape[0]).contiguous()
+
+
 def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> "np.ndarray":
     """The float32 multipliers ncnn's int8 ConvolutionDepthWise dequantizes its int32 sums with,
     read off ncnn itself on this CPU.
@@ -139,6 +145,7 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> "np.ndarray":
     import numpy as np
     import torch
 
+    from dfq.export.ncnn import INT8_TAG
     from dfq.runtime import NcnnRunner
 
     ws = np.asarray(weight_scales, np.float32).reshape(-1)
@@ -146,7 +153,7 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> "np.ndarray":
     param = ("7767517\n2 2\n"
              f"Input in0 0 1 in0 0=1 1=1 2={g}\n"
              f"ConvolutionDepthWise dw 1 1 in0 out0 0={g} 1=1 11=1 2=1 12=1 3=1 13=1 4=0 14=0 5=0 6={g} 7={g} 8=1\n")
-    blob = (struct.pack("<I", 0x000D4B38) + np.ones(g, np.int8).tobytes() + b"\0" * (-g % 4)
+    blob = (struct.pack("<I", INT8_TAG) + np.ones(g, np.int8).tobytes() + b"\0" * (-g % 4)
             + ws.tobytes() + np.array([in_scale], np.float32).tobytes())
     with tempfile.TemporaryDirectory(prefix="dfq_ncnn_probe_") as tmp:
         Path(tmp, "p.param").write_text(param)

@@ -39,6 +39,7 @@ from torch import fx, nn
 from dfq.errors import DfqError
 from dfq.graph.ops import weighted_module
 from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.targets import ncnn_weight_scales
 
 INT8_TAG = 0x000D4B38  # ncnn ModelBin / ncnn2int8.cpp fwrite_weight_tag_data: "int8 magic"
 WEIGHTED = {"Convolution", "ConvolutionDepthWise", "InnerProduct"}
@@ -276,8 +277,7 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
             raise DfqError(f"{mod_name}: {grid} weights cannot be ncnn int8.")
         q = m.int_weight().numpy().astype(np.int8).reshape(-1)
         n_out = m.weight.shape[0]
-        s_w = m.weight_scale.double().reshape(-1).expand(n_out) if m.weight_scale.dim() == 0 else m.weight_scale.double()
-        w_scales = (1.0 / s_w.float()).numpy().astype(np.float32)   # ncnn: 127 / absmax per channel
+        w_scales = ncnn_weight_scales(m).numpy()                       # ncnn: 127 / absmax per channel
         in_scale = np.float32(aq.inv_scale())                          # ncnn: 127 / absmax of the input
         term = 1 if layer.type == "ConvolutionDepthWise" else 2
         if term == 1 and layer.param(7, 1) != n_out:

@@ -23,7 +23,7 @@ import importlib.util
 import torch
 from torch import fx, nn
 
-from dfq.graph.ops import activation_of, weighted_module
+from dfq.graph.ops import activation_of, is_depthwise, weighted_module
 from dfq.quant.activations import input_quantizer
 from dfq.quant.modules import ActQuant, Dequant, QuantizedLayer, Requant
 
@@ -61,7 +61,7 @@ def make_integer_exact_(gm: fx.GraphModule) -> list[str]:
 def make_ncnn_exact_(gm: fx.GraphModule) -> dict[str, str]:
     """In place: every int8 layer with a quantized input computes its float32 output as ncnn
     does. Returns {layer: how its multipliers were obtained}."""
-    from dfq.targets import ncnn_depthwise_multipliers
+    from dfq.targets import ncnn_depthwise_multipliers, ncnn_weight_scales
 
     done = {}
     for node in gm.graph.nodes:
@@ -71,12 +71,10 @@ def make_ncnn_exact_(gm: fx.GraphModule) -> dict[str, str]:
         in_q = input_quantizer(gm, node)
         if in_q is None:
             continue
-        n_out = m.weight.shape[0]
-        w_inv = (1.0 / m.weight_scale.float()).reshape(-1).expand(n_out)   # ncnn's weight scales
-        prod = in_q.inv_scale().float() * w_inv                           # float32, as ncnn
-        mult, how = 1.0 / prod, "exact reciprocal"
-        depthwise = isinstance(m, nn.Conv2d) and m.groups == m.in_channels == n_out and n_out > 1
-        if depthwise and n_out % 8 == 0:
+        w_inv = ncnn_weight_scales(m)
+        mult, how = 1.0 / (in_q.inv_scale().float() * w_inv), "exact reciprocal"  # float32, as ncnn
+        depthwise = is_depthwise(m)
+        if depthwise and m.out_channels % 8 == 0:
             if importlib.util.find_spec("ncnn") is not None:
                 mult = torch.from_numpy(ncnn_depthwise_multipliers(float(in_q.inv_scale()), w_inv.numpy()))
                 how = "read off ncnn (approximate reciprocal of the packed depthwise kernel)"

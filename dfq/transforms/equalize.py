@@ -82,33 +82,31 @@ def scale_pair_(first: nn.Module, second: nn.Module, s: torch.Tensor) -> None:
 def _region_ranges(gm: fx.GraphModule, region: Region) -> tuple[torch.Tensor, torch.Tensor]:
     """Per region channel: the largest output range of the producers that write it and the
     largest input range of the consumers that read it (0 where none does)."""
-    r1 = r2 = None
+    r1 = torch.zeros(region.channels, dtype=gm.get_submodule(region.producers[0][0]).weight.dtype)
+    r2 = torch.zeros_like(r1)
     for name, off in region.producers:
         r = output_ranges(gm.get_submodule(name))
-        r1 = torch.zeros(region.channels, dtype=r.dtype) if r1 is None else r1
         r1[off:off + r.numel()] = torch.maximum(r1[off:off + r.numel()], r)
     for name, off, width in region.consumers:
-        r = input_ranges(gm.get_submodule(name), width)
-        r2 = torch.zeros(region.channels, dtype=r.dtype) if r2 is None else r2
-        r2[off:off + width] = torch.maximum(r2[off:off + width], r)
-    return r1, r2 if r2 is not None else torch.zeros_like(r1)
+        r2[off:off + width] = torch.maximum(r2[off:off + width], input_ranges(gm.get_submodule(name), width))
+    return r1, r2
 
 
-def scale_region_(gm: fx.GraphModule, region: Region, s: torch.Tensor, stats: dict) -> None:
+def scale_region_(gm: fx.GraphModule, region: Region, s: torch.Tensor, stats: dict,
+                  clips: list[tuple[ChannelMin, int]]) -> None:
     """In place: each producer divides its channels by their slice of s, each consumer takes
-    the inverse on the channels it reads; producers' BN statistics follow."""
+    the inverse on the channels it reads, the region's ChannelMin bounds follow their channels;
+    producers' BN statistics follow too."""
     for name, off in region.producers:
         m = gm.get_submodule(name)
-        part = s[off:off + output_ranges(m).numel()]
+        part = s[off:off + m.weight.shape[0]]
         scale_outputs_(m, part)
         if name in stats:
             stats[name] = stats[name].scaled(part)
     for name, off, width in region.consumers:
         scale_inputs_(gm.get_submodule(name), s[off:off + width])
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name, off in region.clips:  # ChannelMin bounds follow their channels (split first)
-        clip = gm.get_submodule(nodes[name].target)
-        clip.hi[...] = clip.hi / s[off:off + clip.hi.numel()]
+    for clip, off in clips:
+        clip.hi.div_(s[off:off + clip.hi.numel()])
 
 
 def _joint_ranges(r1, r2, st, clips, n_std):
@@ -167,14 +165,15 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
     before = {p.first: output_ranges(gm.get_submodule(p.first)) for p in pairs}
     total = {p.first: torch.ones_like(before[p.first]) for p in pairs}
     regions, region_skipped = find_regions(gm) if config.residual_regions else ([], {})
+    region_clips = [[(gm.get_submodule(nodes[name].target), off) for name, off in r.clips] for r in regions]
     region_before = [_region_ranges(gm, r)[0] for r in regions]
     sweeps = 0
     for sweeps in range(1, config.max_iterations + 1):
         worst = 0.0
-        for r in regions:
+        for r, r_clips in zip(regions, region_clips):
             r1, r2 = _region_ranges(gm, r)
             s = equalization_scales(r1, r2)
-            scale_region_(gm, r, s, new_stats)
+            scale_region_(gm, r, s, new_stats, r_clips)
             worst = max(worst, float(s.log().abs().max()))
         for p in pairs:
             first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
