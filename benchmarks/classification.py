@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from dfq import EqualizeConfig, PipelineConfig, QuantConfig, quantize_model  # noqa: E402
 from dfq.checkpoints import load_weights  # noqa: E402
-from dfq.experiment import ablation, ablation_table, run_one  # noqa: E402
 from dfq.models import build  # noqa: E402
-from dfq.tasks.classification import Preprocess, evaluate, load_images, materialize  # noqa: E402
+from dfq.tasks.base import EvalData  # noqa: E402
+from dfq.tasks.classification import TASK, Preprocess, evaluate, load_images, materialize  # noqa: E402
+from dfq.tasks.quantized_runs import ablation, ablation_table, run_one  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DIRS = [DATA]
@@ -65,16 +66,14 @@ def bench(name: str, limit: int | None) -> dict:
     weights, data, pre = MODELS[name]
     model = load_weights(build(name), weights).eval()
     batches = materialize(load_images(DIRS[0] / data, pre), limit, 100, progress=True)
+    images = EvalData(batches, sum(len(y) for _, y in batches), data)
     torch.manual_seed(0)
     ref = evaluate(model, batches, progress=True, desc="fp32")
-    rows = ablation(model, PipelineConfig(), batches, ref)
-    for label, cfg in EXTRA:
-        r = run_one(model, cfg, batches, ref, label=label)
-        r["delta_top1"] = round(r["top1"] - rows[0]["top1"], 3)
-        rows.append(r)
+    rows = ablation(TASK, model, PipelineConfig(), images, ref)
+    rows += [run_one(TASK, model, cfg, images, ref, label=label) for label, cfg in EXTRA]
     seconds = pipeline_seconds(model, DFQ) if TIMING[0] else float("nan")
     print(f"\n## {name} on {len(ref.labels)} images of {data} (W8A8, no data used)\n")
-    print(ablation_table(rows))
+    print(ablation_table(TASK, rows))
     print(f"\npipeline time (DFQ, median of 5, {torch.get_num_threads()} threads): {seconds:.2f} s")
     for r in rows:  # the per-layer details stay in the JSON of the CLI; keep this file readable
         r.pop("layers", None)

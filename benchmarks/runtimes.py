@@ -13,6 +13,7 @@ absolute times are noisy).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -24,9 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dfq import PipelineConfig, QuantConfig, quantize_model  # noqa: E402
+from dfq import PipelineConfig, export, targets  # noqa: E402
 from dfq.report import markdown_table  # noqa: E402
-from dfq.tasks.classification import Preprocess, evaluate, load_images, materialize  # noqa: E402
+from dfq.tasks.base import EvalData  # noqa: E402
+from dfq.tasks.classification import TASK, Preprocess, evaluate, load_images, materialize  # noqa: E402
+from dfq.tasks.quantized_runs import runtime_run  # noqa: E402
 
 
 def model_fp32():
@@ -55,67 +58,51 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--per_channel", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from dfq.export.ncnn import export_ncnn, float_copy, pnnx_convert
-    from dfq.export.onnx_qdq import export_onnx
-    from dfq.runtime import NcnnRunner, OrtRunner, integer_ops
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = model_fp32()
     shape = (1, 3, 224, 224)
-    pipe = dict(relu=True, equalize=True, correction=True)
+    config = PipelineConfig(relu=True, equalize=True, correction=True)
+    if args.per_channel:
+        config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, per_channel=True))
     res = {"model": "mobilenet_v2 (torchvision V1)", "pipeline": "W8A8 --relu --equalize --correction",
            "per_channel": args.per_channel, "threads": args.threads}
-    sims, files = {}, {}
-    for target in ("ort", "ncnn"):
-        cfg = PipelineConfig(**pipe, quant=QuantConfig(target=target, per_channel=args.per_channel))
-        sims[target] = quantize_model(model, cfg)
-        res[f"config_{target}"] = sims[target].config.quant.__dict__
-    t = time.perf_counter()
-    files["ort"] = export_onnx(sims["ort"].model, out / "mobilenet_v2_int8.onnx", shape)
-    res["onnx_export_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    files["ncnn"] = export_ncnn(sims["ncnn"].model, out / "mobilenet_v2_int8", shape)
-    res["ncnn_export_s"] = round(time.perf_counter() - t, 1)
-    ort_int8 = OrtRunner(files["ort"].path, args.threads, optimized_path=out / "mobilenet_v2_int8.ort_opt.onnx")
-    res["ort_integer_ops"] = integer_ops(out / "mobilenet_v2_int8.ort_opt.onnx")
-    ncnn_int8 = NcnnRunner(files["ncnn"].param, files["ncnn"].bin, args.threads)
-
-    if not args.skip_accuracy:
-        source = load_images(args.data, Preprocess(resize=256, crop=224))
-        batches = materialize(source, args.limit, 50, progress=False)
-        rows = []
-        fp32 = evaluate(model, batches)
-        print(f"fp32 top1 {fp32.summary()['top1']} on {len(fp32.labels)} images", flush=True)
-        rows.append(["FP32 (PyTorch)", fp32.summary()["top1"], None, None])
-        for target, runner, label in (("ort", ort_int8, "onnxruntime int8 (QDQ)"), ("ncnn", ncnn_int8, "ncnn int8")):
-            sim = evaluate(sims[target].model, batches)
-            real = evaluate(runner, batches)
-            agree = real.compare(sim)["agreement"]
-            rows.append([f"simulation --target {target}", sim.summary()["top1"], None, sim.compare(fp32)["agreement"]])
-            rows.append([label, real.summary()["top1"], agree, real.compare(fp32)["agreement"]])
-            res[f"{target}_sim_top1"], res[f"{target}_real_top1"] = sim.summary()["top1"], real.summary()["top1"]
-            res[f"{target}_agreement_with_sim"] = agree
-            res[f"{target}_max_abs_logit_diff"] = float((real.logits - sim.logits).abs().max())
-            print(f"{target}: simulation top1 {rows[-2][1]}, runtime top1 {rows[-1][1]}, agreement {agree}%", flush=True)
-        res["fp32_top1"], res["n"] = fp32.summary()["top1"], len(fp32.labels)
-        res["accuracy_table"] = rows
-        print(f"\nMobileNetV2 on {res['n']} images of imagenet_val1300 (Resize 256, CenterCrop 224), DFQ W8A8:")
-        print(markdown_table(["model", "top1", "argmax agreement with its simulation %", "agreement with FP32 %"], rows))
+    batches = materialize(load_images(args.data, Preprocess(resize=256, crop=224)), args.limit, 50, progress=False)
+    data = EvalData(batches, sum(len(y) for _, y in batches), "imagenet_val1300")
+    fp32 = evaluate(model, batches)
+    print(f"fp32 top1 {fp32.summary()['top1']} on {data.n} images", flush=True)
+    rows = [["FP32 (PyTorch)", fp32.summary()["top1"], None, None]]
+    runs = {}
+    for backend, label in (("ort", "onnxruntime int8 (QDQ)"), ("ncnn", "ncnn int8")):
+        r = runs[backend] = runtime_run(TASK, model, config, data, backend, export_dir=out / backend,
+                                        name="mobilenet_v2", reference=fp32, progress=False)
+        rows.append([f"simulation --target {backend}", r["sim_top1"], None, None])
+        rows.append([label, r["top1"], r["agreement_with_sim"], r["agreement"]])
+        res[backend] = {k: r[k] for k in ("sim_top1", "top1", "agreement_with_sim", "max_abs_logit_diff", "profile",
+                                          "files", "agreement")}
+        print(f"{backend}: simulation top1 {r['sim_top1']}, runtime top1 {r['top1']}, "
+              f"agreement {r['agreement_with_sim']}%", flush=True)
+    res["ort_integer_ops"] = runs["ort"]["integer_ops"]
+    res["fp32_top1"], res["n"] = fp32.summary()["top1"], data.n
+    res["accuracy_table"] = rows
+    print(f"\nMobileNetV2 on {res['n']} images of imagenet_val1300 (Resize 256, CenterCrop 224), DFQ W8A8:")
+    print(markdown_table(["model", "top1", "argmax agreement with its simulation %", "agreement with FP32 %"], rows))
 
     if not args.skip_speed:
         onnx_fp32 = out / "mobilenet_v2_fp32.onnx"
         torch.onnx.export(model, (torch.zeros(shape),), str(onnx_fp32), dynamo=True,
                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                           input_names=["input"], output_names=["logits"])
+        from dfq.runners import NcnnRunner, OrtRunner
+
         ort_fp32 = OrtRunner(onnx_fp32, args.threads)
-        ncnn_param, ncnn_bin = pnnx_convert(float_copy(sims["ncnn"].float_model), out / "mobilenet_v2_float", shape)
-        ncnn_fp32 = NcnnRunner(ncnn_param, ncnn_bin, args.threads)
+        ncnn_files = runs["ncnn"]["files"]
+        ncnn_fp32 = NcnnRunner(ncnn_files["fp32_param"], ncnn_files["fp32_bin"], args.threads)
+        ort_int8, ncnn_int8 = (export.runner(targets.profile(b), runs[b]["files"], args.threads) for b in ("ort", "ncnn"))
         speed = []
         for batch in (1, 32):
             x = torch.randn(batch, *shape[1:])

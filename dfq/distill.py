@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.errors import DfqError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _FORMAT = "dfq-distilled-v1"
 
 

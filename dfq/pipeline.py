@@ -7,23 +7,24 @@ them, and merges their per-layer notes into one report.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
 
-from dfq.config import PipelineConfig
+from dfq import targets
+from dfq.config import PipelineConfig, QuantConfig
 from dfq.graph.trace import check_finite, trace
 from dfq.graph.ops import layer_kind, weighted_module
-from dfq.moments import input_moments, propagate
-from dfq.quant.activations import (calibrate, insert_quantizers, quantization_points, quantize_biases,
-                                   set_ranges_from_moments, snap_clips_to_grid)
-from dfq.quant.integer_exact import make_integer_exact_, make_ncnn_exact_
+from dfq.moments import Moments, input_moments, propagate
+from dfq.quant.activations import calibrate_, insert_quantizers, set_ranges_from_moments_, snap_clips_to_grid_
 from dfq.quant.weights import quantize_weights
 from dfq.stats import Stats
+from dfq.targets.base import Profile
 from dfq.transforms import Transformed
 from dfq.transforms.bias_absorb import absorb_high_bias
 from dfq.transforms.bias_correct import correct_bias, correct_bias_empirical_
@@ -35,7 +36,10 @@ from dfq.transforms.relu6 import replace_relu6
 
 @dataclass
 class QuantizationResult:
-    model: fx.GraphModule          # the fake-quant model (or the transformed float one)
+    """What the pipeline made. `model` is what the config asks for: the fake-quant model, or
+    with `quantize=False` the transformed float model (then it *is* `float_model`)."""
+
+    model: fx.GraphModule
     float_model: fx.GraphModule    # after the float transforms, before quantization
     stats: Stats
     config: PipelineConfig
@@ -68,11 +72,13 @@ class _Steps:
         yield
         self.timings[name] = round(time.perf_counter() - t, 4)
 
-    def run(self, name: str, fn, *args, **kwargs) -> Transformed:
+    def run(self, name: str, fn, *args, into: dict | None = None) -> Transformed:
+        """Run one step; its per-layer notes go into the layer report (or `into`)."""
         with self.timed(name):
-            out = fn(*args, **kwargs)
+            out = fn(*args)
+        report = self.layers if into is None else into
         for layer, notes in out.info.items():
-            self.layers.setdefault(layer, {}).update(notes)
+            report.setdefault(layer, {}).update(notes)
         return out
 
 
@@ -98,6 +104,31 @@ def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transfor
     return t
 
 
+def quantize_activations(gm: fx.GraphModule, stats: Stats, qc: QuantConfig, profile: Profile,
+                         moments: dict[str, Moments], data: Iterable[torch.Tensor] | None = None,
+                         percentile: float | None = None) -> Transformed:
+    """A copy of `gm` with the profile's activation quantizers, ranged from the data-free
+    `moments`, or from `data` when given (the network input's range then still comes from the
+    normalisation constants, which give it exactly). Info: per quantized node."""
+    gm = insert_quantizers(gm, profile.quantization_points(gm), qc, profile.reciprocal_scales,
+                           profile.reads_quantized)
+    if data is not None:
+        info = calibrate_(gm, data, percentile)
+        inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+        info.update(set_ranges_from_moments_(gm, moments, only=inputs))
+    else:
+        info = set_ranges_from_moments_(gm, moments)
+    snap_clips_to_grid_(gm)
+    return Transformed(gm, stats, info)
+
+
+def on_copy(helper_: Callable[..., dict], gm: fx.GraphModule, stats: Stats, *args) -> Transformed:
+    """A mutating helper (name ending in `_`, returning per-layer notes) as a step: it works on a
+    copy of `gm`, so every step of the pipeline leaves its input untouched."""
+    gm = copy.deepcopy(gm)
+    return Transformed(gm, stats, helper_(gm, *args))
+
+
 def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
                    calib_data: Iterable[torch.Tensor] | None = None) -> QuantizationResult:
     """Run the DFQ pipeline on a copy of `model`.
@@ -107,49 +138,31 @@ def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
     """
     if config.needs_data and calib_data is None:
         raise ValueError("this config uses data (calib / distill_range / correction='data'): pass calib_data")
-    from dfq.targets import resolve
-
-    # the runtime profile (QuantConfig.target) becomes concrete grids; result.config records them
-    config = dataclasses.replace(config, quant=resolve(config.quant))
-    layers: dict[str, dict] = {}
-    timings: dict[str, float] = {}
-    steps = _Steps(layers, timings)
+    profile = targets.profile(config.quant.target)
+    # the runtime profile becomes concrete grids; result.config records them
+    config = dataclasses.replace(config, quant=profile.resolve(config.quant))
+    qc = config.quant
+    steps = _Steps({}, {})
     t_start = time.perf_counter()
     with single_threaded():
         prepared = prepare(model, config, steps)
-        result = QuantizationResult(prepared.gm, prepared.gm, prepared.stats, config, layers, {}, timings)
-        if not config.quantize:
-            timings["total"] = round(time.perf_counter() - t_start, 4)
-            return result
-        qc = config.quant
-        with steps.timed("moments"):
-            moments = propagate(prepared.gm, prepared.stats,
-                                input_moments(config.input_mean, config.input_std), config.range_std)
-        q = steps.run("quantize_weights", quantize_weights, prepared.gm, prepared.stats, qc)
-        if config.correction == "bn":
-            q = steps.run("bias_correction", correct_bias, q.gm, prepared.gm, prepared.stats, moments)
-        with steps.timed("activation_ranges"):
-            gm = insert_quantizers(q.gm, quantization_points(q.gm, qc), qc)
-            if config.calib or config.distill_range:
-                result.activations = calibrate(gm, calib_data, config.range_percentile)
-                inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-                result.activations.update(set_ranges_from_moments(gm, moments, only=inputs))
-            else:
-                result.activations = set_ranges_from_moments(gm, moments)
-            snap_clips_to_grid(gm)
-        if config.correction == "data":
-            with steps.timed("bias_correction"):
-                for layer, notes in correct_bias_empirical_(gm, prepared.gm, calib_data).items():
-                    layers.setdefault(layer, {}).update(notes)
-        with steps.timed("quantize_bias"):
-            for layer, notes in quantize_biases(gm, qc).items():
-                layers.setdefault(layer, {}).update(notes)
-        if qc.target == "ort":
-            for layer in make_integer_exact_(gm):
-                layers.setdefault(layer, {})["simulation"] = "integer-exact (as QLinearConv)"
-        elif qc.target == "ncnn":
-            for layer, how in make_ncnn_exact_(gm).items():
-                layers.setdefault(layer, {})["simulation"] = f"integer-exact as ncnn; multipliers: {how}"
-    result.model = gm
-    timings["total"] = round(time.perf_counter() - t_start, 4)
+        result = QuantizationResult(prepared.gm, prepared.gm, prepared.stats, config, steps.layers, {}, steps.timings)
+        if config.quantize:
+            with steps.timed("moments"):
+                moments = propagate(prepared.gm, prepared.stats,
+                                    input_moments(config.input_mean, config.input_std), config.range_std)
+            t = steps.run("quantize_weights", quantize_weights, prepared.gm, prepared.stats, qc, profile.weight_bits)
+            if config.correction == "bn":
+                t = steps.run("bias_correction", correct_bias, t.gm, prepared.gm, prepared.stats, moments)
+            ranged_on_data = bool(config.calib or config.distill_range)
+            t = steps.run("activation_ranges", quantize_activations, t.gm, t.stats, qc, profile, moments,
+                          calib_data if ranged_on_data else None, config.range_percentile, into=result.activations)
+            if config.correction == "data":
+                t = steps.run("bias_correction", on_copy, correct_bias_empirical_, t.gm, t.stats, prepared.gm,
+                              calib_data)
+            t = steps.run("quantize_bias", on_copy, profile.quantize_biases_, t.gm, t.stats, qc)
+            t = steps.run("simulation", on_copy, lambda gm: {k: {"simulation": v} for k, v in
+                                                               profile.make_exact_(gm).items()}, t.gm, t.stats)
+            result.model = t.gm
+    steps.timings["total"] = round(time.perf_counter() - t_start, 4)
     return result

@@ -48,15 +48,10 @@ def plot_weight_ranges(layers: dict[str, dict[str, Any]], out_dir: str | Path) -
                 key=lambda n: layers[n]["range_spread_before"], default=None)
     if worst is None:
         return None
-    try:
-        import matplotlib
+    from dfq.deps import require
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        from dfq.errors import DfqError
-
-        raise DfqError("--plot needs matplotlib.", "pip install matplotlib==3.11.2") from exc
+    require("matplotlib", "--plot").use("Agg")
+    import matplotlib.pyplot as plt
     info = layers[worst]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, key, title in ((axes[0], "channel_ranges_before", "before"), (axes[1], "channel_ranges_after", "after")):

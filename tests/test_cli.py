@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import shared
+from dfq import PipelineConfig
 from dfq.cli import main
 
 
@@ -93,7 +94,8 @@ def test_plot_writes_the_worst_layers_ranges(tmp_path, capsys):
 
 
 def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
-    from dfq.cli import build_parser, pipeline_config
+    from dfq.cli.options import pipeline_config
+    from dfq.cli.parser import build_parser
 
     def cfg(*extra):
         return pipeline_config(build_parser().parse_args(["cls", "--arch", "x", "--data", "d", "--quantize", *extra]))
@@ -102,10 +104,14 @@ def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
     assert cfg("--distill_range", "--true_data", "64").range_percentile is None
     assert cfg("--calib", "64").range_percentile is None
     assert cfg("--distill_range", "--range_percentile", "99.9").range_percentile == 99.9
+    # the library owns the default: the Python API gets the same as the CLI
+    assert PipelineConfig(distill_range=True).range_percentile == 99.99
+    assert PipelineConfig(distill_range=True, true_data=64).range_percentile is None
+    assert PipelineConfig(calib=64).range_percentile is None
 
 
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):
-    """`dfq export` quantizes through dfq.experiment.pipeline_data: distilled ranges work without
+    """`dfq export` quantizes through dfq.quantization_data.pipeline_data: distilled ranges work without
     --data, and real ones without --data are a one-line error."""
     pytest.importorskip("onnx")
     w = str(shared("cifar10_resnet20-12fca82f.th"))

@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from dfq.export.onnx_qdq import export_onnx  # noqa: E402
-from dfq.runtime import OrtRunner, integer_ops, op_counts  # noqa: E402
+from dfq.runners import OrtRunner, integer_ops, op_counts  # noqa: E402
 
 
 def _ort(result, tmp_path, shape):
@@ -86,7 +86,7 @@ def test_symmetric_activations_are_refused_by_the_onnx_exporter(small_net, tmp_p
 
 
 def test_import_dfq_does_not_import_runtimes():
-    code = "import sys, dfq, dfq.targets, dfq.runtime, dfq.deploy; print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
+    code = "import sys, dfq, dfq.targets, dfq.runners, dfq.export, dfq.cli, dfq.tasks.quantized_runs; print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

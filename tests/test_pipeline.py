@@ -52,7 +52,7 @@ def test_weights_and_activations_sit_on_their_grids(small_net):
     aqs = [m for m in gm.modules() if isinstance(m, ActQuant)]
     # input, stem, dw, pw, add, head, and the pool's requantization; the logits stay float
     assert len(aqs) == 7
-    assert all(not a.observing and a.scale > 0 for a in aqs)
+    assert all(a.quantizing and a.scale > 0 for a in aqs)
 
 
 def test_int32_bias_scale_is_input_times_weight_scale(small_net):

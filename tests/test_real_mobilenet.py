@@ -5,8 +5,9 @@ import torchvision
 from conftest import shared
 from dfq import PipelineConfig
 from dfq.checkpoints import load_weights
-from dfq.experiment import run_one
-from dfq.tasks.classification import Preprocess, evaluate, load_images, materialize
+from dfq.tasks.base import EvalData
+from dfq.tasks.classification import TASK, Preprocess, evaluate, load_images, materialize
+from dfq.tasks.quantized_runs import run_one
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +29,9 @@ def test_fp32_reproduces_the_data_readme(setup):
 
 def test_dfq_w8a8_beats_naive_w8a8(setup):
     model, batches, ref = setup
-    naive = run_one(model, PipelineConfig(), batches, ref, progress=False)
-    dfq = run_one(model, PipelineConfig(relu=True, equalize=True, correction=True), batches, ref, progress=False)
+    data = EvalData(batches, 20, "foolbox20")
+    naive = run_one(TASK, model, PipelineConfig(), data, ref, progress=False)
+    dfq = run_one(TASK, model, PipelineConfig(relu=True, equalize=True, correction=True), data, ref, progress=False)
     assert dfq["logits_sqnr_db"] > naive["logits_sqnr_db"] + 3
     # top-1 on 20 images is noise (one image = 5 points); agreement with FP32 is paired
     assert dfq["agreement"] >= max(naive["agreement"], 95.0)

@@ -15,7 +15,7 @@
    clamp(round(x * scale), -127, 127) (round half away from zero), scale = 127 / absmax
    (ncnn2table.cpp), and dequantizes the int32 sum with 1 / (bottom_scale * weight_scale[c])
    before adding the fp32 bias (convolution.cpp forward_int8). dfq's ncnn profile
-   (dfq/targets.py) simulates exactly this.
+   (dfq/targets/ncnn.py) simulates exactly this.
 3. `<stem>.table`: the same scales in ncnn2table's calibration-table format -- a
    `<layer>_param_0 s_0 s_1 ...` line per layer, then a `<layer> s_in` line per layer -- for
    users who run ncnn2int8 on the fp32 files themselves (ncnn2int8 re-quantizes the on-grid
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from dfq.deps import require
 from dfq.errors import DfqError
 from dfq.graph.ops import weighted_module
 from dfq.quant.modules import ActQuant, QuantizedLayer
-from dfq.targets import ncnn_weight_scales
+from dfq.targets.ncnn import INT8_TAG, ncnn_weight_scales
 
-INT8_TAG = 0x000D4B38  # ncnn ModelBin / ncnn2int8.cpp fwrite_weight_tag_data: "int8 magic"
 WEIGHTED = {"Convolution", "ConvolutionDepthWise", "InnerProduct"}
 # layer types the int8 rewrite walks through; anything else with data in the .bin is refused
 WEIGHTLESS = {"Input", "Split", "BinaryOp", "Pooling", "Flatten", "Reshape", "Clip", "ReLU", "Crop",
@@ -194,10 +194,7 @@ def _quiet(log_path: Path):
 
 def pnnx_convert(model: nn.Module, stem: Path, input_shape: tuple[int, ...]) -> tuple[Path, Path]:
     """Float model -> `<stem>.fp32.param/.bin` with pnnx."""
-    try:
-        import pnnx
-    except ImportError as exc:
-        raise DfqError("ncnn export needs the pnnx package.", "pip install -e '.[export]'") from exc
+    pnnx = require("pnnx", "ncnn export")
     stem.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dfq_pnnx_") as tmp:
         pt = Path(tmp) / "model.pt"
@@ -235,7 +232,7 @@ def _input_quantizer(gm: fx.GraphModule, module_name: str) -> ActQuant | None:
             src = n.args[0]
             if isinstance(src, fx.Node) and src.op == "call_module":
                 aq = gm.get_submodule(src.target)
-                if isinstance(aq, ActQuant) and not aq.observing:
+                if isinstance(aq, ActQuant) and aq.quantizing:
                     return aq
     return None
 
@@ -247,7 +244,7 @@ def _pad4(b: bytes) -> bytes:
 def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ...]) -> NcnnExport:
     """Write `<stem>.param/.bin` (int8), `<stem>.fp32.param/.bin` and `<stem>.table`."""
     for name, m in gm.named_modules():
-        if isinstance(m, ActQuant) and not m.observing and not (m.reciprocal and m.grid.symmetric and m.grid.bits == 8):
+        if isinstance(m, ActQuant) and m.quantizing and not (m.reciprocal and m.grid.symmetric and m.grid.bits == 8):
             raise DfqError("the model was not quantized with the ncnn profile.", "quantize with --target ncnn")
     stem = Path(stem)
     fp32_param, fp32_bin = pnnx_convert(float_copy(gm), stem, tuple(input_shape))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from dfq.deps import require
 from dfq.errors import DfqError
 from dfq.nn import ChannelMin
 from dfq.quant.modules import ActQuant, QuantizedLayer
@@ -47,7 +48,7 @@ class OnnxExport:
 def _check_exportable(gm: fx.GraphModule) -> None:
     for name, m in gm.named_modules():
         if isinstance(m, ActQuant):
-            if m.observing:  # no range: the simulation keeps this tensor in float, so does the export
+            if not m.quantizing:  # no range: the simulation keeps this tensor in float, so does the export
                 continue
             if m.grid.bits != 8 or m.grid.symmetric or m.reciprocal:
                 raise DfqError(f"{name} is on a {m.grid} grid: ONNX QDQ export writes uint8 activations.",
@@ -62,7 +63,8 @@ def _check_exportable(gm: fx.GraphModule) -> None:
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, input_shape: tuple[int, ...]) -> OnnxExport:
     """Write `gm` (a dfq fake-quant GraphModule) as an ONNX QDQ model with a dynamic batch."""
-    import onnx
+    onnx = require("onnx", "ONNX export")
+    require("onnxscript", "ONNX export (torch's dynamo exporter)")
 
     _check_exportable(gm)
     path = Path(path)
@@ -108,7 +110,7 @@ def _requantize_clips(model: fx.GraphModule) -> None:
             continue
         src = node.args[0]
         aq = model.get_submodule(src.target) if src.op == "call_module" else None
-        if isinstance(aq, ActQuant) and not aq.observing:
+        if isinstance(aq, ActQuant) and aq.quantizing:
             parent, _, attr = node.target.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
             setattr(owner, attr, torch.nn.Sequential(model.get_submodule(node.target), _QDQ(aq)))
@@ -126,7 +128,7 @@ def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
         if isinstance(m, ActQuant):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr,
-                    torch.nn.Identity() if m.observing else _QDQ(m))
+                    _QDQ(m) if m.quantizing else torch.nn.Identity())
     return model
 
 

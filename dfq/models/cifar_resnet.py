@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.models import register
+from dfq.models.registry import InputConfig, register
+
+# CIFAR-10 at 32x32, no resize or crop, ImageNet normalisation (how these models were trained)
+CIFAR = InputConfig(size=(3, 32, 32), resize=0, crop=0)
 
 
 class PadShortcut(nn.Module):
@@ -62,11 +65,11 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-@register("cifar_resnet20")
+@register("cifar_resnet20", CIFAR)
 def cifar_resnet20(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(3, num_classes)
 
 
-@register("cifar_resnet56")
+@register("cifar_resnet56", CIFAR)
 def cifar_resnet56(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(9, num_classes)

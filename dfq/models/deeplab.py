@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq.errors import DfqError
-from dfq.models import register
+from dfq.models.registry import InputConfig, register
 from dfq.models.blocks import inverted_residual_layers
 
 # MobileNetV2 stages: expansion t, output channels c, repeats n, stride s.
@@ -147,6 +147,6 @@ class DeepLabV3Plus(nn.Module):
         return F.interpolate(out, size=x.shape[2:], mode="bilinear", align_corners=True)
 
 
-@register("deeplabv3plus_mobilenetv2")
+@register("deeplabv3plus_mobilenetv2", InputConfig(size=(3, 513, 513), resize=0, crop=0))
 def deeplabv3plus_mobilenetv2(num_classes: int = 21, output_stride: int = 16) -> DeepLabV3Plus:
     return DeepLabV3Plus(num_classes, output_stride)

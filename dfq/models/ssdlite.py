@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfq.models import register
+from dfq.models.registry import InputConfig, register
 from dfq.models.blocks import inverted_residual_layers
 
 _STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -105,6 +105,8 @@ class SSDLite(nn.Module):
         return torch.cat(confidences, 1), torch.cat(locations, 1)
 
 
-@register("ssdlite_mobilenetv2")
+# qfgaohao's (x - 127) / 128 on 0..255 pixels
+@register("ssdlite_mobilenetv2", InputConfig(size=(3, 300, 300), mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3,
+                                              resize=0, crop=0))
 def ssdlite_mobilenetv2(num_classes: int = 21) -> SSDLite:
     return SSDLite(num_classes)

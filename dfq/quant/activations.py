@@ -9,6 +9,7 @@ accumulator). Ops that are neither get no quantizer and are reported.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import fx
@@ -17,7 +18,7 @@ from dfq.config import QuantConfig
 from dfq.graph.ops import activation_of, is_add, is_cat, is_pass_through, keeps_grid, weighted_module
 from dfq.moments import Moments
 from dfq.nn import ChannelMin
-from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.quant.modules import FLOAT, OBSERVE, QUANTIZE, ActQuant, QuantizedLayer
 from dfq.quant.primitives import qparams
 
 
@@ -29,14 +30,9 @@ def _fused_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     return node
 
 
-def quantization_points(gm: fx.GraphModule, config: QuantConfig | None = None) -> list[fx.Node]:
-    """Nodes (in graph order) whose outputs get an activation quantizer.
-
-    With the ncnn profile: the inputs of conv/linear layers only (ncnn quantizes inside each
-    layer and keeps every other blob in float), see dfq/targets.py."""
-    if config is not None and config.target == "ncnn":
-        inputs = {n.args[0] for n in gm.graph.nodes if weighted_module(gm, n) is not None}
-        return [n for n in gm.graph.nodes if n in inputs]
+def default_quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes (in graph order) whose outputs get an activation quantizer (a runtime profile,
+    dfq/targets, may choose others)."""
     points: list[fx.Node] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -52,21 +48,24 @@ def quantization_points(gm: fx.GraphModule, config: QuantConfig | None = None) -
     return points
 
 
-def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantConfig) -> fx.GraphModule:
-    """Return a copy of `gm` with an ActQuant (unset range) after each point, by node name."""
+def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantConfig, reciprocal: bool = False,
+                      reads_quantized: Callable[[fx.GraphModule, fx.Node], bool] | None = None) -> fx.GraphModule:
+    """Return a copy of `gm` with an ActQuant (unset range) after each point, by node name.
+
+    `reciprocal`: the quantizers multiply by float32 1/scale (ncnn); `reads_quantized(gm, user)`:
+    which users of a point read the quantized value (default: all; ncnn: its int8 layers only).
+    """
     gm = copy.deepcopy(gm)
     names = {p.name for p in points}
     for node in list(gm.graph.nodes):
         if node.name not in names:
             continue
         target = f"act_quant_{node.name}"
-        ncnn = config.target == "ncnn"
-        gm.add_submodule(target, ActQuant(config.activation_grid, config.rounding, reciprocal=ncnn))
+        gm.add_submodule(target, ActQuant(config.activation_grid, config.rounding, reciprocal=reciprocal))
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(target, (node,))
-        # ncnn: only the conv/linear layers see the int8 value, everything else the float one
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q and (
-            not ncnn or weighted_module(gm, u) is not None))
+            reads_quantized is None or reads_quantized(gm, u)))
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -78,9 +77,10 @@ def quantizer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActQuant)}
 
 
-def set_ranges_from_moments(gm: fx.GraphModule, moments: dict[str, Moments],
+def set_ranges_from_moments_(gm: fx.GraphModule, moments: dict[str, Moments],
                             only: set[str] | None = None) -> dict[str, dict]:
-    """Per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are reported.
+    """In place: per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are
+    reported and their quantizers stay float.
 
     `only` restricts this to some quantized nodes (by name), e.g. the network input, whose
     range the normalisation constants give exactly even when the other ranges come from data.
@@ -96,7 +96,7 @@ def set_ranges_from_moments(gm: fx.GraphModule, moments: dict[str, Moments],
             m = moments[clip.name]  # values above the per-channel bounds are clipped anyway
         if m is None:
             info[src] = {"activation_range": None, "note": "no data-free range: kept in float (use --calib)"}
-            aq.observing = True  # pass-through: never invent a range
+            aq.mode = FLOAT  # never invent a range
             continue
         lo, hi = float(m.lo.min()), float(m.hi.max())
         aq.set_range(*qparams(torch.tensor(lo), torch.tensor(hi), aq.grid))
@@ -113,13 +113,14 @@ def _percentiles(x: torch.Tensor, pct: float, max_elements: int = 1 << 22) -> tu
     return float(q[0]), float(q[1])
 
 
-def calibrate(gm: fx.GraphModule, batches, percentile: float | None = None) -> dict[str, dict]:
-    """Ranges of every quantizer's input on data: min/max, or the mean per-batch percentile."""
+def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> dict[str, dict]:
+    """In place: ranges of every quantizer's input on data, min/max or the mean per-batch
+    percentile."""
     quantizers = {src: gm.get_submodule(q.target) for src, q in quantizer_nodes(gm).items()}
     seen: dict[str, list[tuple[float, float]]] = {src: [] for src in quantizers}
     hooks = []
     for src, aq in quantizers.items():
-        aq.observing = True
+        aq.mode = OBSERVE
         aq.observed_min.fill_(float("inf"))
         aq.observed_max.fill_(float("-inf"))
         if percentile is not None:
@@ -134,7 +135,7 @@ def calibrate(gm: fx.GraphModule, batches, percentile: float | None = None) -> d
             h.remove()
     info = {}
     for src, aq in quantizers.items():
-        aq.observing = False
+        aq.mode = QUANTIZE
         if percentile is not None:
             lo = torch.tensor(sum(a for a, _ in seen[src]) / len(seen[src]))
             hi = torch.tensor(sum(b for _, b in seen[src]) / len(seen[src]))
@@ -154,14 +155,14 @@ def _channel_min_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 and _is_channel_min(gm, users[0]) else None
 
 
-def snap_clips_to_grid(gm: fx.GraphModule) -> int:
-    """Put each ChannelMin that follows a quantizer onto that quantizer's grid, so that
+def snap_clips_to_grid_(gm: fx.GraphModule) -> int:
+    """In place: put each ChannelMin that follows a quantizer onto that quantizer's grid, so that
     min(q, hi) stays on the grid: runtimes then apply it to int8 values exactly."""
     n = 0
     for qnode in quantizer_nodes(gm).values():
         clip = _channel_min_after(gm, qnode)
         aq = gm.get_submodule(qnode.target)
-        if clip is None or aq.observing:
+        if clip is None or not aq.quantizing:
             continue
         m = gm.get_submodule(clip.target)
         q = torch.clamp(torch.round(m.hi / aq.scale) + aq.zero_point, aq.grid.qmin, aq.grid.qmax)
@@ -176,22 +177,20 @@ def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
     while isinstance(cur, fx.Node):
         if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), ActQuant):
             aq = gm.get_submodule(cur.target)
-            return None if aq.observing else aq
+            return aq if aq.quantizing else None
         if not ((is_pass_through(gm, cur) or _is_channel_min(gm, cur)) and keeps_grid(gm, cur)):
             return None
         cur = cur.args[0]
     return None
 
 
-def quantize_biases(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:
-    """Biases on their grid: int32 at s_weight * s_input, or 8/16 bits on their own range."""
+def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:
+    """In place: biases on their grid, int32 at s_weight * s_input or 8/16 bits on their own
+    range."""
     info = {}
     for node in gm.graph.nodes:
         m = weighted_module(gm, node)
         if not isinstance(m, QuantizedLayer) or m.bias is None:
-            continue
-        if config.target == "ncnn":  # ncnn adds the fp32 bias after dequantizing the int32 sum
-            info[node.target] = {"bias": "fp32 (ncnn)"}
             continue
         aq = input_quantizer(gm, node)
         scale = m.weight_scale.double() * aq.scale.double() if aq is not None else None

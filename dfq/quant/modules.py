@@ -16,8 +16,13 @@ from torch import nn
 from dfq.quant.primitives import Grid, ROUNDING, dequantize, quantize
 
 
+QUANTIZE, OBSERVE, FLOAT = "quantize", "observe", "float"
+
+
 class ActQuant(nn.Module):
-    """Per-tensor activation fake quantization; `observe()` mode records min/max instead."""
+    """Per-tensor activation fake quantization, in one of three modes: `quantize` (round onto
+    the grid), `observe` (record min/max, pass the value through) or `float` (no range could be
+    set: the tensor stays float, and reports and exporters say so)."""
 
     def __init__(self, grid: Grid, rounding: str = "half_even", reciprocal: bool = False):
         super().__init__()
@@ -29,16 +34,31 @@ class ActQuant(nn.Module):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
         self.register_buffer("observed_min", torch.tensor(float("inf")))
         self.register_buffer("observed_max", torch.tensor(float("-inf")))
-        self.observing = False
+        self.mode = QUANTIZE
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in (QUANTIZE, OBSERVE, FLOAT):
+            raise ValueError(f"ActQuant mode {mode!r}: use quantize, observe or float")
+        self._mode = mode
+
+    @property
+    def quantizing(self) -> bool:
+        return self._mode == QUANTIZE
 
     def set_range(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.observed_min.copy_(torch.minimum(self.observed_min, x.detach().min()))
-            self.observed_max.copy_(torch.maximum(self.observed_max, x.detach().max()))
+        if self._mode != QUANTIZE:
+            if self._mode == OBSERVE:
+                self.observed_min.copy_(torch.minimum(self.observed_min, x.detach().min()))
+                self.observed_max.copy_(torch.maximum(self.observed_max, x.detach().max()))
             return x
         if self.reciprocal:
             q = ROUNDING[self.rounding](x * self.inv_scale().to(x.dtype)) + self.zero_point
@@ -54,7 +74,7 @@ class ActQuant(nn.Module):
         return 1.0 / self.scale.float()
 
     def extra_repr(self) -> str:
-        return f"bits={self.grid.bits}, symmetric={self.grid.symmetric}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+        return f"{self._mode}, bits={self.grid.bits}, symmetric={self.grid.symmetric}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
 
 
 class QuantizedLayer:

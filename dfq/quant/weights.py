@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -25,11 +26,12 @@ def weight_qparams(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, 
     return scale, zp, None
 
 
-def layer_config(config: QuantConfig, m: nn.Module) -> QuantConfig:
-    """The config for one layer: a runtime profile may give some layers fewer weight bits."""
-    from dfq.targets import weight_bits
+WeightBits = Callable[[QuantConfig, nn.Module], int]
 
-    bits = weight_bits(config, m)
+
+def layer_config(config: QuantConfig, m: nn.Module, weight_bits: WeightBits | None = None) -> QuantConfig:
+    """The config for one layer: a runtime profile may give some layers fewer weight bits."""
+    bits = config.bits_weight if weight_bits is None else weight_bits(config, m)
     return config if bits == config.bits_weight else dataclasses.replace(config, bits_weight=bits)
 
 
@@ -38,14 +40,16 @@ def _replace(gm: fx.GraphModule, name: str, new: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, attr, new)
 
 
-def quantize_weights(gm: fx.GraphModule, stats: Stats, config: QuantConfig) -> Transformed:
-    """Return a copy of `gm` whose conv/linear weights sit on the weight grid."""
+def quantize_weights(gm: fx.GraphModule, stats: Stats, config: QuantConfig,
+                     weight_bits: WeightBits | None = None) -> Transformed:
+    """Return a copy of `gm` whose conv/linear weights sit on the weight grid (`weight_bits`:
+    a runtime profile's per-layer bit width)."""
     gm = copy.deepcopy(gm)
     info: dict[str, dict] = {}
     for node in weighted_nodes(gm):
         m = gm.get_submodule(node.target)
         w = m.weight.detach()
-        lc = layer_config(config, m)
+        lc = layer_config(config, m, weight_bits)
         scale, zp, axis = weight_qparams(w, lc)
         q = quantized_copy(m)
         q.init_quant(quantize(w, scale, zp, lc.weight_grid, axis), scale, zp, lc.weight_grid, axis)

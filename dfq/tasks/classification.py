@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.errors import DfqError
+from dfq.models.registry import InputConfig
+from dfq.tasks.base import DataOptions, EvalData, Task
 
 
 @dataclass(frozen=True)
@@ -146,13 +148,23 @@ class Evaluation:
     def summary(self) -> dict:
         return {"top1": round(self.topk(1), 3), "top5": round(self.topk(5), 3), "n": len(self.labels)}
 
+    def agreement(self, other: "Evaluation") -> float:
+        """Percent of images whose top-1 class equals `other`'s."""
+        return round(100.0 * float((self.logits.argmax(1) == other.logits.argmax(1)).float().mean()), 3)
+
     def compare(self, reference: "Evaluation") -> dict:
         """Paired figures against a reference run on the same images (far less noisy)."""
         from dfq.quant.primitives import sqnr_db
 
-        agree = (self.logits.argmax(1) == reference.logits.argmax(1)).float().mean()
-        return {"fp32_top1": round(reference.topk(1), 3), "agreement": round(100.0 * float(agree), 3),
+        return {"fp32_top1": round(reference.topk(1), 3), "agreement": self.agreement(reference),
                 "logits_sqnr_db": round(sqnr_db(reference.logits, self.logits), 2)}
+
+    def deltas(self, reference: "Evaluation") -> dict:
+        return {"delta_top1": round(round(self.topk(1), 3) - round(reference.topk(1), 3), 3)}
+
+    def against_simulation(self, simulation: "Evaluation") -> dict:
+        return {"sim_top1": round(simulation.topk(1), 3), "agreement_with_sim": self.agreement(simulation),
+                "max_abs_logit_diff": round(float((self.logits - simulation.logits).abs().max()), 6)}
 
 
 def evaluate(model: torch.nn.Module, batches, progress: bool = False, desc: str = "eval") -> Evaluation:
@@ -169,12 +181,16 @@ def evaluate(model: torch.nn.Module, batches, progress: bool = False, desc: str 
     return Evaluation(torch.cat(logits), torch.cat(labels))
 
 
-def first_images(batches, n: int) -> list[torch.Tensor]:
-    """The first n images of `batches` as input batches (for --calib)."""
-    out, have = [], 0
-    for x, _ in batches:
-        if have >= n:
-            break
-        out.append(x[: n - have])
-        have += len(out[-1])
-    return out
+def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
+    """The images of `options.path`, preprocessed as the options say or the model expects,
+    decoded once into batches (an ablation evaluates many models on the same tensors)."""
+    pre = Preprocess(resize=inputs.resize if options.resize is None else options.resize,
+                     crop=inputs.crop if options.crop is None else options.crop,
+                     mean=tuple(options.mean or inputs.mean), std=tuple(options.std or inputs.std))
+    source = load_images(options.path, pre)
+    batches = materialize(source, options.limit, options.batch_size, progress)
+    n = sum(len(y) for _, y in batches)
+    return EvalData(batches, n, f"{n} images of {source.name}")
+
+
+TASK = Task("cls", None, ("top1",), load, evaluate, ("top5", "agreement", "logits_sqnr_db"))

@@ -26,9 +26,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dfq.errors import DfqError
+from dfq.models.registry import InputConfig
+from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_loader
 from dfq.tasks.voc import VOC_CLASSES, check_split, find_voc_root
 
 IMAGE_SIZE = 300
+YEAR, SPLIT = "2007", "test"
 IMAGE_MEAN = 127.0
 IMAGE_STD = 128.0
 CENTER_VARIANCE = 0.1
@@ -301,3 +304,18 @@ def evaluate(model: torch.nn.Module, loader, priors: torch.Tensor | None = None,
     Returns {"map07", "map12" (percent), "per_class_ap": {class: {"ap07", "ap12"}}, "n": images}.
     """
     return voc_map(*detect(model, loader, priors, progress, **nms_args))
+
+
+def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
+    year, split = options.year or YEAR, options.split or SPLIT
+    loader = voc_loader(VOCDetectionEval(options.path, year=year, split=split, size=options.size or IMAGE_SIZE),
+                        options, collate)
+    n = len(loader.dataset)
+    return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
+
+
+def score(model: torch.nn.Module, batches, progress: bool = False, desc: str = "detection") -> MetricScore:
+    return MetricScore(evaluate(model, batches, progress=progress), ("map07", "map12"))
+
+
+TASK = Task("det", "ssdlite_mobilenetv2", ("map07", "map12"), load, score)

@@ -17,11 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.errors import DfqError
+from dfq.models.registry import InputConfig
+from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_loader
 from dfq.tasks.voc import VOC_CLASSES, check_split, find_voc_root
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+YEAR, SPLIT, CROP = "2012", "val", 513
 
 
 def fix_scale_crop(image: Image.Image, mask: Image.Image, crop_size: int) -> tuple[Image.Image, Image.Image]:
@@ -127,3 +130,18 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES)
         "per_class_iou": [None if math.isnan(v) else 100.0 * float(v) for v in iou],
         "n": n,
     }
+
+
+def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
+    year, split = options.year or YEAR, options.split or SPLIT
+    loader = voc_loader(VOCSegmentationVal(options.path, split=split, year=year, crop_size=options.size or CROP),
+                        options)
+    n = len(loader.dataset)
+    return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
+
+
+def score(model: torch.nn.Module, batches, progress: bool = False, desc: str = "segmentation") -> MetricScore:
+    return MetricScore(evaluate(model, batches, progress=progress), ("miou",))
+
+
+TASK = Task("seg", "deeplabv3plus_mobilenetv2", ("miou",), load, score)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfq.deps import require
 from dfq.errors import DfqError
 
 # onnxruntime's integer kernels (what QDQ groups become after graph optimization)
@@ -24,10 +25,7 @@ class OrtRunner(torch.nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
         super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise DfqError("--backend ort needs onnxruntime.", "pip install -e '.[export]'") from exc
+        ort = require("onnxruntime", "--backend ort")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -45,7 +43,7 @@ class OrtRunner(torch.nn.Module):
 
 
 def op_counts(onnx_path: str | Path) -> collections.Counter:
-    import onnx
+    onnx = require("onnx", "counting ONNX operators")
 
     return collections.Counter(n.op_type for n in onnx.load(str(onnx_path)).graph.node)
 
@@ -71,10 +69,7 @@ class NcnnRunner(torch.nn.Module):
     def __init__(self, param: str | Path, binf: str | Path | None = None, threads: int = 1,
                  input_name: str = "in0", output_name: str = "out0"):
         super().__init__()
-        try:
-            import ncnn
-        except ImportError as exc:
-            raise DfqError("--backend ncnn needs the ncnn package.", "pip install -e '.[export]'") from exc
+        ncnn = require("ncnn", "--backend ncnn")
         param = Path(param)
         binf = Path(binf) if binf else param.with_suffix(".bin")
         self.int8 = is_int8_param(param)

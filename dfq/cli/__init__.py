@@ -1,0 +1,42 @@
+"""The `dfq` command. `dfq cls` quantizes a classifier without data and evaluates it; `seg` and
+`det` do the same for DeepLab-v3+ and SSD-Lite on VOC; `export` writes int8 models.
+
+This package alone reads argparse Namespaces (nothing in dfq imports it): dfq.cli.parser
+declares the switches, dfq.cli.options turns them into library objects, dfq.cli.commands calls
+the library. Errors a user can fix print one line and exit 2 (a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from dfq.cli.parser import build_parser
+from dfq.errors import DfqError
+
+log = logging.getLogger("dfq")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="dfq: %(message)s")
+    log.setLevel(logging.INFO)  # dfq's own notes; other libraries (onnxscript...) only warnings
+    args = build_parser().parse_args(argv)
+    try:
+        from dfq.cli import commands
+
+        run = {"cls": commands.run_task, "seg": commands.run_task, "det": commands.run_task,
+               "export": commands.export, "archs": commands.archs}[args.command]
+        result = run(args)
+    except DfqError as exc:
+        if args.debug:
+            raise
+        print(f"dfq: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", None):
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+__all__ = ["build_parser", "main"]

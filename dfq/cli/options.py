@@ -1,0 +1,71 @@
+"""argparse Namespace -> library objects. The only place that reads the CLI's arguments;
+everything it builds (ModelSpec, DataOptions, PipelineConfig, DataSpec) is a plain library type."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig
+from dfq.distill import DistillConfig
+from dfq.models.registry import InputConfig, input_config
+from dfq.models.spec import ModelSpec
+from dfq.quantization_data import DataSpec
+from dfq.tasks.base import DataOptions, Task
+
+
+def model_spec(args: argparse.Namespace, task: Task | None = None) -> ModelSpec:
+    """--arch / --model / --weights / --num-classes; a task's default architecture if neither."""
+    arch = args.arch or (task.default_arch if task is not None and not args.model else None)
+    return ModelSpec(arch=arch, builder=args.model, weights=args.weights, num_classes=args.num_classes)
+
+
+def inputs_of(args: argparse.Namespace, task: Task | None = None) -> InputConfig:
+    """The model's input defaults (a user's --model in seg/det gets the task's default model's,
+    whose data pipeline it is fed by)."""
+    return input_config(args.arch or (task.default_arch if task is not None else None))
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    opt = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(DataOptions)}
+    opt["path"], opt["batch_size"] = args.data, args.batch_size
+    opt["workers"] = getattr(args, "workers", 0)
+    for k in ("mean", "std"):
+        opt[k] = tuple(opt[k]) if opt[k] else None
+    return DataOptions(**opt)
+
+
+def pipeline_config(args: argparse.Namespace, inputs: InputConfig | None = None, **overrides) -> PipelineConfig:
+    """The switches as a PipelineConfig (it validates them: call before any slow work)."""
+    inputs = inputs or inputs_of(args)
+    quant = QuantConfig(bits_weight=args.bits_weight, bits_activation=args.bits_activation,
+                        bits_bias=args.bits_bias, per_channel=args.per_channel,
+                        weight_symmetric=not args.asymmetric_weight,
+                        activation_symmetric=args.symmetric_activation,
+                        target=getattr(args, "target", None) or "generic",
+                        reduce_range=getattr(args, "reduce_range", None))
+    fields = dict(quantize=args.quantize, relu=args.relu, equalize=args.equalize, absorption=args.absorption,
+                  equalization=EqualizeConfig(activation_aware=args.equalize_activations,
+                                              residual_regions=args.equalize_residuals),
+                  correction=args.correction, clip_weight=args.clip_weight, quant=quant,
+                  range_std=args.range_std, calib=args.calib, distill_range=args.distill_range,
+                  true_data=args.true_data,
+                  input_mean=tuple(args.mean or inputs.mean), input_std=tuple(args.std or inputs.std))
+    if args.range_percentile is not None:
+        fields["range_percentile"] = args.range_percentile
+    fields.update(overrides)
+    return PipelineConfig(**fields)
+
+
+def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
+    """--dis_* / --save / --load as a DataSpec (distillation runs only if the config needs data)."""
+    res = (args.dis_resolution,) * 2 if args.dis_resolution else None
+    dcfg = DistillConfig(batch_size=args.dis_batch_size, num_batches=args.dis_num_batch, resolution=res,
+                         iterations=args.dis_iterations, seconds=args.distill_seconds, seed=args.seed,
+                         mean=config.input_mean, std=config.input_std)
+    return DataSpec(distill=dcfg, load=args.load, save=args.save)
+
+
+def export_shape(args: argparse.Namespace, inputs: InputConfig) -> tuple[int, int, int, int]:
+    """--input-size, else --crop, else the model's input size."""
+    side = args.input_size or args.crop
+    return (1, inputs.size[0], side, side) if side else (1, *inputs.size)

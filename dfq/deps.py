@@ -1,0 +1,28 @@
+"""Optional dependencies, checked where they are first needed.
+
+A missing extra is a user error like any other: one line naming the package and the
+`pip install "dfq[extra]"` that brings it, exit status 2 from the CLI, never a raw
+ModuleNotFoundError traceback.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from dfq.errors import DfqError
+
+# importable module -> the extra of pyproject.toml that installs it
+EXTRAS = {
+    "onnx": "export", "onnxscript": "export", "onnxruntime": "export", "ncnn": "export", "pnnx": "export",
+    "matplotlib": "plot",
+}
+
+
+def require(module: str, what: str) -> ModuleType:
+    """Import `module` for `what` (e.g. "--backend ort"), or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = EXTRAS.get(module.split(".")[0])
+        fix = f'pip install "dfq[{extra}]"' if extra else f"pip install {module}"
+        raise DfqError(f"{what} needs the Python package '{module}', which is not installed.", fix) from exc

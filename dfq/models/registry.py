@@ -1,0 +1,73 @@
+"""The model registry: dfq's own architectures by name, then every torchvision builder.
+
+Each entry carries its input defaults (`InputConfig`, as timm's pretrained_cfg): the input
+size, the normalisation the weights were trained with, and the classification resize/crop.
+Everything that needs them (the CLI's preprocessing, export shapes, the data-free input
+moments) reads them here.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from dfq.config import IMAGENET_MEAN, IMAGENET_STD
+from dfq.errors import DfqError
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What a model expects: (C, H, W), (x/255 - mean) / std, and timm-style eval resize/crop
+    (0 = none)."""
+
+    size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: int = 256
+    crop: int = 224
+
+
+IMAGENET = InputConfig()
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], InputConfig]] = {}
+
+
+def register(name: str, inputs: InputConfig = IMAGENET):
+    """Decorator: make a builder available to `build()` and the CLI's --arch."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = (fn, inputs)
+        return fn
+
+    return wrap
+
+
+def available() -> list[str]:
+    import torchvision
+
+    return sorted(_REGISTRY) + sorted(torchvision.models.list_models())
+
+
+def _unknown(name: str) -> DfqError:
+    close = difflib.get_close_matches(name, available(), n=3)
+    return DfqError(f"Unknown architecture '{name}'.",
+                    f"use one of {close}" if close else "see `dfq archs` for the list, or pass --model file.py:callable")
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build an untrained model by registry name (dfq's own first, then torchvision's)."""
+    import torchvision
+
+    if name in _REGISTRY:
+        return _REGISTRY[name][0](**kwargs)
+    if name in torchvision.models.list_models():
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    raise _unknown(name)
+
+
+def input_config(name: str | None) -> InputConfig:
+    """The input defaults of an architecture (ImageNet's for torchvision and user models)."""
+    if name is None:
+        return IMAGENET
+    return _REGISTRY[name][1] if name in _REGISTRY else IMAGENET

@@ -1,0 +1,31 @@
+"""Facts about this CPU and the int8 rules every runtime profile shares."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from dfq.config import QuantConfig
+from dfq.errors import DfqError
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def require_int8(q: QuantConfig) -> None:
+    """Runtimes compute int8 activations and symmetric int8 (or fewer bits) weights."""
+    if q.bits_activation != 8 or q.bits_weight > 8:
+        raise DfqError(f"--target {q.target} runs int8: W{q.bits_weight}A{q.bits_activation} cannot be exported.",
+                       "use --bits_weight <= 8 and --bits_activation 8, or --target generic")
+    if not q.weight_symmetric:
+        raise DfqError(f"--target {q.target} uses symmetric int8 weights.", "drop --asymmetric_weight")

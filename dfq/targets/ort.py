@@ -1,0 +1,105 @@
+"""The onnxruntime profile: QDQ -> QLinearConv / QLinearAdd / ... on the CPU.
+
+uint8 asymmetric activations, int8 symmetric weights, int32 bias at s_in * s_w,
+QuantizeLinear's round-half-to-even. On x86 CPUs without VNNI, MLAS's u8s8 GEMM multiplies
+with vpmaddubsw, which adds two u8*s8 products into a saturating int16 (255*127*2 > 32767):
+onnxruntime's own answer is "reduce_range", 7-bit weights, and so is ours (`reduce_range=None`
+asks onnxruntime on this CPU).
+
+A float convolution of dequantized values followed by a quantizer rounds almost exactly like
+the runtime, but not at rounding ties: onnxruntime requantizes the exact int32 accumulator
+with a float32 multiplier, `round_half_even(float(acc) * (s_x * s_w / s_y))` clamped to the
+grid (QLinearConv::Compute and MlasRequantizeOutput). A deep network like MobileNetV2 amplifies
+the rare tie flips into a 2 % argmax disagreement, so each conv whose input and output are
+quantized computes exactly that (`QuantizedConv2d.requant`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from torch import fx, nn
+
+from dfq.config import QuantConfig
+from dfq.errors import DfqError
+from dfq.graph.ops import activation_of, weighted_module
+from dfq.quant.activations import input_quantizer
+from dfq.quant.modules import ActQuant, QuantizedLayer, Requant
+from dfq.targets.base import Profile
+from dfq.targets.cpu import cpu_flags, is_x86, require_int8
+
+
+@functools.lru_cache(maxsize=1)
+def ort_saturates() -> bool:
+    """Does onnxruntime's u8s8 GEMM saturate on this CPU? Asked of onnxruntime itself where it
+    is installed (a 64-deep MatMulInteger of 255 x 127), else read from the CPU flags (x86
+    without VNNI saturates)."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return is_x86() and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+    k, n, m = 64, 16, 8
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+        [numpy_helper.from_array(np.full((k, n), 127, np.int8), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"a": np.full((m, k), 255, np.uint8)})[0]
+    return int(y.min()) != 255 * 127 * k
+
+
+def _output_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
+    """The quantizer right after `node`, or after the one activation that follows it."""
+    users = list(node.users)
+    if len(users) == 1 and activation_of(gm, users[0]) is not None:
+        users = list(users[0].users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    aq = gm.get_submodule(users[0].target)
+    return aq if isinstance(aq, ActQuant) and aq.quantizing else None
+
+
+class OrtProfile(Profile):
+    name = "ort"
+    format = "onnx"
+    runtime_modules = ("onnx", "onnxscript", "onnxruntime")
+
+    def resolve(self, q: QuantConfig) -> QuantConfig:
+        require_int8(q)
+        if q.bits_bias != 32:
+            raise DfqError("--target ort adds an int32 bias at s_in * s_w.", "use --bits_bias 32")
+        reduce = ort_saturates() if q.reduce_range is None else q.reduce_range
+        return dataclasses.replace(q, activation_symmetric=False, rounding="half_even", reduce_range=reduce,
+                                   bits_weight=min(q.bits_weight, 7) if reduce else q.bits_weight)
+
+    def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:
+        """Every int8 conv with a quantized input and output (and an int32 bias) computes like
+        QLinearConv."""
+        done = {}
+        for node in gm.graph.nodes:
+            m = weighted_module(gm, node)
+            if not (isinstance(m, QuantizedLayer) and isinstance(m, nn.Conv2d)):
+                continue
+            if m.bias is not None and (m.bias_grid is None or m.bias_grid.bits != 32):
+                continue
+            in_q, out_q = input_quantizer(gm, node), _output_quantizer(gm, node)
+            if in_q is None or out_q is None:
+                continue
+            m.requant = Requant(in_q.scale.detach().clone(), out_q.scale.detach().clone(), int(out_q.zero_point),
+                                out_q.grid.qmin, out_q.grid.qmax)
+            done[node.target] = "integer-exact (as QLinearConv)"
+        return done
+
+    def describe(self, q: QuantConfig) -> dict:
+        return {"target": "ort", "reduce_range": q.reduce_range, "bits_weight": q.bits_weight,
+                "note": ("7-bit weights: this CPU's u8s8 kernels saturate int16 pairs (no VNNI)"
+                         if q.reduce_range else "8-bit weights: u8s8 kernels do not saturate here")}
+
+
+ORT = OrtProfile()

@@ -1,0 +1,112 @@
+"""Quantize-and-evaluate runs for every task, shared by the CLI and the benchmarks.
+
+A run quantizes the model with one config (with data only if the config needs some), scores
+it on the task's images and pairs it with FP32 on the same images; an ablation is the DFQ
+paper's rows; a runtime run exports the model for an int8 runtime and scores the real runtime
+beside its simulation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfq.config import PipelineConfig
+from dfq.pipeline import quantize_model
+from dfq.quantization_data import pipeline_data
+from dfq.tasks.base import EvalData, Score, Task
+
+ABLATION = [  # the rows of the DFQ paper's ablation, each quantized
+    ("Original", {}),
+    ("+ReLU", {"relu": True}),
+    ("+ReLU+LE", {"relu": True, "equalize": True}),
+    ("+BC", {"correction": True}),
+    ("+BC+clip_15", {"correction": True, "clip_weight": 15.0}),
+    ("+ReLU+LE+BC", {"relu": True, "equalize": True, "correction": True}),
+]
+ABLATION_BASE = dict(quantize=True, relu=False, equalize=False, absorption=None, correction=False, clip_weight=None)
+
+
+def equalization_summary(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How many layers were equalized, and why the others were left alone (reason: count)."""
+    paired = [k for k, v in layers.items() if v.get("equalized_with")]
+    notes = Counter(v["equalize_note"] for v in layers.values() if v.get("equalize_note"))
+    return {"pairs": len(paired), "left_alone": dict(notes.most_common())}
+
+
+def run_one(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData, reference: Score | None = None,
+            progress: bool = True, label: str = "dfq", calib_data: list[torch.Tensor] | None = None
+            ) -> dict[str, Any]:
+    """Quantize per `config` (with `calib_data` if it needs any), score it on `data`, pair it
+    with `reference` (FP32)."""
+    if calib_data is None and config.needs_data:
+        calib_data, _ = pipeline_data(model, config, data.batches, progress=progress)
+    result = quantize_model(model, config, calib_data=calib_data)
+    t = time.perf_counter()
+    score = task.evaluate(result.model, data.batches, progress, label)
+    out = {"name": label, **score.summary(), "config": config.to_dict(), "layers": result.layers,
+           "activations": result.activations,
+           "equalization": equalization_summary(result.layers) if config.equalize else None,
+           "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)}}
+    if reference is not None:
+        out.update(score.compare(reference))
+        out.update(score.deltas(reference))
+    return out
+
+
+def ablation(task: Task, model: nn.Module, base: PipelineConfig, data: EvalData, reference: Score,
+             progress: bool = True, calib_data: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """FP32 and the ablation rows, each with its differences to FP32."""
+    rows = [{"name": "FP32", **reference.summary(), **reference.deltas(reference)}]
+    for name, overrides in ABLATION:
+        cfg = dataclasses.replace(base, **{**ABLATION_BASE, **overrides})
+        rows.append(run_one(task, model, cfg, data, reference, progress, name, calib_data))
+    return rows
+
+
+def ablation_table(task: Task, rows: list[dict[str, Any]]) -> str:
+    from dfq.report import markdown_table
+
+    headers = ["experiment"]
+    for k in task.metrics:
+        headers += [k, f"Δ{k} vs FP32"]
+    headers += [*task.table_columns, "pipeline s"]
+    return markdown_table(headers, [
+        [r["name"], *[v for k in task.metrics for v in (r[k], r.get(f"delta_{k}"))],
+         *[r.get(k) for k in task.table_columns], r.get("timings", {}).get("total")] for r in rows])
+
+
+def runtime_run(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData, backend: str,
+                calib_data: list[torch.Tensor] | None = None, export_dir: str | Path | None = None,
+                name: str = "model", reference: Score | None = None, progress: bool = True) -> dict[str, Any]:
+    """Quantize with `backend`'s runtime profile, export, and score the real int8 runtime
+    beside its simulation on the same images."""
+    from dfq import export, targets
+
+    profile = targets.profile(backend)
+    profile.check_runtime()
+    config = dataclasses.replace(config, quantize=True, quant=dataclasses.replace(config.quant, target=backend))
+    result = quantize_model(model, config, calib_data=calib_data)
+    out_dir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="dfq_export_"))
+    x0 = next(iter(data.batches))[0]
+    files = export.export(result, out_dir / name.replace(":", "_"), (1, *x0.shape[1:]))
+    opt_path = out_dir / "ort_optimized.onnx" if profile.format == "onnx" else None
+    runner = export.runner(profile, files, torch.get_num_threads(), opt_path)
+    sim = task.evaluate(result.model, data.batches, progress, "simulation")
+    real = task.evaluate(runner, data.batches, progress, backend)
+    res = {"name": f"{backend} int8", "backend": backend, **real.summary(), **real.against_simulation(sim),
+           "profile": profile.describe(result.config.quant), "config": result.config.to_dict(), "files": files,
+           "export_dir": str(out_dir)}
+    if opt_path is not None:
+        from dfq.runners import integer_ops
+
+        res["integer_ops"] = integer_ops(opt_path)
+    if reference is not None:
+        res.update(real.compare(reference))
+    return res

@@ -1,0 +1,66 @@
+"""The library's import graph: nothing outside dfq.cli imports it, and no module imports itself
+back through others (lazy imports inside functions count too)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "dfq"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """dfq module -> the dfq modules it imports (a `from package import name` that names a
+    submodule is an import of that submodule)."""
+    modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                deps |= subs or {node.module}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def test_nothing_outside_the_cli_imports_it():
+    offenders = {m: sorted(d) for m, deps in import_graph().items() if not m.startswith("dfq.cli")
+                 and (d := {x for x in deps if x == "dfq.cli" or x.startswith("dfq.cli.")})}
+    assert offenders == {} or set(offenders) == {"dfq.__main__"}, offenders
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                return path[path.index(d):] + [d]
+            if d not in state and (cycle := visit(d)):
+                return cycle
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            cycle = visit(m)
+            assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_graph_is_read_as_intended():
+    """Guards the two tests above against reading nothing."""
+    g = import_graph()
+    assert {"dfq.pipeline", "dfq.targets.ort", "dfq.cli.commands"} <= set(g)
+    assert "dfq.targets" in g["dfq.pipeline"] and "dfq.cli.options" in g["dfq.cli.commands"]
