@@ -15,6 +15,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # MobileNetV2, 96.2 % agreement with FP32 against 94.8 % for min/max. Real images use min/max.
 DISTILLED_PERCENTILE = 99.99
 AUTO = "auto"
+# The paper's constants, one place each
+RANGE_STD = 6.0      # BN-derived ranges: mean +- 6 std
+ABSORB_STD = 3.0     # high-bias absorption: c = max(0, beta - 3 gamma)
+CLIP_WEIGHT = 15.0   # --clip_weight without a value: clamp to [-15, 15]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class EqualizeConfig:
     max_iterations: int = 50
     threshold: float = 1e-3  # stop when every |log s_i| of a sweep is below this (0.1 %)
     activation_aware: bool = False  # balance the activation between the layers too
-    activation_std: float = 6.0     # its range from BN statistics: mean + n * std
+    activation_std: float = RANGE_STD  # its range from BN statistics: mean + n * std
     residual_regions: bool = False  # also equalize around adds, concatenations and fan-outs (regions)
 
 
@@ -79,8 +83,8 @@ class PipelineConfig:
     clip_weight: float | None = None  # e.g. 15.0: clamp weights to [-15, 15]
     quant: QuantConfig = field(default_factory=QuantConfig)
     equalization: EqualizeConfig = field(default_factory=EqualizeConfig)
-    range_std: float = 6.0        # BN-based activation ranges: mean +- range_std * std
-    absorb_std: float = 3.0       # high-bias absorption: c = max(0, beta - absorb_std * gamma)
+    range_std: float = RANGE_STD  # BN-based activation ranges: mean +- range_std * std
+    absorb_std: float = ABSORB_STD  # high-bias absorption: c = max(0, beta - absorb_std * gamma)
     calib: int = 0                # >0: activation ranges from that many real images instead
     distill_range: bool = False   # activation ranges from the (distilled) data given to the pipeline
     true_data: int = 0            # >0: that many real images instead of distilled ones wherever data is used

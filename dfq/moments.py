@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from dfq.config import RANGE_STD
 from dfq.graph.channels import channel_matrix, to_features
 from dfq.graph.ops import (activation_of, channel_padding, is_add, is_cat, is_pass_through, is_spatial_slice,
                            weighted_module)
@@ -96,7 +97,7 @@ def _linear(gm: fx.GraphModule, node: fx.Node, x: Moments, n_std: float) -> Mome
     return normal(mean, var, n_std)
 
 
-def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 6.0) -> dict[str, Moments]:
+def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = RANGE_STD) -> dict[str, Moments]:
     """Moments of every node's output that can be derived without data (by node name)."""
     out: dict[str, Moments] = {}
     for node in gm.graph.nodes:

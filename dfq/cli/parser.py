@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dfq.config import TARGETS
+from dfq.config import CLIP_WEIGHT, RANGE_STD, TARGETS
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -29,7 +29,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--correction", nargs="?", const="bn", default=False, choices=["bn", "distill"],
                    help="bias correction: bn = data-free (default), distill = empirical on the distilled "
                         "(or --true_data) images")
-    g.add_argument("--clip_weight", type=float, nargs="?", const=15.0, default=None,
+    g.add_argument("--clip_weight", type=float, nargs="?", const=CLIP_WEIGHT, default=None,
                    help="clamp weights to [-V, V] (default V 15)")
     g.add_argument("--bits_weight", type=int, default=8)
     g.add_argument("--bits_activation", type=int, default=8)
@@ -37,7 +37,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per_channel", action="store_true", help="per-output-channel weight scales")
     g.add_argument("--asymmetric_weight", action="store_true", help="asymmetric weight grid (uint8-style)")
     g.add_argument("--symmetric_activation", action="store_true", help="symmetric activation grid (int8)")
-    g.add_argument("--range_std", type=float, default=6.0, help="BN ranges: mean +- N std")
+    g.add_argument("--range_std", type=float, default=RANGE_STD, help="BN ranges: mean +- N std")
     g.add_argument("--calib", type=int, default=0, metavar="N",
                    help="activation ranges from N real images of --data (for comparison; not data-free)")
     d = p.add_argument_group("distilled data (ZeroQ)")

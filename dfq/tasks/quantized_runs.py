@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfq.config import PipelineConfig
+from dfq.config import CLIP_WEIGHT, PipelineConfig
 from dfq.pipeline import quantize_model
 from dfq.quantization_data import pipeline_data
 from dfq.tasks.base import EvalData, Score, Task
@@ -27,7 +27,7 @@ ABLATION = [  # the rows of the DFQ paper's ablation, each quantized
     ("+ReLU", {"relu": True}),
     ("+ReLU+LE", {"relu": True, "equalize": True}),
     ("+BC", {"correction": True}),
-    ("+BC+clip_15", {"correction": True, "clip_weight": 15.0}),
+    ("+BC+clip_15", {"correction": True, "clip_weight": CLIP_WEIGHT}),
     ("+ReLU+LE+BC", {"relu": True, "equalize": True, "correction": True}),
 ]
 ABLATION_BASE = dict(quantize=True, relu=False, equalize=False, absorption=None, correction=False, clip_weight=None)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dfq.config import ABSORB_STD
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.layers import find_pairs
 from dfq.graph.ops import pads_input
@@ -43,11 +44,11 @@ def _zero_padding_between(gm: fx.GraphModule, first: str, second: str) -> str | 
     return None
 
 
-def absorbable_shift(mean: torch.Tensor, std: torch.Tensor, n_std: float = 3.0) -> torch.Tensor:
+def absorbable_shift(mean: torch.Tensor, std: torch.Tensor, n_std: float = ABSORB_STD) -> torch.Tensor:
     return torch.clamp(mean - n_std * std, min=0)
 
 
-def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = 3.0) -> Transformed:
+def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = ABSORB_STD) -> Transformed:
     """Return a copy of `gm` with high biases moved forward across ReLU pairs."""
     gm = copy.deepcopy(gm)
     pairs, _ = find_pairs(gm)

@@ -9,12 +9,13 @@ import copy
 import torch
 from torch import fx
 
+from dfq.config import CLIP_WEIGHT
 from dfq.graph.layers import weighted_nodes
 from dfq.stats import Stats
 from dfq.transforms import Transformed
 
 
-def clip_weights(gm: fx.GraphModule, stats: Stats, bound: float = 15.0) -> Transformed:
+def clip_weights(gm: fx.GraphModule, stats: Stats, bound: float = CLIP_WEIGHT) -> Transformed:
     """Return a copy of `gm` with every conv/linear weight clamped to [-bound, bound]."""
     gm = copy.deepcopy(gm)
     info: dict[str, dict] = {}
