@@ -1,5 +1,7 @@
 """Quantizer properties (hypothesis) and the torch fake-quant oracle."""
+import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from dfq.quant.primitives import Grid, dequantize, fake_quantize, qparams, quantize, round_half_away
@@ -57,3 +59,18 @@ def test_round_half_away_is_c_round():
     x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])
     assert round_half_away(x).tolist() == [-3, -2, -1, 1, 2, 3]
     assert torch.round(x).tolist() == [-2, -2, -0, 0, 2, 2]
+
+
+@pytest.mark.parametrize("cin,x_bound", [(32, 255), (960, 255), (3000, 255), (960, 40000), (8, 2 ** 21)])
+def test_exact_integer_op_equals_float64(cin, x_bound):
+    """The integer-exact simulation's float32 fast path (with the hi/lo split where one pass
+    could overflow 2^24) gives the float64 result bit for bit."""
+    from dfq.quant.modules import exact_integer_op
+
+    g = torch.Generator().manual_seed(cin)
+    x = torch.randint(-x_bound, x_bound + 1, (2, cin, 9, 9), generator=g).float()
+    w = torch.randint(-127, 128, (16, cin, 3, 3), generator=g).float()
+    assert torch.equal(exact_integer_op(F.conv2d, x, w), F.conv2d(x.double(), w.double()))
+    xl = x.flatten(1)
+    wl = torch.randint(-127, 128, (10, xl.shape[1]), generator=g).float()
+    assert torch.equal(exact_integer_op(F.linear, xl, wl), F.linear(xl.double(), wl.double()))

@@ -7,6 +7,7 @@ values an int8 runtime uses, and exporters recover the integers with `int_weight
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -132,14 +133,43 @@ class Dequant(NamedTuple):
     fused: bool
 
 
+FLOAT32_EXACT = 2 ** 24  # every integer of magnitude up to this is a float32
+
+
+def exact_integer_op(op, xi: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
+    """`op(xi, wi)` (a convolution or matrix product) of integer-valued tensors, exactly, in float64.
+
+    On the CPU it runs in float32 where that is exact: if every |partial sum| stays below 2^24
+    (bounded by max|x| times the largest per-output-channel sum of |w|), each float32 addition is
+    exact in any order. Where one pass would not fit, the input is split as x = hi * 2^k + lo
+    (0 <= lo < 2^k) with both passes inside the bound; float64 remains for what even that cannot
+    hold, and on other devices (whose convolution algorithms may transform the operands).
+    About 3x cheaper than float64 on MobileNetV2 (benchmarks/throughput.py)."""
+    if xi.device.type != "cpu":
+        return op(xi.double(), wi.double())
+    wsum = float(wi.abs().flatten(1).sum(1).max()) if wi.numel() else 0.0
+    xmax = float(xi.abs().max()) if xi.numel() else 0.0
+    with torch.backends.nnpack.flags(enabled=False):  # NNPACK's Winograd/FFT would not be exact
+        if xmax * wsum < FLOAT32_EXACT:
+            return op(xi.float(), wi.float()).double()
+        k = int(math.floor(math.log2(FLOAT32_EXACT / wsum))) if wsum >= 1 else 24
+        step = 2.0 ** k
+        if k >= 1 and (math.floor(xmax / step) + 1) * wsum < FLOAT32_EXACT:
+            hi = torch.floor(xi / step)
+            lo = xi - hi * step
+            wf = wi.float()
+            return op(hi.float(), wf).double() * step + op(lo.float(), wf).double()
+    return op(xi.double(), wi.double())
+
+
 def _integer_forward(layer, x: torch.Tensor, op) -> torch.Tensor | None:
     """The runtime's arithmetic when `layer.requant` or `layer.dequant` is set, else None:
-    the exact int32 accumulator (float64 holds it exactly), then the runtime's float32 steps."""
+    the exact int32 accumulator, then the runtime's float32 steps."""
     r, d = layer.requant, layer.dequant
     if r is None and d is None:
         return None
-    xi = torch.round(x.double() / (r or d).in_scale.double())  # the input's integers (q - zp)
-    acc = op(xi, layer.int_weight().double())
+    xi = torch.round(x.float() / (r or d).in_scale.float())  # the input's integers (q - zp), exact in float32
+    acc = exact_integer_op(op, xi, layer.int_weight().float())
     shape = (1, -1) + (1,) * (acc.dim() - 2)
     if r is not None:
         if layer.bias is not None:
