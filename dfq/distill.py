@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dfq.config import IMAGENET_MEAN, IMAGENET_STD
+from dfq.distributed import gather_batches, mine, world
 from dfq.errors import DfqError
 
 _FORMAT = "dfq-distilled-v1"
@@ -140,13 +141,17 @@ def distill(
     config: DistillConfig = DistillConfig(),
     input_shape: tuple[int, int, int] = (3, 224, 224),
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> DistillResult:
     """Distil `batch_size * num_batches` inputs of shape (C, H, W) from the model's BN statistics.
 
     Needs the BN-unfolded float model; layers without BN are simply not matched. The model is
-    never modified (a frozen deepcopy is used). Deterministic for a given seed unless the
-    `seconds` budget cuts batches short; the budget is shared evenly (unused time carries over)
-    and checked after each step, so every batch gets at least one step.
+    never modified (a frozen deepcopy is used); the images come back on the CPU. Deterministic
+    for a given seed unless the `seconds` budget cuts batches short; the budget is shared evenly
+    (unused time carries over) and checked after each step, so every batch gets at least one step.
+    Under torchrun every process draws every batch's initial noise from the one seeded generator
+    and optimises every N-th batch; the batches are gathered in order, so the images equal a
+    single process's (with the same number of threads per process).
     """
     from tqdm.auto import tqdm
 
@@ -159,6 +164,8 @@ def distill(
         )
     config = dataclasses.replace(config, resolution=(height, width))
     frozen, bns = _frozen_copy(model)
+    if device is not None:  # e.g. a GPU: the model stays where it is, its frozen copy moves
+        frozen.to(device)
     ref = next(frozen.parameters(), bns[0].running_mean)
     device, dtype = ref.device, ref.dtype
     targets = {bn: (bn.running_mean.detach().clone(), torch.sqrt(bn.running_var + bn.eps).detach()) for bn in bns}
@@ -174,13 +181,17 @@ def distill(
     threshold = config.threshold_factor * (len(bns) + 1)
     gen = torch.Generator().manual_seed(config.seed)
     shape = (config.batch_size, channels, height, width)
-    batches, losses, iterations = [], [], []
+    owned = mine(config.num_batches)  # all batches in one process; every N-th under torchrun
+    records = []
     start = time.perf_counter()
-    bar = tqdm(total=config.num_batches * config.iterations, desc="distill", disable=not progress)
+    bar = tqdm(total=len(owned) * config.iterations, desc="distill", disable=not progress)
     try:
         for b in range(config.num_batches):
             deadline = None if config.seconds is None else start + config.seconds * (b + 1) / config.num_batches
-            x = _initial_batch(shape, mean.cpu(), std.cpu(), gen).to(device, dtype).requires_grad_(True)
+            x = _initial_batch(shape, mean.cpu(), std.cpu(), gen)  # drawn by every process: same seeds
+            if b not in owned:
+                continue
+            x = x.to(device, dtype).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=config.lr)
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=config.patience, min_lr=1e-4)
             loss_value, steps = math.nan, 0
@@ -200,17 +211,16 @@ def distill(
                     bar.total -= config.iterations - steps
                     bar.refresh()
                     break
-            batches.append(x.detach())
-            losses.append(loss_value)
-            iterations.append(steps)
+            records.append((x.detach().cpu(), loss_value, steps))
     finally:
         bar.close()
         for h in handles:
             h.remove()
+    records = gather_batches(records, owned if world()[1] > 1 else None)
     return DistillResult(
-        data=torch.cat(batches),
-        losses=tuple(losses),
-        iterations=tuple(iterations),
+        data=torch.cat([x for x, _, _ in records]),
+        losses=tuple(loss for _, loss, _ in records),
+        iterations=tuple(steps for _, _, steps in records),
         seconds=time.perf_counter() - start,
         bn_layers=len(bns),
         config=config,

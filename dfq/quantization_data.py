@@ -38,11 +38,13 @@ def first_images(batches: Iterable, n: int) -> list[torch.Tensor]:
 
 
 def pipeline_data(model: nn.Module, config: PipelineConfig, batches: Iterable | None, spec: DataSpec = DataSpec(),
-                  progress: bool = True, input_shape: tuple[int, ...] | None = None
-                  ) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
-    """The input batches `config` needs (None if it is data-free), and where they came from.
+                  progress: bool = True, input_shape: tuple[int, ...] | None = None,
+                  device: torch.device | None = None) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
+    """The input batches `config` needs (None if it is data-free), on the CPU where the pipeline
+    runs, and where they came from.
 
-    Distilled images take `input_shape` (C, H, W), else the shape of the first real batch.
+    Distilled images take `input_shape` (C, H, W), else the shape of the first real batch; they
+    are distilled on `device` (default: the model's).
     """
     if not config.needs_data:
         return None, {"source": "none (data-free)"}
@@ -61,7 +63,7 @@ def pipeline_data(model: nn.Module, config: PipelineConfig, batches: Iterable | 
                                                    "images": len(data), "config": dcfg.to_dict()}
     dcfg = spec.distill or DistillConfig(mean=config.input_mean, std=config.input_std)
     shape = tuple(input_shape or next(iter(batches))[0].shape[1:])
-    res = distill(model, dcfg, input_shape=shape, progress=progress)
+    res = distill(model, dcfg, input_shape=shape, progress=progress, device=device)
     if spec.save:
         save_distilled(spec.save, res.data, res.config)
     return list(res.data.split(dcfg.batch_size)), {

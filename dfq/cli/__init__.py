@@ -7,11 +7,14 @@ the library. Errors a user can fix print one line and exit 2 (a traceback only w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 
 from dfq.cli.parser import build_parser
+from dfq.distributed import init_from_env, resolve_device
 from dfq.errors import DfqError
 
 log = logging.getLogger("dfq")
@@ -26,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run = {"cls": commands.run_task, "seg": commands.run_task, "det": commands.run_task,
                "export": commands.export, "archs": commands.archs}[args.command]
-        result = run(args)
+        with contextlib.ExitStack() as stack:
+            if hasattr(args, "device"):
+                args.device = resolve_device(args.device)
+                if init_from_env(args.device)[0] != 0:  # torchrun: only rank 0 prints and writes
+                    args.quiet, args.json = True, None
+                    stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+            result = run(args)
     except DfqError as exc:
         if args.debug:
             raise

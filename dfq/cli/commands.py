@@ -3,12 +3,14 @@ the arguments (dfq.cli.options), call the library, print tables, return the JSON
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 from dfq import targets, tasks
 from dfq.cli import options
+from dfq.distributed import world
 from dfq.errors import DfqError
 from dfq.quantization_data import pipeline_data
 from dfq.report import layer_table, markdown_table
@@ -29,26 +31,28 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed)
     spec, inputs = options.model_spec(args, task), options.inputs_of(args, task)
     cfg = options.pipeline_config(args, inputs, **({"quantize": True} if backend != "torch" else {}))
-    model = spec.load()
+    model, device = spec.load(), args.device
     progress = not args.quiet
-    data = task.load(options.data_options(args), inputs, progress)
+    data = task.load(options.data_options(args, device), inputs, progress)
     print(f"dfq {task.name}: {spec.name} on {data.description}")
-    common = {"task": task.name, "arch": spec.name, "data": str(args.data), **data.meta}
+    common = {"task": task.name, "arch": spec.name, "data": str(args.data), "device": str(device),
+              "processes": world()[1], **data.meta}
     reference = None
     if args.compare or args.ablation:
-        reference = task.evaluate(model, data.batches, progress, "fp32")
-    calib, calib_info = pipeline_data(model, cfg, data.batches, options.data_spec(args, cfg), progress)
+        reference = task.evaluate(copy.deepcopy(model).to(device), data.batches, progress, "fp32")
+    calib, calib_info = pipeline_data(model, cfg, data.batches, options.data_spec(args, cfg), progress,
+                                      device=device)
     common["quantization_data"] = calib_info
     if backend != "torch":
         return _print_runtime(task, runtime_run(task, model, cfg, data, backend, calib, args.export_dir, spec.name,
-                                                reference, progress), common)
+                                                reference, progress, device), common)
     if args.ablation:
-        rows = ablation(task, model, cfg, data, reference, progress, calib)
+        rows = ablation(task, model, cfg, data, reference, progress, calib, device)
         print(f"\nW{args.bits_weight}A{args.bits_activation} ablation, quantization data: {calib_info['source']}\n"
               f"{ablation_table(task, rows)}")
         return {"rows": rows, "n": data.n, **common}
-    res = {**run_one(task, model, cfg, data, reference, progress, "dfq" if cfg.quantize else "float", calib),
-           **common}
+    res = {**run_one(task, model, cfg, data, reference, progress, "dfq" if cfg.quantize else "float", calib,
+                     device), **common}
     if getattr(args, "plot", None):
         from dfq.report import plot_weight_ranges
 
@@ -103,7 +107,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
         batches = load(DataOptions(args.data, limit=real, batch_size=real, resize=args.resize, crop=args.crop,
                                    mean=cfg.input_mean, std=cfg.input_std), inputs).batches
-    calib, _ = pipeline_data(model, cfg, batches, options.data_spec(args, cfg), progress=True, input_shape=shape[1:])
+    calib, _ = pipeline_data(model, cfg, batches, options.data_spec(args, cfg), progress=True, input_shape=shape[1:],
+                             device=args.device)
     result = quantize_model(model, cfg, calib_data=calib)
     files = write(result, Path(args.output), shape)
     described = profile.describe(result.config.quant)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import torch
+
 from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig
 from dfq.distill import DistillConfig
 from dfq.models.registry import InputConfig, input_config
@@ -25,8 +27,9 @@ def inputs_of(args: argparse.Namespace, task: Task | None = None) -> InputConfig
     return input_config(args.arch or (task.default_arch if task is not None else None))
 
 
-def data_options(args: argparse.Namespace) -> DataOptions:
+def data_options(args: argparse.Namespace, device: torch.device | None = None) -> DataOptions:
     opt = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(DataOptions)}
+    opt["pin_memory"] = device is not None and device.type == "cuda"
     opt["path"], opt["batch_size"] = args.data, args.batch_size
     opt["workers"] = getattr(args, "workers", 0)
     for k in ("mean", "std"):

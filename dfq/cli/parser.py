@@ -65,6 +65,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=float, nargs=3, default=None)
     g.add_argument("--resize", type=int, default=None, help="shorter side (0 = none; default 256, CIFAR 0)")
     g.add_argument("--crop", type=int, default=None, help="center crop (0 = none; default 224, CIFAR 0)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding the images")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
@@ -102,6 +103,12 @@ def _add_task_parser(sub, name: str, what: str) -> None:
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]|mps",
+                   help="where models, data, distillation and the simulation run (auto: CUDA when available; "
+                        "under torchrun each process its own GPU); the pipeline's float transforms run on the CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfq", description="Data-free quantization of PyTorch CNNs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -136,5 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(e, backend=False)
     for name, what in (("seg", "DeepLab-v3+ on VOC segmentation (mIoU)"), ("det", "SSD-Lite on VOC detection (mAP)")):
         _add_task_parser(sub, name, what)
+    for command in (c, e, *(sub.choices[name] for name in ("seg", "det"))):
+        _add_device_arg(command)
     sub.add_parser("archs", help="list the architectures --arch accepts")
     return p

@@ -175,10 +175,10 @@ def _integer_forward(layer, x: torch.Tensor, op) -> torch.Tensor | None:
         if layer.bias is not None:
             acc = acc + layer.int_bias().double().reshape(shape)
         m = (r.in_scale.float() * layer.weight_scale.float()) / r.out_scale.float()  # float32, as the runtime
-        y = acc.float() * m.reshape(shape)
+        y = acc.float() * m.to(acc.device).reshape(shape)
         zp = float(r.out_zero_point)
         return (torch.round(y.clamp(r.qmin - zp, r.qmax - zp)) * r.out_scale.float()).to(x.dtype)
-    m = d.multiplier.reshape(shape)
+    m = d.multiplier.to(acc.device).reshape(shape)
     bias = layer.bias.detach().float().reshape(shape) if layer.bias is not None else torch.zeros(())
     if d.fused:  # acc * m exact in float64 (< 53 bits), one rounding to float32 after the add
         y = (acc.float().double() * m.double() + bias.double()).float()

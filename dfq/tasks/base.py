@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
+from torch import nn
+
 from dfq.models.registry import InputConfig
 
 
@@ -43,6 +45,7 @@ class DataOptions:
     year: str | None = None            # VOC
     split: str | None = None           # VOC
     size: int | None = None            # VOC: seg crop / det input side
+    pin_memory: bool = False           # page-locked batches, for a CUDA device
 
 
 @dataclass
@@ -61,8 +64,16 @@ class Task:
     default_arch: str | None
     metrics: tuple[str, ...]           # headline metrics, percent; the first is the primary one
     load: Callable[[DataOptions, InputConfig, bool], EvalData]
-    evaluate: Callable[..., Score]     # (model, batches, progress, desc) -> Score
+    per_batch: Callable[..., list]     # (model, batches, progress, desc) -> one record per batch
+    score: Callable[[list], Score]     # the records of all batches, in order -> Score
     table_columns: tuple[str, ...] = ()  # paired figures the tables show beside the metrics
+
+    def evaluate(self, model: nn.Module, batches: Iterable, progress: bool = False, desc: str = "eval") -> Score:
+        """Score `model` on `batches` (split over the processes of a torchrun, see dfq.distributed)."""
+        from dfq.distributed import gather_batches, shard_batches
+
+        mine, indices = shard_batches(batches)
+        return self.score(gather_batches(self.per_batch(model, mine, progress, desc), indices))
 
     def input_normalisation(self, options: DataOptions, inputs: InputConfig) -> tuple[tuple, tuple]:
         """(mean, std) of the network input: the user's, else the model's registry entry's."""
@@ -76,7 +87,7 @@ def voc_loader(dataset, options: DataOptions, collate=None):
     if options.limit is not None:
         dataset = Subset(dataset, range(min(options.limit, len(dataset))))
     return DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
-                      collate_fn=collate)
+                      collate_fn=collate, pin_memory=options.pin_memory)
 
 
 @dataclass

@@ -124,14 +124,15 @@ def load_images(path: str | Path, preprocess: Preprocess = Preprocess()) -> Imag
     raise DfqError(f"{path} is not a folder, .npz or foolbox .whl.", "see `dfq cls --help` for --data")
 
 
-def materialize(source: ImageSource, limit: int | None = None, batch_size: int = 64,
-                progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode once into batches, so an ablation evaluates many models on the same tensors."""
+def materialize(source: ImageSource, limit: int | None = None, batch_size: int = 64, progress: bool = False,
+                workers: int = 0, pin_memory: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode once into batches (in `workers` processes), so an ablation evaluates many models
+    on the same tensors."""
     from tqdm import tqdm
 
     n = len(source) if not limit else min(limit, len(source))
     subset = torch.utils.data.Subset(source, range(n))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
     return [(x, y) for x, y in tqdm(loader, desc=f"decode {source.name}", disable=not progress, leave=False)]
 
 
@@ -167,18 +168,29 @@ class Evaluation:
                 "max_abs_logit_diff": round(float((self.logits - simulation.logits).abs().max()), 6)}
 
 
-def evaluate(model: torch.nn.Module, batches, progress: bool = False, desc: str = "eval") -> Evaluation:
+def logits_per_batch(model: torch.nn.Module, batches, progress: bool = False,
+                     desc: str = "eval") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) of each batch, on the CPU; inputs go to the model's device."""
     from tqdm import tqdm
 
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    logits, labels = [], []
+    out = []
     with torch.no_grad():
         for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            logits.append(model(x).float())
-            labels.append(y)
+            out.append((model(x.to(device)).float().cpu(), y))
     model.train(was_training)
-    return Evaluation(torch.cat(logits), torch.cat(labels))
+    return out
+
+
+def evaluation_of(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Evaluation:
+    return Evaluation(torch.cat([lg for lg, _ in batches]), torch.cat([y for _, y in batches]))
+
+
+def evaluate(model: torch.nn.Module, batches, progress: bool = False, desc: str = "eval") -> Evaluation:
+    return evaluation_of(logits_per_batch(model, batches, progress, desc))
 
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
@@ -188,9 +200,9 @@ def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> E
                      crop=inputs.crop if options.crop is None else options.crop,
                      mean=tuple(options.mean or inputs.mean), std=tuple(options.std or inputs.std))
     source = load_images(options.path, pre)
-    batches = materialize(source, options.limit, options.batch_size, progress)
+    batches = materialize(source, options.limit, options.batch_size, progress, options.workers, options.pin_memory)
     n = sum(len(y) for _, y in batches)
     return EvalData(batches, n, f"{n} images of {source.name}")
 
 
-TASK = Task("cls", None, ("top1",), load, evaluate, ("top5", "agreement", "logits_sqnr_db"))
+TASK = Task("cls", None, ("top1",), load, logits_per_batch, evaluation_of, ("top5", "agreement", "logits_sqnr_db"))

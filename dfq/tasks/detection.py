@@ -269,10 +269,11 @@ def voc_map(detections: list[dict], targets: list[dict], iou_threshold: float = 
 
 
 @torch.no_grad()
-def detect(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, progress: bool = False, **nms_args) -> tuple[list[dict], list[dict]]:
+def detect_per_batch(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, progress: bool = False,
+                     **nms_args) -> list[tuple[list[dict], list[dict]]]:
     """Run an SSD body over (images, targets) batches; decode and NMS in float on the CPU.
 
-    Returns (detections, targets), one entry per image; `nms_args` go to `postprocess`.
+    Returns (detections, targets) of each batch, one entry per image; `nms_args` go to `postprocess`.
     """
     from tqdm import tqdm
 
@@ -281,7 +282,7 @@ def detect(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, p
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    detections, all_targets = [], []
+    out = []
     try:
         for images, targets in tqdm(loader, desc="detection", disable=not progress):
             confidences, locations = model(images.to(device))
@@ -291,11 +292,14 @@ def detect(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, p
                     f"feed {IMAGE_SIZE}x{IMAGE_SIZE} images to the SSD-Lite, or pass the priors of your model",
                 )
             sizes = [t["size"] for t in targets]
-            detections += postprocess(confidences.cpu(), locations.cpu(), priors, sizes, **nms_args)
-            all_targets += targets
+            out.append((postprocess(confidences.cpu(), locations.cpu(), priors, sizes, **nms_args), targets))
     finally:
         model.train(was_training)
-    return detections, all_targets
+    return out
+
+
+def map_of(batches: list[tuple[list[dict], list[dict]]]) -> dict:
+    return voc_map([d for ds, _ in batches for d in ds], [t for _, ts in batches for t in ts])
 
 
 def evaluate(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, progress: bool = False, **nms_args) -> dict:
@@ -303,7 +307,7 @@ def evaluate(model: torch.nn.Module, loader, priors: torch.Tensor | None = None,
 
     Returns {"map07", "map12" (percent), "per_class_ap": {class: {"ap07", "ap12"}}, "n": images}.
     """
-    return voc_map(*detect(model, loader, priors, progress, **nms_args))
+    return map_of(detect_per_batch(model, loader, priors, progress, **nms_args))
 
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
@@ -314,8 +318,6 @@ def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> E
     return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
 
 
-def score(model: torch.nn.Module, batches, progress: bool = False, desc: str = "detection") -> MetricScore:
-    return MetricScore(evaluate(model, batches, progress=progress), ("map07", "map12"))
-
-
-TASK = Task("det", "ssdlite_mobilenetv2", ("map07", "map12"), load, score)
+TASK = Task("det", "ssdlite_mobilenetv2", ("map07", "map12"), load,
+            lambda model, batches, progress=False, desc="": detect_per_batch(model, batches, progress=progress),
+            lambda records: MetricScore(map_of(records), ("map07", "map12")))

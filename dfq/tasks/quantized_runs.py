@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dfq.config import CLIP_WEIGHT, PipelineConfig
+from dfq.distributed import check_identical, world
 from dfq.pipeline import quantize_model
 from dfq.quantization_data import pipeline_data
 from dfq.tasks.base import EvalData, Score, Task
@@ -41,15 +42,17 @@ def equalization_summary(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_one(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData, reference: Score | None = None,
-            progress: bool = True, label: str = "dfq", calib_data: list[torch.Tensor] | None = None
-            ) -> dict[str, Any]:
+            progress: bool = True, label: str = "dfq", calib_data: list[torch.Tensor] | None = None,
+            device: torch.device | None = None) -> dict[str, Any]:
     """Quantize per `config` (with `calib_data` if it needs any), score it on `data`, pair it
-    with `reference` (FP32)."""
+    with `reference` (FP32). The pipeline runs on the CPU (where its float transforms are exact
+    and deterministic); the fake-quant model is evaluated on `device`."""
     if calib_data is None and config.needs_data:
-        calib_data, _ = pipeline_data(model, config, data.batches, progress=progress)
+        calib_data, _ = pipeline_data(model, config, data.batches, progress=progress, device=device)
     result = quantize_model(model, config, calib_data=calib_data)
+    check_identical(result.model, "the quantized model")
     t = time.perf_counter()
-    score = task.evaluate(result.model, data.batches, progress, label)
+    score = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, label)
     out = {"name": label, **score.summary(), "config": config.to_dict(), "layers": result.layers,
            "activations": result.activations,
            "equalization": equalization_summary(result.layers) if config.equalize else None,
@@ -61,12 +64,13 @@ def run_one(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData
 
 
 def ablation(task: Task, model: nn.Module, base: PipelineConfig, data: EvalData, reference: Score,
-             progress: bool = True, calib_data: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+             progress: bool = True, calib_data: list[torch.Tensor] | None = None,
+             device: torch.device | None = None) -> list[dict[str, Any]]:
     """FP32 and the ablation rows, each with its differences to FP32."""
     rows = [{"name": "FP32", **reference.summary(), **reference.deltas(reference)}]
     for name, overrides in ABLATION:
         cfg = dataclasses.replace(base, **{**ABLATION_BASE, **overrides})
-        rows.append(run_one(task, model, cfg, data, reference, progress, name, calib_data))
+        rows.append(run_one(task, model, cfg, data, reference, progress, name, calib_data, device))
     return rows
 
 
@@ -84,21 +88,26 @@ def ablation_table(task: Task, rows: list[dict[str, Any]]) -> str:
 
 def runtime_run(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData, backend: str,
                 calib_data: list[torch.Tensor] | None = None, export_dir: str | Path | None = None,
-                name: str = "model", reference: Score | None = None, progress: bool = True) -> dict[str, Any]:
-    """Quantize with `backend`'s runtime profile, export, and score the real int8 runtime
-    beside its simulation on the same images."""
+                name: str = "model", reference: Score | None = None, progress: bool = True,
+                device: torch.device | None = None) -> dict[str, Any]:
+    """Quantize with `backend`'s runtime profile, export, and score the real int8 runtime (on
+    the CPU) beside its simulation (on `device`) on the same images."""
     from dfq import export, targets
 
     profile = targets.profile(backend)
     profile.check_runtime()
     config = dataclasses.replace(config, quantize=True, quant=dataclasses.replace(config.quant, target=backend))
     result = quantize_model(model, config, calib_data=calib_data)
+    check_identical(result.model, "the quantized model")
     out_dir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="dfq_export_"))
+    rank, size = world()
+    if size > 1:  # every process exports (the same files) into a folder of its own
+        out_dir = out_dir / f"rank{rank}"
     x0 = next(iter(data.batches))[0]
     files = export.export(result, out_dir / name.replace(":", "_"), (1, *x0.shape[1:]))
     opt_path = out_dir / "ort_optimized.onnx" if profile.format == "onnx" else None
     runner = export.runner(profile, files, torch.get_num_threads(), opt_path)
-    sim = task.evaluate(result.model, data.batches, progress, "simulation")
+    sim = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, "simulation")
     real = task.evaluate(runner, data.batches, progress, backend)
     res = {"name": f"{backend} int8", "backend": backend, **real.summary(), **real.against_simulation(sim),
            "profile": profile.describe(result.config.quant), "config": result.config.to_dict(), "files": files,

@@ -96,20 +96,16 @@ def mean_iou(cm: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES), progress: bool = False) -> dict:
-    """Run `model` (logits N x C x H x W at input size) over (image, mask) batches; score mIoU.
-
-    Inputs go to the device of the model's parameters. Returns {"miou": percent,
-    "per_class_iou": [percent, or None for a class that never occurs, per class id], "n": images}.
-    """
+def confusion_per_batch(model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES),
+                        progress: bool = False) -> list[tuple[torch.Tensor, int]]:
+    """(confusion matrix, images) of each (image, mask) batch; inputs go to the model's device."""
     from tqdm import tqdm
 
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    n = 0
+    out = []
     try:
         for images, masks in tqdm(loader, desc="segmentation", disable=not progress):
             logits = model(images.to(device))
@@ -118,18 +114,29 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES)
                     f"Model output {tuple(logits.shape[-2:])} does not match mask size {tuple(masks.shape[-2:])}.",
                     "upsample the logits to the input size inside the model",
                 )
-            cm += confusion_matrix(masks, logits.argmax(1).cpu(), num_classes)
-            n += images.shape[0]
+            out.append((confusion_matrix(masks, logits.argmax(1).cpu(), num_classes), images.shape[0]))
     finally:
         model.train(was_training)
+    return out
+
+
+def miou_of(batches: list[tuple[torch.Tensor, int]]) -> dict:
+    """{"miou": percent, "per_class_iou": [percent, or None for a class that never occurs], "n"}."""
+    n = sum(k for _, k in batches)
     if n == 0:
         raise DfqError("The segmentation loader yielded no images.", "check the split list and the dataset path")
+    cm = sum(c for c, _ in batches)
     iou = iou_per_class(cm)
     return {
         "miou": 100.0 * mean_iou(cm),
         "per_class_iou": [None if math.isnan(v) else 100.0 * float(v) for v in iou],
         "n": n,
     }
+
+
+def evaluate(model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES), progress: bool = False) -> dict:
+    """Run `model` (logits N x C x H x W at input size) over (image, mask) batches; score mIoU."""
+    return miou_of(confusion_per_batch(model, loader, num_classes, progress))
 
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
@@ -140,8 +147,6 @@ def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> E
     return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
 
 
-def score(model: torch.nn.Module, batches, progress: bool = False, desc: str = "segmentation") -> MetricScore:
-    return MetricScore(evaluate(model, batches, progress=progress), ("miou",))
-
-
-TASK = Task("seg", "deeplabv3plus_mobilenetv2", ("miou",), load, score)
+TASK = Task("seg", "deeplabv3plus_mobilenetv2", ("miou",), load,
+            lambda model, batches, progress=False, desc="": confusion_per_batch(model, batches, progress=progress),
+            lambda records: MetricScore(miou_of(records), ("miou",)))
