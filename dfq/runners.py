@@ -37,9 +37,10 @@ class OrtRunner(torch.nn.Module):
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().float().contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The model's output, or the tuple of its outputs (e.g. an SSD's scores and boxes)."""
+        outs = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})
+        return torch.from_numpy(outs[0]) if len(outs) == 1 else tuple(torch.from_numpy(o) for o in outs)
 
 
 def op_counts(onnx_path: str | Path) -> collections.Counter:
@@ -85,7 +86,7 @@ class NcnnRunner(torch.nn.Module):
         self._ncnn = ncnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().float().contiguous().numpy()
+        x = x.detach().cpu().float().contiguous().numpy()
         outs = []
         for img in x:
             img = np.ascontiguousarray(img)  # ncnn.Mat wraps this memory: keep it alive
@@ -94,5 +95,5 @@ class NcnnRunner(torch.nn.Module):
             ret, out = ex.extract(self.output_name)
             if ret != 0:
                 raise DfqError(f"ncnn extract failed ({ret}).")
-            outs.append(np.array(out).reshape(-1).copy())
+            outs.append(np.array(out).copy())  # ncnn drops the batch axis: (w), (h, w) or (c, h, w)
         return torch.from_numpy(np.stack(outs))

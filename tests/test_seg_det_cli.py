@@ -111,3 +111,20 @@ def test_bad_input_exits_2_with_one_line(voc, checkpoints, capsys, argv, needle)
     code, _, err = _run(capsys, *argv, "--quantize", "--quiet")
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,backend", [("seg", "ort"), ("seg", "ncnn"), ("det", "ort")])
+def test_seg_det_int8_runtimes_equal_their_simulation(voc, checkpoints, tmp_path, capsys, task, backend):
+    """`dfq seg|det --backend`: the exported int8 model in its runtime scores as its simulation."""
+    pytest.importorskip("onnxruntime" if backend == "ort" else "ncnn")
+    out_json = tmp_path / f"{task}_{backend}.json"
+    code, out, err = _run(capsys, task, "--weights", checkpoints[task], "--data", voc, "--limit", 2,
+                          *(["--size", 64] if task == "seg" else []), "--quantize", "--relu", "--equalize",
+                          "--correction", "--backend", backend, "--quiet", "--json", out_json,
+                          "--export-dir", tmp_path / "export")
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    metric = "miou" if task == "seg" else "map07"
+    assert r["backend"] == backend and _finite(r[metric])
+    assert abs(r[f"delta_{metric}_vs_sim"]) <= 1.0

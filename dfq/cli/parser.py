@@ -101,6 +101,7 @@ def _add_task_parser(sub, name: str, what: str) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_runtime_args(t, backend=True)
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:

@@ -76,7 +76,7 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> np.ndarray:
         Path(tmp, "p.bin").write_bytes(blob)
         run = NcnnRunner(Path(tmp, "p.param"), Path(tmp, "p.bin"), threads=1)
         x = torch.full((1, g, 1, 1), float(np.float32(1.0) / np.float32(in_scale)))  # quantizes to 1
-        return run(x)[0].numpy().astype(np.float32)
+        return run(x)[0].numpy().astype(np.float32).reshape(-1)
 
 
 class NcnnProfile(Profile):
