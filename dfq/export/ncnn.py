@@ -246,6 +246,10 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
     for name, m in gm.named_modules():
         if isinstance(m, ActQuant) and m.quantizing and not (m.reciprocal and m.grid.symmetric and m.grid.bits == 8):
             raise DfqError("the model was not quantized with the ncnn profile.", "quantize with --target ncnn")
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if isinstance(out, (tuple, list)):
+        raise DfqError(f"the model has {len(out)} outputs; dfq's ncnn export and runner handle one.",
+                       "use --backend ort / --format onnx for this model")
     stem = Path(stem)
     fp32_param, fp32_bin = pnnx_convert(float_copy(gm), stem, tuple(input_shape))
     header, layers = read_param(fp32_param)
