@@ -39,7 +39,3 @@ def resolve(q: QuantConfig) -> QuantConfig:
     """The concrete QuantConfig `q.target` computes with (idempotent; generic is unchanged)."""
     return profile(q.target).resolve(q)
 
-
-def describe(q: QuantConfig) -> dict:
-    """What the profile does, for reports."""
-    return profile(q.target).describe(q)

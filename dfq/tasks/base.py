@@ -75,9 +75,6 @@ class Task:
         mine, indices = shard_batches(batches)
         return self.score(gather_batches(self.per_batch(model, mine, progress, desc), indices))
 
-    def input_normalisation(self, options: DataOptions, inputs: InputConfig) -> tuple[tuple, tuple]:
-        """(mean, std) of the network input: the user's, else the model's registry entry's."""
-        return tuple(options.mean or inputs.mean), tuple(options.std or inputs.std)
 
 
 def voc_loader(dataset, options: DataOptions, collate=None):
