@@ -2,7 +2,9 @@
 
 Each node's output gets per-channel moments (mean, var) of a normal approximation and a
 range [lo, hi]. Conv outputs with folded BN are N(beta, gamma^2); clipping activations map
-moments through the clipped normal (exact for a normal input); residual adds sum means and
+moments through the clipped normal (exact for a normal input); smooth activations (SiLU, GELU,
+Hardswish, ...) map them through the activation (dfq.activation_moments: exact for a normal
+input; a clipped input is taken as the normal of its moments); residual adds sum means and
 variances (independent branches); concatenations stack channels; layers without BN
 propagate moments linearly. Bias correction reads E[x] of each layer input; BN-based
 activation ranges read mean +- n*std, clipped by the activation.
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from dfq.activation_moments import activation_moments, activation_range, normal_pdf
 from dfq.graph.channels import channel_matrix, to_features
 from dfq.graph.ops import (activation_of, channel_padding, is_add, is_cat, is_pass_through, is_spatial_slice,
-                           weighted_module)
+                           pointwise_of, weighted_module)
 from dfq.stats import Stats
 
 
@@ -34,10 +37,6 @@ class Moments:
     clipped_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-def _phi(z: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isinf(z), torch.zeros_like(z), torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
-
-
 def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo, hi):
     """Mean and variance of clamp(X, lo, hi) for X ~ N(mean, std^2), per channel.
 
@@ -51,7 +50,7 @@ def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo, hi):
     a = (lo_t - mean) / s
     b = (hi_t - mean) / s
     cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
-    pa, pb = _phi(a), _phi(b)
+    pa, pb = normal_pdf(a), normal_pdf(b)
     p_in = cdf_b - cdf_a
     lo_f = torch.where(torch.isinf(lo_t), torch.zeros_like(lo_t), lo_t)
     hi_f = torch.where(torch.isinf(hi_t), torch.zeros_like(hi_t), hi_t)
@@ -114,6 +113,9 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
             continue
         elif (act := activation_of(gm, node)) is not None:
             out[node.name] = _clip(src, act.lo, act.hi)
+        elif (f := pointwise_of(gm, node)) is not None:
+            out[node.name] = Moments(*activation_moments(f.kind, f.param, src.mean, src.var),
+                                     *activation_range(f.kind, f.param, src.lo, src.hi))
         elif is_pass_through(gm, node) or is_spatial_slice(node):
             out[node.name] = src
         elif (pads := channel_padding(node)) is not None:

@@ -85,6 +85,45 @@ def activation_of(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
     return None
 
 
+@dataclass(frozen=True)
+class Pointwise:
+    """An elementwise activation that is neither a clip nor scale-invariant (SiLU, GELU, ...):
+    it gets data-free moments (dfq.activation_moments), and equalization stops at it."""
+
+    kind: str
+    param: float | str | None = None
+
+
+# op -> kind of dfq.activation_moments.SHAPES; in-place variants compute the same values
+POINTWISE_MODULES = {nn.SiLU: "silu", nn.GELU: "gelu", nn.Mish: "mish", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+                     nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Hardsigmoid: "hardsigmoid",
+                     nn.Hardswish: "hardswish"}
+POINTWISE_FUNCTIONS = {F.silu: "silu", F.gelu: "gelu", F.mish: "mish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+                       torch.sigmoid_: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", torch.tanh_: "tanh",
+                       F.elu: "elu", F.elu_: "elu", F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu",
+                       F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish"}
+POINTWISE_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
+# the parameter that shapes a kind: module attribute = functional argument (second positional), default
+POINTWISE_PARAMS = {"gelu": ("approximate", "none"), "elu": ("alpha", 1.0), "leaky_relu": ("negative_slope", 0.01)}
+
+
+def pointwise_of(gm: fx.GraphModule, node: fx.Node) -> Pointwise | None:
+    """The non-clipping elementwise activation a node computes, or None."""
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if m is not None:
+        kind = POINTWISE_MODULES.get(type(m))
+    elif node.op == "call_function":
+        kind = POINTWISE_FUNCTIONS.get(node.target)
+    else:
+        kind = POINTWISE_METHODS.get(node.target) if node.op == "call_method" else None
+    if kind not in POINTWISE_PARAMS:
+        return None if kind is None else Pointwise(kind)
+    name, default = POINTWISE_PARAMS[kind]
+    if m is not None:
+        return Pointwise(kind, getattr(m, name))
+    return Pointwise(kind, node.kwargs.get(name, node.args[1] if len(node.args) > 1 else default))
+
+
 def weighted_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
