@@ -30,6 +30,7 @@ GRID_PRESERVING = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.Flatt
                    F.dropout, torch.flatten, "flatten", "contiguous")
 
 ADD_FUNCTIONS = {operator.add, torch.add}
+MUL_FUNCTIONS = {operator.mul, torch.mul}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
@@ -199,6 +200,11 @@ def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
 def is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target == "add")
+
+
+def is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "mul")
 
 
 def is_cat(node: fx.Node) -> bool:
