@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from dfq.graph.ops import (Activation, activation_of, describe, features_per_channel_ok, is_add,
-                           is_cat, is_pass_through, layer_kind, weighted_module)
+                           is_cat, is_pass_through, is_shape_query, layer_kind, weighted_module)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def _follow(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[Activatio
     clips: list[str] = []
     cur = node
     while True:
-        users = list(cur.users)
+        users = [u for u in cur.users if not is_shape_query(u)]
         if not users or any(u.op == "output" for u in users):
             return "its output is a network output"
         if any(is_add(u) for u in users):

@@ -165,6 +165,14 @@ def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def is_shape_query(node: fx.Node) -> bool:
+    """x.shape / x.ndim / x.size() / x.dim() (timm asserts x.ndim == 4): reads no values, so
+    neither folding nor scaling can change it, and it does not count as a user of x."""
+    return ((node.op == "call_function" and node.target is getattr
+             and node.args[1] in ("shape", "ndim", "dtype", "device"))
+            or (node.op == "call_method" and node.target in ("size", "dim")))
+
+
 def is_spatial_slice(node: fx.Node) -> bool:
     """x[:, :, a:b:s, c:d:t]: strided subsampling that keeps batch and channels whole."""
     if node.op != "call_function" or node.target is not operator.getitem:
