@@ -5,6 +5,7 @@ new op means one line here.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -21,13 +22,21 @@ BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # Ops through which a positive per-channel scale passes unchanged and which keep the channel
 # layout (so equalization can look through them) and the per-channel mean (bias correction).
 # Resampling (F.interpolate, nn.Upsample) is linear per channel with weights summing to 1.
-PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity,
-                nn.ZeroPad2d, nn.Flatten, nn.Upsample)
-PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten, F.interpolate}
+# Identities in eval mode (below) are pass-through too.
+PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.ZeroPad2d, nn.Flatten, nn.Upsample)
+PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.flatten, F.interpolate}
 PASS_METHODS = {"flatten", "contiguous"}
 # Of those, the ones whose output lies on its input's quantization grid (no requantization).
-GRID_PRESERVING = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.Flatten, F.max_pool2d,
-                   F.dropout, torch.flatten, "flatten", "contiguous")
+GRID_PRESERVING = (nn.MaxPool2d, nn.ZeroPad2d, nn.Flatten, F.max_pool2d, torch.flatten, "flatten", "contiguous")
+
+# The identity in eval mode (dfq only transforms eval-mode graphs): dropout of every kind, and
+# stochastic depth / drop path (torchvision's StochasticDepth and stochastic_depth, timm's
+# DropPath and drop_path), those matched by name so that dfq imports neither library. A
+# functional call counts only where its `training` argument is False.
+EVAL_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                         nn.FeatureAlphaDropout)
+EVAL_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+EVAL_IDENTITY_NAMES = {"StochasticDepth", "DropPath", "stochastic_depth", "drop_path"}
 
 ADD_FUNCTIONS = {operator.add, torch.add}
 MUL_FUNCTIONS = {operator.mul, torch.mul}
@@ -150,8 +159,26 @@ def pads_input(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and (m.padding == "same" or any(p > 0 for p in m.padding))
 
 
+def is_eval_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Dropout, stochastic depth, drop path, nn.Identity: the identity in eval mode."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, EVAL_IDENTITY_MODULES) or type(m).__name__ in EVAL_IDENTITY_NAMES
+    if node.op != "call_function" or not (node.target in EVAL_IDENTITY_FUNCTIONS
+                                          or getattr(node.target, "__name__", None) in EVAL_IDENTITY_NAMES):
+        return False
+    try:
+        args = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # no signature, or not a call we understand
+        return False
+    args.apply_defaults()
+    return args.arguments.get("training") is False
+
+
 def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Channel-preserving, positively homogeneous and mean-preserving (up to borders)."""
+    if is_eval_identity(gm, node):
+        return True
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), PASS_MODULES)
     if node.op == "call_function":
@@ -200,7 +227,7 @@ def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True where the output needs no requantization (max pool, reshapes, identities, and a
     ChannelMin whose bounds were snapped onto its input's grid)."""
     key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
-    if key is ChannelMin:
+    if key is ChannelMin or is_eval_identity(gm, node):
         return True
     return key in GRID_PRESERVING or node.target is F.pad
 
