@@ -187,9 +187,7 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, str]]:
                 inner = channels_of(gm, pad_node.args[0], memo)
                 covered[off:off + pad[0]] = [True] * pad[0]
                 covered[off + pad[0] + inner:off + pad[0] + inner + pad[1]] = [True] * pad[1]
-        if any(layer_kind(m) == "grouped" for m in mods.values()):
-            skipped[node.name] = "a grouped convolution touches the region"
-        elif not all(covered):
+        if not all(covered):
             skipped[node.name] = "some of the region's channels come from no layer"
         elif not all(_reads_per_channel(mods[c], w) for c, (_, w) in consumers.items()):
             skipped[node.name] = "a consumer does not read the region channel by channel"
