@@ -5,40 +5,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torchvision.ops import StochasticDepth, stochastic_depth
+from torchvision.ops import stochastic_depth
 
 from conftest import randomize_bn
 from dfq import EqualizeConfig, PipelineConfig, equalize, fold_batchnorm, quantize_model, trace
+from dfq.graph.ops import is_eval_identity, is_pass_through
 from dfq.graph.regions import find_regions
 from dfq.transforms.equalize import _region_ranges
+from strategies import DROPS as STRATEGY_DROPS
+from strategies import Drop
 
 
-def drop_path(x, drop_prob: float = 0.0, training: bool = False):
-    """timm's drop_path, kept as one call in the graph (fx.wrap), as a leaf would leave it."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - drop_prob)
-    return x * keep / (1 - drop_prob)
-
-
-fx.wrap("drop_path")
-
-DROPS = {
-    "StochasticDepth": lambda: StochasticDepth(0.2, "row"),
-    "stochastic_depth": lambda: Call(lambda x, training: stochastic_depth(x, 0.2, "row", training)),
-    "drop_path": lambda: Call(lambda x, training: drop_path(x, 0.2, training)),
-    "Dropout2d": lambda: nn.Dropout2d(0.2),
-    "alpha_dropout": lambda: Call(lambda x, training: F.alpha_dropout(x, 0.2, training)),
-}
-
-
-class Call(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
+class AlphaDropout(nn.Module):
     def forward(self, x):
-        return self.fn(x, self.training)
+        return F.alpha_dropout(x, 0.2, self.training)
+
+
+# torchvision's StochasticDepth and stochastic_depth, timm's drop_path (one call in the graph), ...
+DROPS = {**{kind: (lambda kind=kind: Drop(kind)) for kind in STRATEGY_DROPS}, "alpha_dropout": AlphaDropout}
 
 
 class Block(nn.Module):
@@ -65,6 +49,7 @@ def net(kind: str) -> nn.Module:
 def test_residual_region_through_stochastic_depth_is_equalized_exactly(kind):
     m = net(kind).double()
     t = fold_batchnorm(trace(m))
+    assert sum(is_eval_identity(t.gm, n) for n in t.gm.graph.nodes) == 2  # not traced away
     eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
@@ -84,12 +69,11 @@ def test_identities_get_moments_and_no_quantizer(kind):
     assert len(res.activations) == 10
 
 
-def test_stochastic_depth_in_training_mode_is_no_identity():
-    class Train(nn.Module):
-        def forward(self, x):
-            return stochastic_depth(x, 0.5, "row", True) + F.dropout(x, 0.5)  # F.dropout: training=True
-
-    from dfq.graph.ops import is_pass_through
-
-    gm = fx.symbolic_trace(Train())
-    assert not any(is_pass_through(gm, n) for n in gm.graph.nodes)
+@pytest.mark.parametrize("fn,args,identity", [
+    (stochastic_depth, (0.5, "row", False), True), (stochastic_depth, (0.5, "row", True), False),
+    (F.dropout, (0.5, False), True), (F.dropout, (0.5,), False),  # F.dropout's training defaults to True
+    (F.dropout2d, (), False), (F.alpha_dropout, (), True)])
+def test_a_functional_drop_is_the_identity_only_outside_training(fn, args, identity):
+    gm = fx.GraphModule(nn.Module(), fx.Graph())
+    node = gm.graph.call_function(fn, (gm.graph.placeholder("x"), *args))
+    assert is_eval_identity(gm, node) is identity and is_pass_through(gm, node) is identity
