@@ -2,9 +2,11 @@
 
 Each node's output gets per-channel moments (mean, var) of a normal approximation and a
 range [lo, hi]. Conv outputs with folded BN are N(beta, gamma^2); clipping activations map
-moments through the clipped normal (exact for a normal input); residual adds sum means and
-variances (independent branches); concatenations stack channels; layers without BN
-propagate moments linearly. Bias correction reads E[x] of each layer input; BN-based
+moments through the clipped normal (exact for a normal input); smooth activations (SiLU, GELU,
+Hardswish, ...) map them through the activation (dfq.activation_moments: exact for a normal
+input; a clipped input is taken as the normal of its moments); residual adds sum means and
+variances (independent branches); products (squeeze-excitation gates) multiply independent
+factors; concatenations stack channels; layers without BN propagate moments linearly. Bias correction reads E[x] of each layer input; BN-based
 activation ranges read mean +- n*std, clipped by the activation.
 """
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from dfq.activation_moments import activation_moments, activation_range, normal_pdf
 from dfq.config import RANGE_STD
 from dfq.graph.channels import channel_matrix, to_features
 from dfq.graph.ops import (activation_of, channel_padding, is_add, is_cat, is_pass_through, is_spatial_slice,
-                           weighted_module)
+                           is_mul, pointwise_of, weighted_module)
 from dfq.stats import Stats
 
 
@@ -35,10 +38,6 @@ class Moments:
     clipped_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-def _phi(z: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isinf(z), torch.zeros_like(z), torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi))
-
-
 def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo, hi):
     """Mean and variance of clamp(X, lo, hi) for X ~ N(mean, std^2), per channel.
 
@@ -52,7 +51,7 @@ def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo, hi):
     a = (lo_t - mean) / s
     b = (hi_t - mean) / s
     cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
-    pa, pb = _phi(a), _phi(b)
+    pa, pb = normal_pdf(a), normal_pdf(b)
     p_in = cdf_b - cdf_a
     lo_f = torch.where(torch.isinf(lo_t), torch.zeros_like(lo_t), lo_t)
     hi_f = torch.where(torch.isinf(hi_t), torch.zeros_like(hi_t), hi_t)
@@ -115,6 +114,9 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
             continue
         elif (act := activation_of(gm, node)) is not None:
             out[node.name] = _clip(src, act.lo, act.hi)
+        elif (f := pointwise_of(gm, node)) is not None:
+            out[node.name] = Moments(*activation_moments(f.kind, f.param, src.mean, src.var),
+                                     *activation_range(f.kind, f.param, src.lo, src.hi))
         elif is_pass_through(gm, node) or is_spatial_slice(node):
             out[node.name] = src
         elif (pads := channel_padding(node)) is not None:
@@ -126,11 +128,30 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
                 # interval sum bounds the normal approximation where the branches are clipped
                 out[node.name] = Moments(s.mean, s.var, torch.maximum(s.lo, a.lo + b.lo),
                                          torch.minimum(s.hi, a.hi + b.hi))
+        elif is_mul(node) and len(args) == 2 and all(a.name in out for a in args):
+            if (p := _product(*(out[a.name] for a in args))) is not None:
+                out[node.name] = p
         elif is_cat(node) and all(isinstance(x, fx.Node) and x.name in out for x in node.args[0]):
             parts = [out[x.name] for x in node.args[0]]
             out[node.name] = Moments(*(torch.cat([getattr(p, f) for p in parts])
                                        for f in ("mean", "var", "lo", "hi")))
     return out
+
+
+def _product(a: Moments, b: Moments) -> Moments | None:
+    """x * gate: E[XY] = E[X] E[Y], Var[XY] = E[X^2] E[Y^2] - E[X]^2 E[Y]^2 (factors taken as
+    independent, which a gate computed from x is not quite), range from the corner products.
+    A per-tensor factor (one channel, e.g. a spatial gate) broadcasts; other shapes give None.
+
+    A squeeze-excitation gate reads a global average pool, which carries the pixel moments
+    through unchanged (a pass-through op): the pooled mean is the channel mean, but its true
+    variance is smaller (pixels average out, by up to 1/HW). Keeping the pixel variance is the
+    conservative choice: gate ranges come out wider, never narrower, than the data's."""
+    if a.mean.numel() != b.mean.numel() and 1 not in (a.mean.numel(), b.mean.numel()):
+        return None
+    var = a.var * b.var + a.var * b.mean ** 2 + b.var * a.mean ** 2
+    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+    return Moments(a.mean * b.mean, var, corners.amin(0), corners.amax(0))
 
 
 def _pad_channels(m: Moments, before: int, after: int) -> Moments:

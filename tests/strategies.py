@@ -8,13 +8,18 @@ benchmarks/fuzz.py loop) share it.
 
 Covered: stems; conv / depthwise / depthwise-multiplier / grouped conv with odd channel counts,
 strides, dilation, 'same' and reflect padding; BatchNorm (affine or not, with or without
-running statistics) or none; ReLU (module, in-place, functional, method), ReLU6 (module,
-functional), Hardtanh, identity and other activations (LeakyReLU, Hardswish, SiLU, Sigmoid,
-Tanh); residual adds (with or without an activation after); concatenations (two branches, or a
-branch and its input); max/avg pooling (module and functional); zero padding (module and F.pad);
-upsampling; dropout; heads: global pool + flatten + linear (optionally linear-BN1d-act-linear),
-flatten + linear, or a 1x1 conv. Parameters: dead (all-zero) output channels, BN gammas that
-are zero, tiny (1e-6) or huge (1e3).
+running statistics; module, or timm's BatchNormAct2d calling F.batch_norm) or none; ReLU
+(module, in-place, functional, method), ReLU6 (module, functional), Hardtanh, identity and
+smooth activations (LeakyReLU, Hardswish, Hardsigmoid, SiLU, GELU (erf, tanh), Mish, ELU,
+Sigmoid, Tanh; modules, functions, methods); squeeze-excitation gates; residual adds (with or
+without an activation after, with or without stochastic depth / drop path / Dropout2d on the
+branch); concatenations (two branches, or a branch and its input); max/avg pooling (module and
+functional); zero padding (module and F.pad); upsampling; dropout; heads: global pool + flatten +
+linear (optionally linear-BN1d-act-linear), flatten + linear, or a 1x1 conv. Parameters: dead
+(all-zero) output channels, BN gammas that are zero, tiny (1e-6) or huge (1e3).
+
+The modern-CNN features (smooth activations beyond the first five, gates, functional BN, drops)
+are drawn last, by `_modern`, so that every earlier seed keeps the layers it had.
 """
 from __future__ import annotations
 
@@ -25,10 +30,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 ACTIVATIONS = ("relu", "relu_inplace", "relu_fn", "relu_method", "relu6", "relu6_fn", "hardtanh06",
                "identity", "leaky", "hardswish", "silu", "sigmoid", "tanh")
-# activations for which folding + equalization is exact (scale-invariant or never equalized through)
+SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "mish", "elu", "hardsigmoid", "silu_fn", "sigmoid_method", "leaky_fn",
+                      "hardswish_fn")
+DROPS = ("StochasticDepth", "drop_path", "dropout2d")
 GAMMA_KINDS = ("normal", "normal", "normal", "tiny", "huge", "zero", "negative")
 
 
@@ -181,8 +189,37 @@ def spec_from(d: Draw, max_blocks: int = 5) -> dict:
             "seed": d.integer(0, 2 ** 31 - 1)}
 
 
-def random_spec(seed: int) -> dict:
-    return spec_from(RandomDraw(seed))
+def _units(spec: dict) -> list[dict]:
+    units = [spec["stem"]]
+    for b in spec["blocks"]:
+        units += [b["unit"]] if b["kind"] == "unit" else b["body"] if b["kind"] == "residual" else (
+            [u for u in (b["a"], b["b"]) if u] if b["kind"] == "concat" else [])
+    return units
+
+
+def _modern(d: Draw, spec: dict) -> dict:
+    """Add what modern CNN families use (EfficientNet, MobileNetV3, timm): smooth activations,
+    BatchNormAct2d (F.batch_norm), squeeze-excitation gates after units, stochastic depth on
+    residual branches. Drawn after the rest, so the layers of older seeds stay as they were."""
+    for u in _units(spec):
+        if d.boolean(0.25):
+            u["act"] = d.choice(SMOOTH_ACTIVATIONS)
+        if u["bn"] is not None and d.boolean(0.2):
+            u["bn"]["functional"] = True
+    for b in spec["blocks"]:
+        if b["kind"] == "unit" and d.boolean(0.25):
+            b["unit"]["se"] = {"squeeze": d.integer(1, 4), "act": d.choice(["relu", "silu"]),
+                               "gate": d.choice(["sigmoid", "hardsigmoid"]), "gate_first": d.boolean()}
+        if b["kind"] == "residual" and d.boolean(0.4):
+            b["drop"] = d.choice(DROPS)
+    return spec
+
+
+def random_spec(seed: int, modern: bool = True) -> dict:
+    """Architecture `seed`; modern=False: without the features `_modern` adds (as drawn before they existed)."""
+    d = RandomDraw(seed)
+    spec = spec_from(d)
+    return _modern(d, spec) if modern else spec
 
 
 def architectures():
@@ -191,12 +228,19 @@ def architectures():
 
     @st.composite
     def _arch(draw):
-        return spec_from(HypothesisDraw(draw))
+        d = HypothesisDraw(draw)
+        return _modern(d, spec_from(d))
 
     return _arch()
 
 
 # --------------------------------------------------------------------------- building
+FUNCTIONAL_ACTS = {"relu_fn": F.relu, "relu_method": lambda x: x.relu(), "relu6_fn": F.relu6,
+                   "hardtanh06": lambda x: F.hardtanh(x, 0.0, 6.0), "silu_fn": F.silu,
+                   "sigmoid_method": lambda x: x.sigmoid(), "leaky_fn": lambda x: F.leaky_relu(x, 0.2),
+                   "hardswish_fn": F.hardswish}
+
+
 class Act(nn.Module):
     """Activations that fx inlines as call_function / call_method nodes."""
 
@@ -205,25 +249,72 @@ class Act(nn.Module):
         self.kind = kind
 
     def forward(self, x):
-        if self.kind == "relu_fn":
-            return F.relu(x)
-        if self.kind == "relu_method":
-            return x.relu()
-        if self.kind == "relu6_fn":
-            return F.relu6(x)
-        return F.hardtanh(x, 0.0, 6.0)
+        return FUNCTIONAL_ACTS[self.kind](x)
 
 
 def make_act(kind: str) -> nn.Module:
     simple = {"relu": nn.ReLU, "relu6": nn.ReLU6, "identity": nn.Identity, "hardswish": nn.Hardswish,
-              "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+              "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU, "mish": nn.Mish,
+              "hardsigmoid": nn.Hardsigmoid}
     if kind in simple:
         return simple[kind]()
-    if kind == "relu_inplace":
-        return nn.ReLU(inplace=True)
-    if kind == "leaky":
-        return nn.LeakyReLU(0.1)
-    return Act(kind)
+    special = {"relu_inplace": lambda: nn.ReLU(inplace=True), "leaky": lambda: nn.LeakyReLU(0.1),
+               "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "elu": lambda: nn.ELU(0.7)}
+    return special[kind]() if kind in special else Act(kind)
+
+
+def drop_path(x, drop_prob: float = 0.0, training: bool = False):
+    """timm's drop_path (fx.wrap keeps it one call in the graph, as a leaf DropPath would)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - drop_prob)
+    return x * keep / (1 - drop_prob)
+
+
+torch.fx.wrap("drop_path")
+
+
+class Drop(nn.Module):
+    """Stochastic depth on a residual branch: the identity in eval mode. torchvision's module
+    leaves a call_function stochastic_depth (fx.wrap'd in torchvision; called from here it would
+    be traced away)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.module = {"StochasticDepth": lambda: StochasticDepth(0.2, "row"),
+                       "dropout2d": lambda: nn.Dropout2d(0.2)}.get(kind, nn.Identity)()
+
+    def forward(self, x):
+        if self.kind == "drop_path":
+            return drop_path(x, 0.2, self.training)
+        return self.module(x)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, its normalisation part: a BatchNorm2d subclass calling F.batch_norm
+    (fx traces through it) after asserting a 4-D input (shape reads of the conv output)."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4D input")
+        use_batch = self.training or self.running_mean is None
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch,
+                            0.1 if self.training else 0.0, self.eps)
+
+
+class SqueezeExcite(nn.Module):
+    """x * gate(fc2(act(fc1(pool(x))))), gate first (torchvision) or input first (timm)."""
+
+    def __init__(self, spec: dict, c: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, spec["squeeze"], 1), nn.Conv2d(spec["squeeze"], c, 1)
+        self.act, self.gate = make_act(spec["act"]), make_act(spec["gate"])
+        self.gate_first = spec["gate_first"]
+
+    def forward(self, x):
+        s = self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+        return s * x if self.gate_first else x * s
 
 
 def _gammas(g: torch.Generator, n: int, kinds: list[str]) -> torch.Tensor:
@@ -238,7 +329,7 @@ def _gammas(g: torch.Generator, n: int, kinds: list[str]) -> torch.Tensor:
 def _build_bn(spec: dict | None, n: int, g: torch.Generator, dim: int = 2) -> nn.Module | None:
     if spec is None:
         return None
-    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
+    cls = (BatchNormAct2d if spec.get("functional") else nn.BatchNorm2d) if dim == 2 else nn.BatchNorm1d
     bn = cls(n, affine=spec["affine"], track_running_stats=spec["track"])
     with torch.no_grad():
         if spec["affine"]:
@@ -268,16 +359,18 @@ def _build_unit(u: dict, g: torch.Generator) -> nn.Sequential:
     if bn is not None:
         layers.append(bn)
     layers.append(make_act(u["act"]))
+    if "se" in u:
+        layers.append(SqueezeExcite(u["se"], c["cout"]))
     return nn.Sequential(*layers)
 
 
 class Residual(nn.Module):
-    def __init__(self, body: nn.Module, post: nn.Module, method: bool):
+    def __init__(self, body: nn.Module, post: nn.Module, method: bool, drop: nn.Module | None = None):
         super().__init__()
-        self.body, self.post, self.method = body, post, method
+        self.body, self.post, self.method, self.drop = body, post, method, drop
 
     def forward(self, x):
-        y = self.body(x)
+        y = self.body(x) if self.drop is None else self.drop(self.body(x))
         return self.post(y.add(x) if self.method else x + y)
 
 
@@ -354,7 +447,8 @@ class RandomNet(nn.Module):
                 blocks.append(_build_unit(b["unit"], g))
             elif k == "residual":
                 body = nn.Sequential(*[_build_unit(u, g) for u in b["body"]])
-                blocks.append(Residual(body, make_act(b["post"]), b["method"]))
+                drop = Drop(b["drop"]) if "drop" in b else None
+                blocks.append(Residual(body, make_act(b["post"]), b["method"], drop))
             elif k == "concat":
                 blocks.append(Concat(_build_unit(b["a"], g), _build_unit(b["b"], g) if b["b"] else None))
             elif k == "pool":

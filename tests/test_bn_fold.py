@@ -1,5 +1,6 @@
 """BN folding: float64 invariance, the torch oracle, and the statistics it leaves behind."""
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -85,3 +86,70 @@ def test_conv_bn_with_two_users_is_not_folded():
 
 def test_small_net_class_is_traceable():
     assert trace(SmallNet()).graph is not None
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d (timm/layers/norm_act.py) in eval: a BatchNorm2d subclass (so that
+    checkpoints load) whose forward asserts a 4-D input, calls F.batch_norm on the running
+    statistics, then drop and act. Not a torch.nn class, so fx traces through it: get_attr nodes,
+    a call_function batch_norm, and shape reads of the conv output for the assert."""
+
+    def __init__(self, n: int, act=nn.SiLU):
+        super().__init__(n)
+        self.drop, self.act = nn.Identity(), act()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(self.drop(x))
+
+
+def _timm_like(bn=BatchNormAct2d):
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), bn(6), nn.Conv2d(6, 6, 3, padding=1, groups=6),
+                                      bn(6, nn.ReLU), nn.Conv2d(6, 4, 1), bn(4, nn.Identity)), seed=3)
+
+
+def test_functional_batchnorm_folds_like_the_module_float64():
+    m = _timm_like().double()
+    gm = trace(m)
+    assert sum(n.target is F.batch_norm for n in gm.graph.nodes) == 3  # fx traced through the subclass
+    out = fold_batchnorm(gm)
+    assert not any(n.target is F.batch_norm or n.op == "get_attr" for n in out.gm.graph.nodes)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert (out.gm(x) - m(x)).abs().max() <= 1e-6
+    assert out.info["0"] == {"bn_folded": "1"} and out.info["4"] == {"bn_folded": "5"}
+    # the same weights and statistics as folding the plain modules
+    plain = _timm_like(lambda n, act=nn.SiLU: nn.BatchNorm2d(n)).double()
+    ref = fold_batchnorm(trace(plain))
+    for name in ("0", "2", "4"):
+        assert torch.equal(out.gm.get_submodule(name).weight, ref.gm.get_submodule(name).weight)
+        assert torch.equal(out.stats[name].mean, ref.stats[name].mean)
+        assert torch.equal(out.stats[name].std, ref.stats[name].std)
+
+
+def test_functional_batchnorm_not_foldable_is_reported():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            a, b = self.bn1, self.bn2
+            y = F.batch_norm(self.conv(x) + 1, a.running_mean, a.running_var, a.weight, a.bias, False, 0.1, 1e-5)
+            return y + F.batch_norm(self.conv(x), b.running_mean, b.running_var, training=True)
+
+    m = randomize_bn(Odd())
+    out = fold_batchnorm(trace(m))
+    assert "input is not a conv/linear" in out.info["bn1"]["note"]
+    assert "training mode" in out.info["bn2"]["note"]
+    assert sum(n.target is F.batch_norm for n in out.gm.graph.nodes) == 2
+
+
+def test_pipeline_on_timm_like_blocks_folds_every_bn_and_ranges_every_quantizer():
+    from dfq import PipelineConfig, quantize_model
+
+    res = quantize_model(_timm_like(), PipelineConfig(equalize=True, correction=True))
+    assert [res.layers[n]["bn_folded"] for n in ("0", "2", "4")] == ["1", "3", "5"]
+    assert res.layers["2"]["equalized_with"] == "4"  # the assert's shape reads are no second user
+    assert all(a["activation_range"] is not None for a in res.activations.values())

@@ -140,15 +140,17 @@ def test_activation_aware_equalization_is_float_exact_and_balances_joint_ranges(
     assert torch.allclose(j1, j2, rtol=0.05)
 
 
-def test_residual_regions_equalize_mobilenet_and_resnet_exactly():
+def test_residual_regions_equalize_mobilenet_resnet_and_regnet_exactly():
     """Around residual adds all producers share one scale vector and every consumer takes the
-    inverse: float64 unchanged, and only the classifiers are left unequalized."""
+    inverse: float64 unchanged, and only the classifiers are left unequalized (RegNetX: its
+    1x1 -> grouped 3x3 -> 1x1 blocks too)."""
     from dfq import EqualizeConfig
     from dfq.graph.regions import find_regions
     from dfq.transforms.equalize import _region_ranges
 
     torch.manual_seed(0)  # the conv weights: region and pair sweeps meet within ~4 % on these
-    for net, n_regions in ((torchvision.models.mobilenet_v2(), 5), (torchvision.models.resnet18(), 4)):
+    for net, n_regions in ((torchvision.models.mobilenet_v2(), 5), (torchvision.models.resnet18(), 4),
+                           (torchvision.models.regnet_x_400mf(), 5)):
         m = randomize_bn(net.eval(), seed=6).double()
         t = _prepared(m, relu=False)
         eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
@@ -256,3 +258,54 @@ def test_add_with_a_constant_is_no_region():
     with torch.no_grad():
         assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
     assert "add with a constant" in eq.info["add"]["equalize_note"]
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(8, 6, 3), nn.Conv2d(8, 12, 3, groups=4), nn.Conv2d(8, 8, 3, groups=8),
+                                   nn.Conv2d(8, 16, 3, groups=8), nn.Conv2d(8, 4, 1, groups=2)])
+def test_input_scaling_is_a_scale_of_the_input_channels(layer):
+    """scale_inputs_(m, s) computes m(x * s) for every kind of conv (dense, grouped, depthwise,
+    depthwise multiplier), and input_ranges are the max |w| that each input channel meets."""
+    from dfq.transforms.equalize import scale_inputs_
+
+    layer = layer.double()
+    s = torch.rand(8, dtype=torch.float64) + 0.5
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    ref = layer(x * s.reshape(1, -1, 1, 1))
+    w = layer.weight.detach()
+    per_group = w.shape[0] // layer.groups
+    group_of, local = [c // w.shape[1] for c in range(8)], [c % w.shape[1] for c in range(8)]
+    expected = torch.stack([w[g * per_group:(g + 1) * per_group, c].abs().max() for g, c in zip(group_of, local)])
+    assert torch.equal(input_ranges(layer, 8), expected)
+    scale_inputs_(layer, s)
+    assert torch.allclose(layer(x), ref, atol=1e-12)
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 -> grouped 3x3 (32 groups of 4 channels in resnext50; here 4 of 4) -> 1x1, + input."""
+
+    def __init__(self, c: int = 8, width: int = 16, groups: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, width, 1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1, groups=groups), nn.BatchNorm2d(width),
+                                  nn.ReLU(), nn.Conv2d(width, c, 1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+def test_grouped_convs_are_equalized_exactly_and_balanced():
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), ResNeXtBlock(),
+                                   nn.Conv2d(8, 16, 3, groups=8), nn.BatchNorm2d(16), nn.ReLU6(),  # dw multiplier
+                                   nn.Conv2d(16, 4, 1)), seed=5).double()
+    t = _prepared(m, relu=False)
+    eq = equalize(t.gm, t.stats)
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
+    pairs, _ = find_pairs(eq.gm)
+    assert {(p.first, p.second) for p in pairs} == {("3.body.0", "3.body.3"), ("3.body.3", "3.body.6"), ("4", "7")}
+    for p in pairs:
+        r1 = output_ranges(eq.gm.get_submodule(p.first))
+        r2 = input_ranges(eq.gm.get_submodule(p.second), r1.numel())
+        assert torch.allclose(r1, r2, rtol=2e-2), p
+

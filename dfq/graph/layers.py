@@ -3,8 +3,9 @@
 A pair (first, second) is two weighted layers such that first's output reaches second's
 input only through ops that commute with a positive per-channel scale (ReLU, pooling,
 padding, identity, flatten), or through upper clips (ReLU6) that equalization can carry as
-per-channel bounds. Depthwise convs are both a second and a first, which gives the
-conv -> depthwise -> conv triples of MobileNets. Everything else is reported with a reason.
+per-channel bounds. Depthwise and grouped convs are both a second and a first, which gives the
+conv -> depthwise -> conv triples of MobileNets and the conv -> grouped -> conv ones of ResNeXt
+and RegNet. Everything else is reported with a reason.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from dfq.graph.ops import (Activation, activation_of, describe, features_per_channel_ok, is_add,
-                           is_cat, is_pass_through, layer_kind, weighted_module)
+                           is_cat, is_pass_through, is_shape_query, weighted_module)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def _follow(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[Activatio
     clips: list[str] = []
     cur = node
     while True:
-        users = list(cur.users)
+        users = [u for u in cur.users if not is_shape_query(u)]
         if not users or any(u.op == "output" for u in users):
             return "its output is a network output"
         if any(is_add(u) for u in users):
@@ -67,9 +68,7 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
             continue
         nxt, acts, clips = found
         first, second = weighted_module(gm, node), weighted_module(gm, nxt)
-        if layer_kind(first) == "grouped" or layer_kind(second) == "grouped":
-            skipped[node.target] = f"grouped conv in the pair with {nxt.target} (not supported)"
-        elif not features_per_channel_ok(first, second):
+        if not features_per_channel_ok(first, second):
             skipped[node.target] = f"channel layout into {nxt.target} is not a flatten of its output"
         elif any(not (a.scale_invariant or a.rescalable) for a in acts):
             bad = next(a.kind for a in acts if not (a.scale_invariant or a.rescalable))

@@ -5,6 +5,7 @@ new op means one line here.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -21,15 +22,24 @@ BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # Ops through which a positive per-channel scale passes unchanged and which keep the channel
 # layout (so equalization can look through them) and the per-channel mean (bias correction).
 # Resampling (F.interpolate, nn.Upsample) is linear per channel with weights summing to 1.
-PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity,
-                nn.ZeroPad2d, nn.Flatten, nn.Upsample)
-PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten, F.interpolate}
+# Identities in eval mode (below) are pass-through too.
+PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.ZeroPad2d, nn.Flatten, nn.Upsample)
+PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.flatten, F.interpolate}
 PASS_METHODS = {"flatten", "contiguous"}
 # Of those, the ones whose output lies on its input's quantization grid (no requantization).
-GRID_PRESERVING = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.ZeroPad2d, nn.Flatten, F.max_pool2d,
-                   F.dropout, torch.flatten, "flatten", "contiguous")
+GRID_PRESERVING = (nn.MaxPool2d, nn.ZeroPad2d, nn.Flatten, F.max_pool2d, torch.flatten, "flatten", "contiguous")
+
+# The identity in eval mode (dfq only transforms eval-mode graphs): dropout of every kind, and
+# stochastic depth / drop path (torchvision's StochasticDepth and stochastic_depth, timm's
+# DropPath and drop_path), those matched by name so that dfq imports neither library. A
+# functional call counts only where its `training` argument is False.
+EVAL_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                         nn.FeatureAlphaDropout)
+EVAL_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+EVAL_IDENTITY_NAMES = {"StochasticDepth", "DropPath", "stochastic_depth", "drop_path"}
 
 ADD_FUNCTIONS = {operator.add, torch.add}
+MUL_FUNCTIONS = {operator.mul, torch.mul}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
@@ -85,6 +95,45 @@ def activation_of(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
     return None
 
 
+@dataclass(frozen=True)
+class Pointwise:
+    """An elementwise activation that is neither a clip nor scale-invariant (SiLU, GELU, ...):
+    it gets data-free moments (dfq.activation_moments), and equalization stops at it."""
+
+    kind: str
+    param: float | str | None = None
+
+
+# op -> kind of dfq.activation_moments.SHAPES; in-place variants compute the same values
+POINTWISE_MODULES = {nn.SiLU: "silu", nn.GELU: "gelu", nn.Mish: "mish", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+                     nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Hardsigmoid: "hardsigmoid",
+                     nn.Hardswish: "hardswish"}
+POINTWISE_FUNCTIONS = {F.silu: "silu", F.gelu: "gelu", F.mish: "mish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+                       torch.sigmoid_: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", torch.tanh_: "tanh",
+                       F.elu: "elu", F.elu_: "elu", F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu",
+                       F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish"}
+POINTWISE_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
+# the parameter that shapes a kind: module attribute = functional argument (second positional), default
+POINTWISE_PARAMS = {"gelu": ("approximate", "none"), "elu": ("alpha", 1.0), "leaky_relu": ("negative_slope", 0.01)}
+
+
+def pointwise_of(gm: fx.GraphModule, node: fx.Node) -> Pointwise | None:
+    """The non-clipping elementwise activation a node computes, or None."""
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if m is not None:
+        kind = POINTWISE_MODULES.get(type(m))
+    elif node.op == "call_function":
+        kind = POINTWISE_FUNCTIONS.get(node.target)
+    else:
+        kind = POINTWISE_METHODS.get(node.target) if node.op == "call_method" else None
+    if kind not in POINTWISE_PARAMS:
+        return None if kind is None else Pointwise(kind)
+    name, default = POINTWISE_PARAMS[kind]
+    if m is not None:
+        return Pointwise(kind, getattr(m, name))
+    return Pointwise(kind, node.kwargs.get(name, node.args[1] if len(node.args) > 1 else default))
+
+
 def weighted_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
@@ -110,8 +159,26 @@ def pads_input(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and (m.padding == "same" or any(p > 0 for p in m.padding))
 
 
+def is_eval_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Dropout, stochastic depth, drop path, nn.Identity: the identity in eval mode."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, EVAL_IDENTITY_MODULES) or type(m).__name__ in EVAL_IDENTITY_NAMES
+    if node.op != "call_function" or not (node.target in EVAL_IDENTITY_FUNCTIONS
+                                          or getattr(node.target, "__name__", None) in EVAL_IDENTITY_NAMES):
+        return False
+    try:
+        args = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # no signature, or not a call we understand
+        return False
+    args.apply_defaults()
+    return args.arguments.get("training") is False
+
+
 def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Channel-preserving, positively homogeneous and mean-preserving (up to borders)."""
+    if is_eval_identity(gm, node):
+        return True
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), PASS_MODULES)
     if node.op == "call_function":
@@ -123,6 +190,14 @@ def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in PASS_METHODS
     return False
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """x.shape / x.ndim / x.size() / x.dim() (timm asserts x.ndim == 4): reads no values, so
+    neither folding nor scaling can change it, and it does not count as a user of x."""
+    return ((node.op == "call_function" and node.target is getattr
+             and node.args[1] in ("shape", "ndim", "dtype", "device"))
+            or (node.op == "call_method" and node.target in ("size", "dim")))
 
 
 def is_spatial_slice(node: fx.Node) -> bool:
@@ -152,7 +227,7 @@ def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True where the output needs no requantization (max pool, reshapes, identities, and a
     ChannelMin whose bounds were snapped onto its input's grid)."""
     key = type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
-    if key is ChannelMin:
+    if key is ChannelMin or is_eval_identity(gm, node):
         return True
     return key in GRID_PRESERVING or node.target is F.pad
 
@@ -160,6 +235,11 @@ def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
 def is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target == "add")
+
+
+def is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "mul")
 
 
 def is_cat(node: fx.Node) -> bool:

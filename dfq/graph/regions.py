@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from dfq.graph.ops import (activation_of, channel_padding, describe, is_add, is_cat, is_pass_through, is_spatial_slice,
-                           layer_kind, weighted_module)
+from dfq.graph.ops import (activation_of, channel_padding, describe, is_add, is_cat, is_pass_through, is_shape_query,
+                           is_spatial_slice, layer_kind, weighted_module)
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,6 @@ class Region:
     @property
     def kind(self) -> str:
         return "concatenation" if any(off for _, off, *_ in self.producers + self.consumers) else "residual"
-
-
-def _shape_query(node: fx.Node) -> bool:
-    """x.shape / x.size() / x.dim(): reads no values, so scaling cannot change it."""
-    return ((node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device"))
-            or (node.op == "call_method" and node.target in ("size", "dim")))
 
 
 def _inside(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -125,7 +119,7 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
                 if is_cat(n):
                     pos += width(a)
         for u in n.users:
-            if _shape_query(u):
+            if is_shape_query(u):
                 continue
             if u.op == "output":
                 return "the region's tensor is a network output"
@@ -193,9 +187,7 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, str]]:
                 inner = channels_of(gm, pad_node.args[0], memo)
                 covered[off:off + pad[0]] = [True] * pad[0]
                 covered[off + pad[0] + inner:off + pad[0] + inner + pad[1]] = [True] * pad[1]
-        if any(layer_kind(m) == "grouped" for m in mods.values()):
-            skipped[node.name] = "a grouped convolution touches the region"
-        elif not all(covered):
+        if not all(covered):
             skipped[node.name] = "some of the region's channels come from no layer"
         elif not all(_reads_per_channel(mods[c], w) for c, (_, w) in consumers.items()):
             skipped[node.name] = "a consumer does not read the region channel by channel"

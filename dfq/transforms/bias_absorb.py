@@ -19,7 +19,7 @@ from torch import fx, nn
 from dfq.config import ABSORB_STD
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.layers import find_pairs
-from dfq.graph.ops import pads_input
+from dfq.graph.ops import is_shape_query, pads_input
 from dfq.nn import ChannelMin
 from dfq.stats import Stats, freeze
 from dfq.transforms import Transformed
@@ -29,8 +29,8 @@ def _zero_padding_between(gm: fx.GraphModule, first: str, second: str) -> str | 
     """A zero-padding op on the path first -> second (its zeros do not take the shift c, so the
     second layer's +W2 c would be wrong at the borders), by node name; None if there is none."""
     node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == first)
-    while len(node.users) == 1:
-        node = next(iter(node.users))
+    while len(users := [u for u in node.users if not is_shape_query(u)]) == 1:
+        node = users[0]
         if node.op == "call_module" and node.target == second:
             return None
         if node.op == "call_module":

@@ -26,7 +26,7 @@ from dfq.config import EqualizeConfig
 from dfq.graph.channels import features_per_channel
 from dfq.graph.layers import Pair, find_pairs
 from dfq.graph.regions import Region, channels_of, find_regions
-from dfq.graph.ops import activation_of, is_depthwise
+from dfq.graph.ops import activation_of
 from dfq.nn import ChannelMin
 from dfq.stats import Stats, freeze
 from dfq.transforms import Transformed
@@ -37,12 +37,17 @@ def output_ranges(m: nn.Module) -> torch.Tensor:
     return m.weight.detach().abs().flatten(1).amax(1)
 
 
+def _by_input(m: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """w as (groups, out/groups, in/groups, rest): input channel g * in/groups + c is w[g, :, c].
+    A grouped conv's input channel feeds only its group's outputs (a depthwise filter: its own
+    single output), so a scale on that channel is a column scale within its group."""
+    g = getattr(m, "groups", 1)
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1)
+
+
 def input_ranges(m: nn.Module, channels: int) -> torch.Tensor:
-    """max |w| per producer channel feeding `m` (a depthwise filter is its own input channel)."""
-    w = m.weight.detach().abs()
-    if is_depthwise(m):
-        return w.flatten(1).amax(1)
-    r = w.transpose(0, 1).flatten(1).amax(1)
+    """max |w| per producer channel feeding `m` (over the outputs of its group and the kernel)."""
+    r = _by_input(m, m.weight.detach().abs()).amax((1, 3)).flatten()
     k = features_per_channel(m, channels)
     return r.reshape(channels, k).amax(1)
 
@@ -63,14 +68,12 @@ def scale_outputs_(m: nn.Module, s: torch.Tensor) -> None:
 
 
 def scale_inputs_(m: nn.Module, s: torch.Tensor) -> None:
-    """In place: W[:, i] *= s_i (a depthwise filter is its own input channel; flatten repeats)."""
+    """In place: W[:, i] *= s_i, for the outputs of input channel i's group (flatten repeats)."""
     w = m.weight
+    k = features_per_channel(m, s.numel())
     with torch.no_grad():
-        if is_depthwise(m):
-            w.mul_(s.reshape(-1, *([1] * (w.dim() - 1))))
-        else:
-            k = features_per_channel(m, s.numel())
-            w.mul_(s.repeat_interleave(k).reshape(1, -1, *([1] * (w.dim() - 2))))
+        v = _by_input(m, w)
+        w.copy_((v * s.repeat_interleave(k).reshape(v.shape[0], 1, v.shape[2], 1)).reshape(w.shape))
 
 
 def scale_pair_(first: nn.Module, second: nn.Module, s: torch.Tensor) -> None:

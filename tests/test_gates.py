@@ -1,0 +1,118 @@
+"""Squeeze-excitation gates (x * sigmoid(fc(pool(x)))): data-free moments and ranges of the product.
+
+The nets' BatchNorm statistics are made the true ones of the test data (one forward pass in
+training mode with a cumulative average), so BN-based ranges must hold what the data does."""
+import pytest
+import torch
+from torch import fx, nn
+
+from conftest import randomize_bn
+from dfq import PipelineConfig, fold_batchnorm, propagate, quantize_model, trace
+from dfq.graph.ops import is_mul
+from dfq.moments import Moments, _product, input_moments
+from dfq.quant.activations import quantizer_nodes
+
+
+class SE(nn.Module):
+    """torchvision's SqueezeExcitation (gate first) or timm's SqueezeExcite (input first)."""
+
+    def __init__(self, c: int, gate: type[nn.Module], gate_first: bool):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.act, self.fc2, self.gate = nn.Conv2d(c, 4, 1), nn.SiLU(), nn.Conv2d(4, c, 1), gate()
+        self.gate_first = gate_first
+
+    def forward(self, x):
+        s = self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
+        return s * x if self.gate_first else x * s
+
+
+def se_net(gate=nn.Sigmoid, gate_first=True) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU(),
+                         SE(8, gate, gate_first), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def images(n=64, hw=12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return (torch.rand(n, 3, hw, hw, generator=g) - mean[:, None, None]) / std[:, None, None]
+
+
+def with_true_bn_stats(net: nn.Module, x: torch.Tensor) -> nn.Module:
+    randomize_bn(net)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives its own statistics
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.eval()
+
+
+def test_product_of_independent_factors():
+    g = torch.Generator().manual_seed(0)
+    a = Moments(torch.tensor([1.0, -0.5]), torch.tensor([0.25, 4.0]), torch.tensor([0.0, -6.5]),
+                torch.tensor([2.0, 5.5]))
+    b = Moments(torch.tensor([0.3]), torch.tensor([0.01]), torch.tensor([0.0]), torch.tensor([1.0]))
+    p = _product(a, b)
+    xa = a.mean + a.var.sqrt() * torch.randn(400_000, 2, generator=g, dtype=torch.float64)
+    xb = b.mean + b.var.sqrt() * torch.randn(400_000, 1, generator=g, dtype=torch.float64)
+    assert torch.allclose(p.mean.double(), (xa * xb).mean(0), atol=5e-3)
+    assert torch.allclose(p.var.double(), (xa * xb).var(0), rtol=1e-2)
+    assert p.lo.tolist() == [0.0, -6.5] and p.hi.tolist() == [2.0, 5.5]
+    assert _product(a, Moments(*(torch.zeros(3),) * 4)) is None  # 2 channels times 3: not a gate
+
+
+@pytest.mark.parametrize("gate,gate_first", [(nn.Sigmoid, True), (nn.Hardsigmoid, False)])
+def test_gate_moments_and_every_range_hold_the_data(gate, gate_first):
+    x = images()
+    net = with_true_bn_stats(se_net(gate, gate_first), x)
+    res = quantize_model(net, PipelineConfig(correction=True))
+    assert all(a["activation_range"] is not None for a in res.activations.values()), res.activations
+    assert all("skipped" not in notes.get("bias_correction", "") for notes in res.layers.values())
+    # the ranges hold every value the data produces at each quantizer (nothing would be clipped)
+    gm = res.model
+    seen = {}
+    hooks = [gm.get_submodule(q.target).register_forward_pre_hook(
+        lambda mod, inp, src=src: seen.__setitem__(src, (float(inp[0].min()), float(inp[0].max()))))
+        for src, q in quantizer_nodes(gm).items()]
+    with torch.no_grad():
+        gm(x)
+    for h in hooks:
+        h.remove()
+    for src, (lo, hi) in seen.items():
+        r_lo, r_hi = res.activations[src]["activation_range"]
+        assert r_lo - 1e-3 <= lo and hi <= r_hi + 1e-3, (src, (lo, hi), (r_lo, r_hi))
+
+
+def node_value(gm, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The value of one node of `gm` on input x."""
+    values = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    with torch.no_grad():
+        Record(gm).run(x)
+    return values[name]
+
+
+def test_gate_and_gated_tensor_means_are_close_to_the_data():
+    """Per-channel means on data that follows the BN statistics: the conservative pooled variance
+    widens the gate's distribution (5-25x its std here), which moves E[sigmoid] towards 1/2 a
+    little (< 0.01); the gated tensor's mean stays within a few % of its std."""
+    x = images(256)
+    folded = fold_batchnorm(trace(with_true_bn_stats(se_net(), x)))
+    moments = propagate(folded.gm, folded.stats, input_moments((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    mul = next(n for n in folded.gm.graph.nodes if is_mul(n))
+    gate = node_value(folded.gm, mul.args[0].name, x).mean((0, 2, 3))
+    assert (moments[mul.args[0].name].mean - gate).abs().max() < 0.02
+    y, m = node_value(folded.gm, mul.name, x), moments[mul.name]
+    assert ((m.mean - y.mean((0, 2, 3))).abs() <= 0.05 * y.std((0, 2, 3))).all()
+    assert (m.lo <= y.amin((0, 2, 3))).all() and (m.hi >= y.amax((0, 2, 3))).all()
