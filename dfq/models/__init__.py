@@ -23,7 +23,7 @@ def register(name: str):
 
 def _load_builtin() -> None:
     # Imported for their @register side effect; kept lazy so `import dfq` stays light.
-    from dfq.models import cifar_resnet, deeplab, ssdlite  # noqa: F401
+    from dfq.models import cifar_resnet, deeplab, ssdlite, tf_ssdlite  # noqa: F401
 
 
 def available() -> list[str]:
