@@ -1,8 +1,11 @@
 """Fold BatchNorm into the conv/linear before it, remembering its output distribution.
 
 A fx pattern pass in the spirit of torch.fx.experimental.optimization.fuse: only a BN whose
-input is a conv/linear with no other user is folded. The BN's (beta, |gamma|) become that
-layer's pre-activation statistics, which later passes read instead of data.
+input is a conv/linear with no other user is folded. The BN's output distribution becomes that
+layer's pre-activation statistics, which later passes read instead of data: mean beta and std
+|gamma| sqrt(v / (v + eps)), the std of (x - m) / sqrt(v + eps) * gamma + beta when x has the
+running mean m and variance v. The factor is ~1 for live channels; for a dead one (v << eps, e.g.
+TF's eps 1e-3 against v ~ 1e-15) it is ~0, where |gamma| alone would claim a spread that never occurs.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dfq.transforms import Transformed
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> BNStats:
-    """w' = w * g/sqrt(v+eps), b' = (b - m) * g/sqrt(v+eps) + beta; returns N(beta, gamma^2)."""
+    """w' = w * g/sqrt(v+eps), b' = (b - m) * g/sqrt(v+eps) + beta; returns N(beta, g^2 v/(v+eps))."""
     w = layer.weight
     gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
     beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
@@ -27,7 +30,8 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> BNStats:
     with torch.no_grad():
         w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype))
         bias.copy_((bias - bn.running_mean) * scale + beta)
-    return BNStats(mean=beta.clone().to(w.dtype), std=gamma.abs().clone().to(w.dtype))
+    std = gamma.abs() * torch.sqrt(bn.running_var / (bn.running_var + bn.eps))
+    return BNStats(mean=beta.clone().to(w.dtype), std=std.to(w.dtype))
 
 
 def _foldable(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, nn.Module] | str:
