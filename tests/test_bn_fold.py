@@ -34,7 +34,7 @@ def test_fold_matches_torch_oracle(small_net):
 
 
 def test_stats_are_the_bn_output_distribution(small_net):
-    """N(beta, gamma^2 v / (v + eps)): the std of BN's output when its input has the running moments."""
+    """N(beta, gamma^2 v / (v + eps)): BN's output when its input has the running moments."""
     bn = small_net.dw[1]
     with torch.no_grad():
         bn.weight[0] = -0.7
@@ -44,7 +44,8 @@ def test_stats_are_the_bn_output_distribution(small_net):
     v = bn.running_var
     torch.testing.assert_close(st.std, bn.weight.detach().abs() * torch.sqrt(v / (v + bn.eps)))
     assert st.std[1] == 0 and st.std[0] > 0.69
-    x = torch.randn(4096, 8, 1, 1, generator=torch.Generator().manual_seed(0)) * v.sqrt()[:, None, None] + bn.running_mean[:, None, None]
+    noise = torch.randn(4096, 8, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = noise * v.sqrt()[:, None, None] + bn.running_mean[:, None, None]
     with torch.no_grad():
         torch.testing.assert_close(bn.eval()(x).std((0, 2, 3)), st.std, rtol=0.05, atol=1e-6)
 

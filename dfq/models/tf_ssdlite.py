@@ -19,6 +19,7 @@ The forward returns raw `(class_logits (N, 1917, num_classes), box_encodings (N,
 order of dfq's other SSD (confidences first) and of TF's anchors (feature map, row, column,
 anchor); encodings are TF's (ty, tx, th, tw). Anchors, decoding, sigmoid and NMS: dfq.tasks.tf_ssd.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,10 @@ BN_EPS = 1e-3
 _EXTRA_DEPTHS = (512, 256, 256, 128)
 ANCHORS_PER_CELL = (3, 6, 6, 6, 6, 6)
 SOURCE_BLOCK = "expanded_conv_13"
-_TF_PREFIXES = {"FeatureExtractor/MobilenetV2/": "features.", "BoxPredictor_": "heads.BoxPredictor_"}
+_TF_PREFIXES = {
+    "FeatureExtractor/MobilenetV2/": "features.",
+    "BoxPredictor_": "heads.BoxPredictor_",
+}
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -49,14 +53,24 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def tf_unit(inp: int, out: int, kernel: int, stride: int, size: int, groups: int = 1,
-            bn: bool = True, relu6: bool = True) -> nn.Sequential:
+def tf_unit(
+    inp: int,
+    out: int,
+    kernel: int,
+    stride: int,
+    size: int,
+    groups: int = 1,
+    bn: bool = True,
+    relu6: bool = True,
+) -> nn.Sequential:
     """One TF conv scope on a size x size input: [pad] conv [bn] [relu6], with TF 'SAME' padding."""
     before, after = same_padding(size, kernel, stride)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if before != after:
         layers["pad"] = nn.ZeroPad2d((before, after, before, after))
-    layers["conv"] = nn.Conv2d(inp, out, kernel, stride, before if before == after else 0, groups=groups, bias=not bn)
+    layers["conv"] = nn.Conv2d(
+        inp, out, kernel, stride, before if before == after else 0, groups=groups, bias=not bn
+    )
     if bn:
         layers["bn"] = nn.BatchNorm2d(out, eps=BN_EPS)
     if relu6:
@@ -65,7 +79,7 @@ def tf_unit(inp: int, out: int, kernel: int, stride: int, size: int, groups: int
 
 
 class ExpandedConv(nn.Module):
-    """TF MobileNetV2's expanded_conv: [expand 1x1] -> depthwise 3x3 -> linear project 1x1 (+ input)."""
+    """TF MobileNetV2's expanded_conv: [expand 1x1] -> depthwise 3x3 -> linear 1x1 (+ input)."""
 
     def __init__(self, inp: int, out: int, stride: int, expand: int, size: int):
         super().__init__()
@@ -86,10 +100,11 @@ class ExpandedConv(nn.Module):
 
 
 class TFSSDLite(nn.Module):
-    """Feature maps (at 300x300): expanded_conv_13's expansion (19x19, 576), Conv_1 (10x10, 1280), then
-    the extra layers (5x5 512, 3x3 256, 2x2 256, 1x1 128); on each, BoxPredictor_k's two heads:
-    depthwise 3x3 + BN + ReLU6, then a 1x1 conv with bias, for 4 box encodings and num_classes
-    logits (background first) per anchor, 3 anchors per cell on the first map and 6 elsewhere."""
+    """Feature maps (at 300x300): expanded_conv_13's expansion (19x19, 576), Conv_1 (10x10, 1280),
+    then the extra layers (5x5 512, 3x3 256, 2x2 256, 1x1 128); on each, BoxPredictor_k's two
+    heads: depthwise 3x3 + BN + ReLU6, then a 1x1 conv with bias, for 4 box encodings and
+    num_classes logits (background first) per anchor; 3 anchors per cell on the first map, 6 on
+    the others."""
 
     def __init__(self, num_classes: int = 2, image_size: int = IMAGE_SIZE):
         super().__init__()
@@ -123,12 +138,14 @@ class TFSSDLite(nn.Module):
         self.feature_map_sizes = tuple(sizes)
         self.heads = nn.ModuleDict()
         for k, (c, s, a) in enumerate(zip(widths, sizes, ANCHORS_PER_CELL)):
-            self.heads[f"BoxPredictor_{k}"] = nn.ModuleDict({
-                "BoxEncodingPredictor_depthwise": tf_unit(c, c, 3, 1, s, groups=c),
-                "BoxEncodingPredictor": tf_unit(c, a * 4, 1, 1, s, bn=False, relu6=False),
-                "ClassPredictor_depthwise": tf_unit(c, c, 3, 1, s, groups=c),
-                "ClassPredictor": tf_unit(c, a * num_classes, 1, 1, s, bn=False, relu6=False),
-            })
+            self.heads[f"BoxPredictor_{k}"] = nn.ModuleDict(
+                {
+                    "BoxEncodingPredictor_depthwise": tf_unit(c, c, 3, 1, s, groups=c),
+                    "BoxEncodingPredictor": tf_unit(c, a * 4, 1, 1, s, bn=False, relu6=False),
+                    "ClassPredictor_depthwise": tf_unit(c, c, 3, 1, s, groups=c),
+                    "ClassPredictor": tf_unit(c, a * num_classes, 1, 1, s, bn=False, relu6=False),
+                }
+            )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = []
@@ -143,8 +160,14 @@ class TFSSDLite(nn.Module):
                 maps.append(x)
         logits, boxes = [], []
         for src, head in zip(maps, self.heads.values()):
-            boxes.append(flatten_head(head.BoxEncodingPredictor(head.BoxEncodingPredictor_depthwise(src)), 4))
-            logits.append(flatten_head(head.ClassPredictor(head.ClassPredictor_depthwise(src)), self.num_classes))
+            boxes.append(
+                flatten_head(head.BoxEncodingPredictor(head.BoxEncodingPredictor_depthwise(src)), 4)
+            )
+            logits.append(
+                flatten_head(
+                    head.ClassPredictor(head.ClassPredictor_depthwise(src)), self.num_classes
+                )
+            )
         return torch.cat(logits, 1), torch.cat(boxes, 1)
 
 
@@ -155,12 +178,16 @@ def tf_ssdlite_mobilenetv2(num_classes: int = 2, image_size: int = IMAGE_SIZE) -
 
 def _torch_scope(tf_op_name: str, op: str) -> str:
     """`.../expanded_conv_3/depthwise/depthwise` -> `features.expanded_conv_3.depthwise` (conv, bias
-    and BN ops sit one or two levels below their scope: X/Conv2D, X/BiasAdd, X/BatchNorm/FusedBatchNorm)."""
+    and BN ops sit one or two levels below their scope: X/Conv2D, X/BiasAdd,
+    X/BatchNorm/FusedBatchNorm)."""
     scope = tf_op_name.rsplit("/", 2 if op == "FusedBatchNorm" else 1)[0]
     for prefix, replacement in _TF_PREFIXES.items():
         if scope.startswith(prefix):
             return (replacement + scope.removeprefix(prefix)).replace("/", ".")
-    raise DfqError(f"unexpected TF scope '{scope}' in the frozen graph.", "pass an SSDLite-MobileNetV2 frozen graph")
+    raise DfqError(
+        f"unexpected TF scope '{scope}' in the frozen graph.",
+        "pass an SSDLite-MobileNetV2 frozen graph",
+    )
 
 
 # TF op -> (torch names of its weight inputs 1.., their layout change to PyTorch's)
@@ -170,7 +197,15 @@ _WEIGHT_OPS = {
     "BiasAdd": (("conv.bias",), None),
     "FusedBatchNorm": (("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"), None),
 }
-_WEIGHT_SUFFIXES = ("/weights", "/depthwise_weights", "/biases", "/gamma", "/beta", "/moving_mean", "/moving_variance")
+_WEIGHT_SUFFIXES = (
+    "/weights",
+    "/depthwise_weights",
+    "/biases",
+    "/gamma",
+    "/beta",
+    "/moving_mean",
+    "/moving_variance",
+)
 
 
 def state_dict_from_graphdef(path: str | Path) -> dict[str, torch.Tensor]:
@@ -188,7 +223,9 @@ def state_dict_from_graphdef(path: str | Path) -> dict[str, torch.Tensor]:
         while node.op == "Identity":
             node = by_name[node.inputs[0].split(":")[0]]
         if node.op != "Const" or node.name in used:
-            raise DfqError(f"{ref} is not a constant used once: the graph is not a frozen inference graph.")
+            raise DfqError(
+                f"{ref} is not a constant used once: the graph is not a frozen inference graph."
+            )
         used.add(node.name)
         return node.tensor
 
@@ -196,18 +233,33 @@ def state_dict_from_graphdef(path: str | Path) -> dict[str, torch.Tensor]:
     for n in nodes:
         if n.op not in _WEIGHT_OPS:
             continue
-        if n.op == "FusedBatchNorm" and (n.attrs.get("is_training") or abs(n.attrs["epsilon"] - BN_EPS) > 1e-7):
-            raise DfqError(f"{n.name}: a training-mode BN or epsilon {n.attrs['epsilon']} (TFSSDLite assumes 1e-3).")
+        if n.op == "FusedBatchNorm" and (
+            n.attrs.get("is_training") or abs(n.attrs["epsilon"] - BN_EPS) > 1e-7
+        ):
+            raise DfqError(
+                f"{n.name}: a training-mode BN or epsilon {n.attrs['epsilon']} (expected 1e-3)."
+            )
         if n.op in ("Conv2D", "DepthwiseConv2dNative") and (
-                n.attrs["padding"] != b"SAME" or any(d != 1 for d in n.attrs.get("dilations", [1]))):
-            raise DfqError(f"{n.name}: padding {n.attrs['padding']!r} or dilation (TFSSDLite assumes SAME, 1).")
+            n.attrs["padding"] != b"SAME" or any(d != 1 for d in n.attrs.get("dilations", [1]))
+        ):
+            raise DfqError(
+                f"{n.name}: padding {n.attrs['padding']!r} or dilation (TFSSDLite assumes SAME, 1)."
+            )
         scope = _torch_scope(n.name, n.op)
         names, perm = _WEIGHT_OPS[n.op]
         for key, ref in zip(names, n.inputs[1:], strict=True):
             value = const(ref)
-            sd[f"{scope}.{key}"] = torch.from_numpy(value.transpose(perm) if perm else value).contiguous()
-    unused = [n.name for n in nodes if n.op == "Const" and n.name.endswith(_WEIGHT_SUFFIXES) and n.name not in used]
+            sd[f"{scope}.{key}"] = torch.from_numpy(
+                value.transpose(perm) if perm else value
+            ).contiguous()
+    unused = [
+        n.name
+        for n in nodes
+        if n.op == "Const" and n.name.endswith(_WEIGHT_SUFFIXES) and n.name not in used
+    ]
     if unused:
-        raise DfqError(f"{len(unused)} weight constant(s) of the graph feed no conv or BN, e.g. {unused[:3]}.",
-                       "pass an SSDLite-MobileNetV2 frozen graph of the TF Object Detection API")
+        raise DfqError(
+            f"{len(unused)} weight constant(s) of the graph feed no conv or BN, e.g. {unused[:3]}.",
+            "pass an SSDLite-MobileNetV2 frozen graph of the TF Object Detection API",
+        )
     return sd

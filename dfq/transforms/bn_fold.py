@@ -5,7 +5,7 @@ input is a conv/linear with no other user is folded. The BN's output distributio
 layer's pre-activation statistics, which later passes read instead of data: mean beta and std
 |gamma| sqrt(v / (v + eps)), the std of (x - m) / sqrt(v + eps) * gamma + beta when x has the
 running mean m and variance v. The factor is ~1 for live channels; for a dead one (v << eps, e.g.
-TF's eps 1e-3 against v ~ 1e-15) it is ~0, where |gamma| alone would claim a spread that never occurs.
+TF's eps 1e-3 against v ~ 1e-15) it is ~0, where |gamma| alone claims a spread that never occurs.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dfq.transforms import Transformed
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> BNStats:
-    """w' = w * g/sqrt(v+eps), b' = (b - m) * g/sqrt(v+eps) + beta; returns N(beta, g^2 v/(v+eps))."""
+    """w' = w * g/sqrt(v+eps), b' = (b - m) * g/sqrt(v+eps) + beta; returns N(beta, g² v/(v+eps))."""
     w = layer.weight
     gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
     beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
