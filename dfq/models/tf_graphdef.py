@@ -41,6 +41,15 @@ _VALUE_FIELDS = {
 
 # (message, [(field, number, type, label, type_name)]): a subset of TensorFlow's schema.
 _OPT, _REP = 1, 3
+_ATTR_VALUES = [
+    ("s", 2, "bytes", _OPT, None),
+    ("i", 3, "int64", _OPT, None),
+    ("f", 4, "float", _OPT, None),
+    ("b", 5, "bool", _OPT, None),
+    ("type", 6, "int32", _OPT, None),
+    ("shape", 7, "message", _OPT, "TensorShapeProto"),
+    ("tensor", 8, "message", _OPT, "TensorProto"),
+]
 _SCHEMA = (
     ("Dim", [("size", 1, "int64", _OPT, None), ("name", 2, "string", _OPT, None)]),
     (
@@ -62,29 +71,13 @@ _SCHEMA = (
             ("half_val", 13, "int32", _REP, None),
         ],
     ),
-    (
-        "ListValue",
-        [
-            ("s", 2, "bytes", _REP, None),
-            ("i", 3, "int64", _REP, None),
-            ("f", 4, "float", _REP, None),
-            ("b", 5, "bool", _REP, None),
-            ("type", 6, "int32", _REP, None),
-            ("shape", 7, "message", _REP, "TensorShapeProto"),
-            ("tensor", 8, "message", _REP, "TensorProto"),
-        ],
-    ),
+    # ListValue repeats AttrValue's value fields s..tensor (2-8), each one repeated
+    ("ListValue", [(name, n, t, _REP, tn) for name, n, t, _, tn in _ATTR_VALUES]),
     (
         "AttrValue",
         [
             ("list", 1, "message", _OPT, "ListValue"),
-            ("s", 2, "bytes", _OPT, None),
-            ("i", 3, "int64", _OPT, None),
-            ("f", 4, "float", _OPT, None),
-            ("b", 5, "bool", _OPT, None),
-            ("type", 6, "int32", _OPT, None),
-            ("shape", 7, "message", _OPT, "TensorShapeProto"),
-            ("tensor", 8, "message", _OPT, "TensorProto"),
+            *_ATTR_VALUES,
             ("placeholder", 9, "string", _OPT, None),
         ],
     ),
