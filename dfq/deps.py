@@ -14,7 +14,7 @@ from dfq.errors import DfqError
 # importable module -> the extra of pyproject.toml that installs it
 EXTRAS = {
     "onnx": "export", "onnxscript": "export", "onnxruntime": "export", "ncnn": "export", "pnnx": "export",
-    "matplotlib": "plot",
+    "matplotlib": "plot", "google": "tf",
 }
 
 
@@ -25,4 +25,5 @@ def require(module: str, what: str) -> ModuleType:
     except ImportError as exc:
         extra = EXTRAS.get(module.split(".")[0])
         fix = f'pip install "dfq[{extra}]"' if extra else f"pip install {module}"
+        module = "protobuf" if module.startswith("google.protobuf") else module
         raise DfqError(f"{what} needs the Python package '{module}', which is not installed.", fix) from exc

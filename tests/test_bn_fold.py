@@ -34,13 +34,21 @@ def test_fold_matches_torch_oracle(small_net):
     assert torch.allclose(folded.bias, ref.bias, atol=1e-6)
 
 
-def test_stats_are_beta_and_abs_gamma(small_net):
+def test_stats_are_the_bn_output_distribution(small_net):
+    """N(beta, gamma^2 v / (v + eps)): BN's output when its input has the running moments."""
     bn = small_net.dw[1]
     with torch.no_grad():
         bn.weight[0] = -0.7
+        bn.running_var[1] = 0.0  # a dead channel: BN outputs beta alone
     st = fold_batchnorm(trace(small_net)).stats["dw.0"]
     assert torch.equal(st.mean, bn.bias.detach())
-    assert torch.equal(st.std, bn.weight.detach().abs())
+    v = bn.running_var
+    torch.testing.assert_close(st.std, bn.weight.detach().abs() * torch.sqrt(v / (v + bn.eps)))
+    assert st.std[1] == 0 and st.std[0] > 0.69
+    noise = torch.randn(4096, 8, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = noise * v.sqrt()[:, None, None] + bn.running_mean[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(bn.eval()(x).std((0, 2, 3)), st.std, rtol=0.05, atol=1e-6)
 
 
 def test_bn_after_add_is_left_and_reported():

@@ -21,9 +21,13 @@ DATA = ["--data", str(shared("cifar10_foolbox20.npz")), "--limit", "4", "--quiet
     ("onnxscript", ["export", "--format", "onnx", *R20, "-o", "{tmp}/m.onnx"], "export"),
     ("pnnx", ["export", "--format", "ncnn", *R20, "-o", "{tmp}/m"], "export"),
     ("matplotlib", ["cls", *R20, *DATA, "--quantize", "--equalize", "--plot", "{tmp}/plots"], "plot"),
+    ("google.protobuf.message", ["export", "--format", "onnx", "--arch", "tf_ssdlite_mobilenetv2", "--weights",
+                         "{tmp}/graph.pb", "-o", "{tmp}/m.onnx"], "tf"),
 ])
 def test_missing_extra_is_a_one_line_error(monkeypatch, capsys, tmp_path, hidden, argv, extra):
     monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now raises ImportError
+    (tmp_path / "graph.pb").write_bytes(b"")  # read only once protobuf imports
+    hidden = "protobuf" if hidden.startswith("google.") else hidden
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
     assert code == 2, err

@@ -30,6 +30,7 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         targets.profile(backend).check_runtime()
     seed_everything(args.seed)
     spec, inputs = options.model_spec(args, task), options.inputs_of(args, task)
+    task = tasks.get(args.command, inputs)
     cfg = options.pipeline_config(args, inputs, **({"quantize": True} if backend != "torch" else {}))
     model, device = spec.load(), args.device
     progress = not args.quiet

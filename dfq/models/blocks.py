@@ -1,7 +1,12 @@
 """Building blocks shared by dfq's own architectures."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+# MobileNetV2's inverted-residual stages: expansion t, channels c, repeats n, first stride s.
+MOBILENETV2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                      (6, 160, 3, 2), (6, 320, 1, 1))
 
 
 def inverted_residual_layers(inp: int, oup: int, stride: int, expand_ratio: float, padding: int,
@@ -20,3 +25,9 @@ def inverted_residual_layers(inp: int, oup: int, stride: int, expand_ratio: floa
         nn.BatchNorm2d(oup),
     ]
     return nn.Sequential(*layers)
+
+
+def flatten_head(t: torch.Tensor, per_anchor: int) -> torch.Tensor:
+    """An SSD head's (N, A*K, H, W) output as (N, H*W*A, K): row, column, then anchor (the
+    priors' order)."""
+    return t.permute(0, 2, 3, 1).flatten(1).unflatten(1, (-1, per_anchor))

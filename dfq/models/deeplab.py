@@ -23,10 +23,8 @@ from torch import nn
 
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, register
-from dfq.models.blocks import inverted_residual_layers
+from dfq.models.blocks import MOBILENETV2_STAGES, inverted_residual_layers
 
-# MobileNetV2 stages: expansion t, output channels c, repeats n, stride s.
-_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 _ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
@@ -56,7 +54,7 @@ class MobileNetV2Backbone(nn.Module):
         # jfzhang95's rule, kept as is: once the stride has reached output_stride, a stage's
         # stride becomes 1 and it uses the dilation accumulated by the stages before it.
         current_stride, rate, inp = 2, 1, 32
-        for t, c, n, s in _STAGES:
+        for t, c, n, s in MOBILENETV2_STAGES:
             if current_stride == output_stride:
                 stride, dilation = 1, rate
                 rate *= s

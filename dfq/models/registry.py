@@ -27,6 +27,9 @@ class InputConfig:
     std: tuple[float, ...] = IMAGENET_STD
     resize: int = 256
     crop: int = 224
+    # the dfq.tasks module that evaluates this architecture when the task's own pre-/post-
+    # processing does not fit it (a TF detector's resize, anchors and NMS: "tf_ssd"); None: the task's
+    evaluation: str | None = None
 
 
 IMAGENET = InputConfig()

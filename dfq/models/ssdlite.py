@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from dfq.models.registry import InputConfig, register
-from dfq.models.blocks import inverted_residual_layers
+from dfq.models.blocks import MOBILENETV2_STAGES, flatten_head, inverted_residual_layers
 
-_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 # Extra feature layers: (in, out, expand_ratio), each with stride 2.
 _EXTRAS = ((1280, 512, 0.2), (512, 256, 0.25), (256, 256, 0.5), (256, 64, 0.25))
 _HEAD_INPUTS = (576, 1280, 512, 256, 256, 64)
@@ -53,7 +52,7 @@ def _separable_head(inp: int, oup: int) -> nn.Sequential:
 def _mobilenetv2_features() -> nn.Sequential:
     layers: list[nn.Module] = [_conv_bn_relu6(3, 32, 3, 2)]
     inp = 32
-    for t, c, n, s in _STAGES:
+    for t, c, n, s in MOBILENETV2_STAGES:
         for i in range(n):
             layers.append(InvertedResidual(inp, c, s if i == 0 else 1, t))
             inp = c
@@ -99,9 +98,8 @@ class SSDLite(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         confidences, locations = [], []
         for src, cls_head, reg_head in zip(self._features(x), self.classification_headers, self.regression_headers):
-            # (N, A*K, H, W) -> (N, H*W*A, K): anchor-major within each cell, as the priors.
-            confidences.append(cls_head(src).permute(0, 2, 3, 1).flatten(1).unflatten(1, (-1, self.num_classes)))
-            locations.append(reg_head(src).permute(0, 2, 3, 1).flatten(1).unflatten(1, (-1, 4)))
+            confidences.append(flatten_head(cls_head(src), self.num_classes))
+            locations.append(flatten_head(reg_head(src), 4))
         return torch.cat(confidences, 1), torch.cat(locations, 1)
 
 

@@ -92,12 +92,17 @@ def decode_boxes(
     return torch.cat([centers - sizes / 2, centers + sizes / 2], dim=-1)
 
 
-def preprocess(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """RGB PIL image -> normalised (3, size, size) float tensor, as qfgaohao's PredictionTransform."""
+def resize_like_cv2(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """RGB PIL image -> (3, size, size) float tensor of uint8 values, as cv2.resize(INTER_LINEAR)
+    on uint8: half-pixel bilinear, no antialiasing, aspect not kept, rounded back to uint8."""
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
-    # cv2.resize(INTER_LINEAR) on uint8: half-pixel bilinear, no antialiasing, rounded back to uint8.
     x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=False)[0]
-    return (x.round().clamp(0, 255) - IMAGE_MEAN) / IMAGE_STD
+    return x.round().clamp(0, 255)
+
+
+def preprocess(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """RGB PIL image -> normalised (3, size, size) tensor, as qfgaohao's PredictionTransform."""
+    return (resize_like_cv2(image, size) - IMAGE_MEAN) / IMAGE_STD
 
 
 class VOCDetectionEval(Dataset):
@@ -270,10 +275,11 @@ def voc_map(detections: list[dict], targets: list[dict], iou_threshold: float = 
 
 @torch.no_grad()
 def detect_per_batch(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, progress: bool = False,
-                     **nms_args) -> list[tuple[list[dict], list[dict]]]:
+                     post=None, **nms_args) -> list[tuple[list[dict], list[dict]]]:
     """Run an SSD body over (images, targets) batches; decode and NMS in float on the CPU.
 
-    Returns (detections, targets) of each batch, one entry per image; `nms_args` go to `postprocess`.
+    Returns (detections, targets) of each batch, one entry per image; `post` (default `postprocess`, another model's own
+    decoding) takes (confidences, locations, priors, image sizes, **nms_args).
     """
     from tqdm import tqdm
 
@@ -292,7 +298,7 @@ def detect_per_batch(model: torch.nn.Module, loader, priors: torch.Tensor | None
                     f"feed {IMAGE_SIZE}x{IMAGE_SIZE} images to the SSD-Lite, or pass the priors of your model",
                 )
             sizes = [t["size"] for t in targets]
-            out.append((postprocess(confidences.cpu(), locations.cpu(), priors, sizes, **nms_args), targets))
+            out.append(((post or postprocess)(confidences.cpu(), locations.cpu(), priors, sizes, **nms_args), targets))
     finally:
         model.train(was_training)
     return out

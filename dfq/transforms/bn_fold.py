@@ -2,8 +2,11 @@
 
 A fx pattern pass in the spirit of torch.fx.experimental.optimization.fuse: only a BN whose
 input is a conv/linear with no other user is folded; a BN module, or a functional batch_norm
-on constant running statistics (parameters and buffers), alike. The BN's (beta, |gamma|) become that
-layer's pre-activation statistics, which later passes read instead of data.
+on constant running statistics (parameters and buffers), alike. The BN's output distribution becomes
+that layer's pre-activation statistics, which later passes read instead of data: mean beta and std
+|gamma| sqrt(v / (v + eps)), the std of (x - m) / sqrt(v + eps) * gamma + beta when x has the
+running mean m and variance v. The factor is ~1 for live channels; for a dead one (v << eps, e.g.
+TF's eps 1e-3 against v ~ 1e-15) it is ~0, where |gamma| alone claims a spread that never occurs.
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def _batchnorm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, _BatchNorm | 
 
 
 def _fold_into(layer: nn.Module, bn: _BatchNorm) -> BNStats:
-    """w' = w * g/sqrt(v+eps), b' = (b - m) * g/sqrt(v+eps) + beta; returns N(beta, gamma^2)."""
+    """w' = w * g/sqrt(v+eps), b' = (b - m) * g/sqrt(v+eps) + beta; returns N(beta, g² v/(v+eps))."""
     w = layer.weight
     gamma = bn.gamma.detach() if bn.gamma is not None else torch.ones_like(bn.mean)
     beta = bn.beta.detach() if bn.beta is not None else torch.zeros_like(bn.mean)
@@ -73,7 +76,8 @@ def _fold_into(layer: nn.Module, bn: _BatchNorm) -> BNStats:
     with torch.no_grad():
         w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype))
         bias.copy_((bias - bn.mean) * scale + beta)
-    return BNStats(mean=beta.clone().to(w.dtype), std=gamma.abs().clone().to(w.dtype))
+    std = gamma.abs() * torch.sqrt(bn.var / (bn.var + bn.eps))
+    return BNStats(mean=beta.clone().to(w.dtype), std=std.to(w.dtype))
 
 
 def _foldable(gm: fx.GraphModule, bn_node: fx.Node, bn: _BatchNorm) -> tuple[fx.Node, nn.Module] | str:
