@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -34,7 +35,8 @@ def checkpoints(tmp_path_factory):
     torch.save({"epoch": 3, "state_dict": deeplab.state_dict(), "optimizer": opt.state_dict(),
                 "best_pred": np.float64(0.7081)}, d / "deeplab-mobilenet.pth.tar")
     torch.save(randomize_bn(build("ssdlite_mobilenetv2"), seed=2).state_dict(), d / "mb2-ssd-lite.pth")
-    return {"seg": d / "deeplab-mobilenet.pth.tar", "det": d / "mb2-ssd-lite.pth"}
+    torch.save(randomize_bn(build("tf_ssdlite_mobilenetv2"), seed=3).state_dict(), d / "tf-ssdlite.pth")
+    return {"seg": d / "deeplab-mobilenet.pth.tar", "det": d / "mb2-ssd-lite.pth", "tf": d / "tf-ssdlite.pth"}
 
 
 def _run(capsys, *argv):
@@ -77,6 +79,27 @@ def test_det_end_to_end(voc, checkpoints, tmp_path, capsys):
     assert r["config"]["input_mean"] == pytest.approx([127 / 255] * 3)  # qfgaohao's (x - 127) / 128
     assert r["equalization"]["pairs"] >= 50
     assert "map07" in out
+
+
+def test_det_runs_a_tf_detector_with_its_own_processing(voc, checkpoints, tmp_path, capsys):
+    """The TF SSD's InputConfig names its evaluation (tasks/tf_ssd): 300x300, (0.5, 0.5)
+    normalisation, 1917 anchors, scored on the class it has (person) only."""
+    persons = tmp_path / "voc"  # the fixture's only person is difficult: make it count
+    shutil.copytree(voc, persons)
+    xml = persons / "VOCdevkit" / "VOC2007" / "Annotations" / "2008_000001.xml"
+    xml.write_text(xml.read_text().replace("<difficult>1</difficult>", "<difficult>0</difficult>"))
+    out_json = tmp_path / "tf.json"
+    code, out, err = _run(capsys, "det", "--arch", "tf_ssdlite_mobilenetv2", "--weights", checkpoints["tf"],
+                          "--data", persons, "--quantize", "--equalize", "--correction", "--compare",
+                          "--quiet", "--json", out_json)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["arch"] == "tf_ssdlite_mobilenetv2" and r["classes"] == ["person"] and r["n"] == 3
+    assert set(r["detail"]["per_class_ap"]) <= {"person"}
+    assert r["config"]["input_mean"] == [0.5] * 3 and r["config"]["input_std"] == [0.5] * 3
+    assert _finite(r["map07"]) and _finite(r["fp32_map07"])
+    code, _, err = _run(capsys, "seg", "--arch", "tf_ssdlite_mobilenetv2", "--data", voc, "--quiet")
+    assert code == 2 and "evaluated by `dfq det`" in err
 
 
 def test_seg_ablation_rows(voc, tmp_path, capsys):
