@@ -309,3 +309,50 @@ def test_grouped_convs_are_equalized_exactly_and_balanced():
         r2 = input_ranges(eq.gm.get_submodule(p.second), r1.numel())
         assert torch.allclose(r1, r2, rtol=2e-2), p
 
+
+
+def _near_dead_net(dead: bool) -> nn.Module:
+    """conv-BN-ReLU6 x2 then a conv; `dead`: channels 0..2 of the first BN have gamma 1e-6
+    (their output is the constant beta) and channel 3 a dead input (zero filter, running variance
+    far below eps, as after TF's dead ReLU6 channels: its output is beta too)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU6(),
+                      nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1))
+    for bn in (m[1], m[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-0.5, 1)
+    if dead:
+        m[1].weight.data[:3] = 1e-6
+        m[1].bias.data[:4] = torch.tensor([0.5, 2.0, 5.0, 1.5])
+        m[0].weight.data[3] = 0.0
+        m[1].running_mean[3], m[1].running_var[3] = 0.0, 1e-15
+    return m.eval()
+
+
+def test_near_dead_channels_neither_blow_up_ranges_nor_outputs():
+    """Equalization divides a near-dead channel by a tiny scale (its bias grows ~1e4x); its
+    BN-derived std is ~0, so high-bias absorption moves that constant into the next layer and
+    the activation range stays that of the live channels."""
+    from dfq import PipelineConfig, quantize_model
+
+    x = torch.randn(32, 3, 8, 8)
+    errors, ranges = {}, {}
+    for dead in (False, True):
+        m = _near_dead_net(dead)
+        r = quantize_model(m, PipelineConfig(equalize=True, correction=True))
+        ranges[dead] = max(v["activation_range"][1] for k, v in r.activations.items() if k != "input_1")
+        with torch.no_grad():
+            errors[dead] = float((r.model(x) - m(x)).pow(2).mean() / m(x).pow(2).mean())
+        if dead:
+            assert r.layers["0"]["absorbed_max"] > 100  # the blown-up constants went to the next layer
+    assert ranges[True] <= 2 * ranges[False] + 6
+    assert errors[True] <= 3 * errors[False] + 1e-4
+    # exact in float64: equalization and absorption of constant channels change nothing
+    m = _near_dead_net(True).double()
+    t = _prepared(m, relu=False)
+    eq = equalize(t.gm, t.stats)
+    absorbed = absorb_high_bias(eq.gm, eq.stats).gm
+    x = x.double()
+    assert float((absorbed(x) - m(x)).abs().max()) <= 1e-6
