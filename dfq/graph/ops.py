@@ -3,6 +3,7 @@
 Passes ask `classify(gm, node)` instead of growing their own if-chains, so supporting a
 new op means one line here.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -23,19 +24,48 @@ BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 # layout (so equalization can look through them) and the per-channel mean (bias correction).
 # Resampling (F.interpolate, nn.Upsample) is linear per channel with weights summing to 1.
 # Identities in eval mode (below) are pass-through too.
-PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.ZeroPad2d, nn.Flatten, nn.Upsample)
+PASS_MODULES = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.ZeroPad2d,
+    nn.Flatten,
+    nn.Upsample,
+)
 PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.flatten, F.interpolate}
 PASS_METHODS = {"flatten", "contiguous"}
 # Of those, the ones whose output lies on its input's quantization grid (no requantization).
-GRID_PRESERVING = (nn.MaxPool2d, nn.ZeroPad2d, nn.Flatten, F.max_pool2d, torch.flatten, "flatten", "contiguous")
+GRID_PRESERVING = (
+    nn.MaxPool2d,
+    nn.ZeroPad2d,
+    nn.Flatten,
+    F.max_pool2d,
+    torch.flatten,
+    "flatten",
+    "contiguous",
+)
 
 # The identity in eval mode (dfq only transforms eval-mode graphs): dropout of every kind, and
 # stochastic depth / drop path (torchvision's StochasticDepth and stochastic_depth, timm's
 # DropPath and drop_path), those matched by name so that dfq imports neither library. A
 # functional call counts only where its `training` argument is False.
-EVAL_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                         nn.FeatureAlphaDropout)
-EVAL_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+EVAL_IDENTITY_MODULES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+EVAL_IDENTITY_FUNCTIONS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+}
 EVAL_IDENTITY_NAMES = {"StochasticDepth", "DropPath", "stochastic_depth", "drop_path"}
 
 ADD_FUNCTIONS = {operator.add, torch.add}
@@ -61,8 +91,9 @@ class Activation:
     def rescalable(self) -> bool:
         """An upper clip that equalization can carry exactly as per-channel bounds (hi / s):
         ReLU6, hardtanh(0, b), ChannelMin."""
-        return self.kind == "channel_min" or (self.lo == 0.0 and isinstance(self.hi, float)
-                                              and math.isfinite(self.hi) and self.hi > 0)
+        return self.kind == "channel_min" or (
+            self.lo == 0.0 and isinstance(self.hi, float) and math.isfinite(self.hi) and self.hi > 0
+        )
 
 
 RELU = Activation("relu", 0.0, math.inf)
@@ -105,16 +136,41 @@ class Pointwise:
 
 
 # op -> kind of dfq.activation_moments.SHAPES; in-place variants compute the same values
-POINTWISE_MODULES = {nn.SiLU: "silu", nn.GELU: "gelu", nn.Mish: "mish", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
-                     nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Hardsigmoid: "hardsigmoid",
-                     nn.Hardswish: "hardswish"}
-POINTWISE_FUNCTIONS = {F.silu: "silu", F.gelu: "gelu", F.mish: "mish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-                       torch.sigmoid_: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", torch.tanh_: "tanh",
-                       F.elu: "elu", F.elu_: "elu", F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu",
-                       F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish"}
+POINTWISE_MODULES = {
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+    nn.Mish: "mish",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.ELU: "elu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardswish: "hardswish",
+}
+POINTWISE_FUNCTIONS = {
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.mish: "mish",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.sigmoid_: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.tanh_: "tanh",
+    F.elu: "elu",
+    F.elu_: "elu",
+    F.leaky_relu: "leaky_relu",
+    F.leaky_relu_: "leaky_relu",
+    F.hardsigmoid: "hardsigmoid",
+    F.hardswish: "hardswish",
+}
 POINTWISE_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
 # the parameter that shapes a kind: module attribute = functional argument (second positional), default
-POINTWISE_PARAMS = {"gelu": ("approximate", "none"), "elu": ("alpha", 1.0), "leaky_relu": ("negative_slope", 0.01)}
+POINTWISE_PARAMS = {
+    "gelu": ("approximate", "none"),
+    "elu": ("alpha", 1.0),
+    "leaky_relu": ("negative_slope", 0.01),
+}
 
 
 def pointwise_of(gm: fx.GraphModule, node: fx.Node) -> Pointwise | None:
@@ -164,8 +220,10 @@ def is_eval_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         return isinstance(m, EVAL_IDENTITY_MODULES) or type(m).__name__ in EVAL_IDENTITY_NAMES
-    if node.op != "call_function" or not (node.target in EVAL_IDENTITY_FUNCTIONS
-                                          or getattr(node.target, "__name__", None) in EVAL_IDENTITY_NAMES):
+    if node.op != "call_function" or not (
+        node.target in EVAL_IDENTITY_FUNCTIONS
+        or getattr(node.target, "__name__", None) in EVAL_IDENTITY_NAMES
+    ):
         return False
     try:
         args = inspect.signature(node.target).bind(*node.args, **node.kwargs)
@@ -185,7 +243,11 @@ def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
         if node.target is F.pad:  # zero padding of H and W only
             pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
             spatial = isinstance(pad, (tuple, list)) and len(pad) <= 4
-            return spatial and node.kwargs.get("mode", "constant") == "constant" and not node.kwargs.get("value")
+            return (
+                spatial
+                and node.kwargs.get("mode", "constant") == "constant"
+                and not node.kwargs.get("value")
+            )
         return node.target in PASS_FUNCTIONS
     if node.op == "call_method":
         return node.target in PASS_METHODS
@@ -195,9 +257,11 @@ def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
 def is_shape_query(node: fx.Node) -> bool:
     """x.shape / x.ndim / x.size() / x.dim() (timm asserts x.ndim == 4): reads no values, so
     neither folding nor scaling can change it, and it does not count as a user of x."""
-    return ((node.op == "call_function" and node.target is getattr
-             and node.args[1] in ("shape", "ndim", "dtype", "device"))
-            or (node.op == "call_method" and node.target in ("size", "dim")))
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and node.args[1] in ("shape", "ndim", "dtype", "device")
+    ) or (node.op == "call_method" and node.target in ("size", "dim"))
 
 
 def is_spatial_slice(node: fx.Node) -> bool:
@@ -218,7 +282,13 @@ def channel_padding(node: fx.Node) -> tuple[int, int] | None:
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    if mode != "constant" or value or not isinstance(pad, (tuple, list)) or len(pad) != 6 or any(pad[:4]):
+    if (
+        mode != "constant"
+        or value
+        or not isinstance(pad, (tuple, list))
+        or len(pad) != 6
+        or any(pad[:4])
+    ):
         return None
     return int(pad[4]), int(pad[5])
 
@@ -234,12 +304,14 @@ def keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "add")
+        node.op == "call_method" and node.target == "add"
+    )
 
 
 def is_mul(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in MUL_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "mul")
+        node.op == "call_method" and node.target == "mul"
+    )
 
 
 def is_cat(node: fx.Node) -> bool:

@@ -6,6 +6,7 @@ that follows it (fused, as runtimes fuse Conv+ReLU); average pools requantize (w
 input's range). Network outputs stay float (runtimes dequantize the last layer's int32
 accumulator). Ops that are neither get no quantizer and are reported.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,14 @@ import torch
 from torch import fx
 
 from dfq.config import QuantConfig
-from dfq.graph.ops import activation_of, is_add, is_cat, is_pass_through, keeps_grid, weighted_module
+from dfq.graph.ops import (
+    activation_of,
+    is_add,
+    is_cat,
+    is_pass_through,
+    keeps_grid,
+    weighted_module,
+)
 from dfq.moments import Moments
 from dfq.nn import ChannelMin
 from dfq.quant.modules import FLOAT, OBSERVE, QUANTIZE, ActQuant, QuantizedLayer
@@ -48,8 +56,13 @@ def default_quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
     return points
 
 
-def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantConfig, reciprocal: bool = False,
-                      reads_quantized: Callable[[fx.GraphModule, fx.Node], bool] | None = None) -> fx.GraphModule:
+def insert_quantizers(
+    gm: fx.GraphModule,
+    points: list[fx.Node],
+    config: QuantConfig,
+    reciprocal: bool = False,
+    reads_quantized: Callable[[fx.GraphModule, fx.Node], bool] | None = None,
+) -> fx.GraphModule:
     """Return a copy of `gm` with an ActQuant (unset range) after each point, by node name.
 
     `reciprocal`: the quantizers multiply by float32 1/scale (ncnn); `reads_quantized(gm, user)`:
@@ -61,11 +74,17 @@ def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantCo
         if node.name not in names:
             continue
         target = f"act_quant_{node.name}"
-        gm.add_submodule(target, ActQuant(config.activation_grid, config.rounding, reciprocal=reciprocal))
+        gm.add_submodule(
+            target, ActQuant(config.activation_grid, config.rounding, reciprocal=reciprocal)
+        )
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(target, (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q and (
-            reads_quantized is None or reads_quantized(gm, u)))
+        node.replace_all_uses_with(
+            q,
+            delete_user_cb=lambda u: (
+                u is not q and (reads_quantized is None or reads_quantized(gm, u))
+            ),
+        )
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -73,12 +92,16 @@ def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantCo
 
 def quantizer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """ActQuant call nodes keyed by the name of the node they quantize."""
-    return {n.args[0].name: n for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActQuant)}
+    return {
+        n.args[0].name: n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActQuant)
+    }
 
 
-def set_ranges_from_moments_(gm: fx.GraphModule, moments: dict[str, Moments],
-                            only: set[str] | None = None) -> dict[str, dict]:
+def set_ranges_from_moments_(
+    gm: fx.GraphModule, moments: dict[str, Moments], only: set[str] | None = None
+) -> dict[str, dict]:
     """In place: per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are
     reported and their quantizers stay float.
 
@@ -95,7 +118,10 @@ def set_ranges_from_moments_(gm: fx.GraphModule, moments: dict[str, Moments],
         if clip is not None and clip.name in moments:
             m = moments[clip.name]  # values above the per-channel bounds are clipped anyway
         if m is None:
-            info[src] = {"activation_range": None, "note": "no data-free range: kept in float (use --calib)"}
+            info[src] = {
+                "activation_range": None,
+                "note": "no data-free range: kept in float (use --calib)",
+            }
             aq.mode = FLOAT  # never invent a range
             continue
         lo, hi = float(m.lo.min()), float(m.hi.max())
@@ -124,8 +150,11 @@ def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> 
         aq.observed_min.fill_(float("inf"))
         aq.observed_max.fill_(float("-inf"))
         if percentile is not None:
-            hooks.append(aq.register_forward_pre_hook(
-                lambda mod, inp, src=src: seen[src].append(_percentiles(inp[0], percentile))))
+            hooks.append(
+                aq.register_forward_pre_hook(
+                    lambda mod, inp, src=src: seen[src].append(_percentiles(inp[0], percentile))
+                )
+            )
     try:
         with torch.no_grad():
             for x in batches:
@@ -196,7 +225,9 @@ def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]
         scale = m.weight_scale.double() * aq.scale.double() if aq is not None else None
         # at s_w * s_in an int32 overflows once bits_w + bits_a approach 31 (W16A16): the bias
         # would be clamped, so it goes onto its own range instead (and says so)
-        fits = scale is not None and bool((m.bias.detach().double().abs() / scale <= config.bias_grid.qmax).all())
+        fits = scale is not None and bool(
+            (m.bias.detach().double().abs() / scale <= config.bias_grid.qmax).all()
+        )
         if config.bits_bias == 32 and fits:
             note = "int32 at s_w * s_in"
         elif config.bits_bias == 32 and aq is not None:
@@ -204,7 +235,9 @@ def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]
             note = "int32 on its own range (it overflows int32 at s_w * s_in)"
         else:
             scale = m.bias.detach().abs().max().double().clamp_min(1e-30) / config.bias_grid.qmax
-            note = f"int{config.bits_bias} on its own range" + ("" if aq else " (input not quantized)")
+            note = f"int{config.bits_bias} on its own range" + (
+                "" if aq else " (input not quantized)"
+            )
         m.set_bias_quant(scale, config.bias_grid)
         info[node.target] = {"bias": note}
     return info
