@@ -102,6 +102,9 @@ class PipelineConfig:
     range_percentile: float | None | str = AUTO
     input_mean: tuple[float, ...] = IMAGENET_MEAN
     input_std: tuple[float, ...] = IMAGENET_STD
+    # refuse (DfqError) a result with any BN left unfolded, layer left unquantized or activation
+    # quantizer left without a range (dfq.coverage names them)
+    strict: bool = False
 
     def __post_init__(self):
         modes = {

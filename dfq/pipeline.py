@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from dfq import targets
 from dfq.config import PipelineConfig, QuantConfig
+from dfq.coverage import check_strict, coverage
 from dfq.graph.ops import layer_kind, weighted_module
 from dfq.graph.trace import check_finite, trace
 from dfq.moments import Moments, input_moments, propagate
@@ -52,6 +53,8 @@ class QuantizationResult:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     activations: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # what was folded / quantized / ranged / equalized of the whole graph (dfq.coverage)
+    coverage: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -222,5 +225,14 @@ def quantize_model(
                 t.stats,
             )
             result.model = t.gm
+        result.coverage = coverage(
+            prepared.gm,
+            result.model if config.quantize else None,
+            result.layers,
+            result.activations,
+            config,
+        )
     steps.timings["total"] = round(time.perf_counter() - t_start, 4)
+    if config.strict:
+        check_strict(result.coverage)
     return result

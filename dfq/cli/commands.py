@@ -11,6 +11,7 @@ from typing import Any
 
 from dfq import targets, tasks
 from dfq.cli import options
+from dfq.coverage import summary
 from dfq.distributed import world
 from dfq.errors import DfqError
 from dfq.quantization_data import pipeline_data
@@ -26,7 +27,8 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     backend = getattr(args, "backend", "torch")
     if backend != "torch" and args.target not in (None, backend):
         raise DfqError(
-            f"--backend {backend} runs the --target {backend} profile (got --target {args.target}).",
+            f"--backend {backend} runs the --target {backend} profile "
+            f"(got --target {args.target}).",
             f"drop --target or use --target {backend}",
         )
     if backend != "torch":
@@ -77,10 +79,12 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     if args.ablation:
         rows = ablation(task, model, cfg, data, reference, progress, calib, device)
         print(
-            f"\nW{args.bits_weight}A{args.bits_activation} ablation, quantization data: {calib_info['source']}\n"
+            f"\nW{args.bits_weight}A{args.bits_activation} ablation, "
+            f"quantization data: {calib_info['source']}\n"
             f"{ablation_table(task, rows)}"
         )
-        return {"rows": rows, "n": data.n, **common}
+        print(f"{rows[-1]['name']}: {summary(rows[-1]['coverage'])}")
+        return {"rows": rows, "n": data.n, "coverage": rows[-1]["coverage"], **common}
     res = {
         **run_one(
             task,
@@ -120,6 +124,7 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         markdown_table(["metric", "value"], [[k, res[k]] for k in dict.fromkeys(keys) if k in res])
     )
     print(f"pipeline: {res['timings']['total']} s, evaluation: {res['timings']['evaluate']} s")
+    print(summary(res["coverage"]))
     return res
 
 
@@ -136,6 +141,7 @@ def _print_runtime(task: Task, res: dict[str, Any], common: dict[str, Any]) -> d
         if k in ("agreement_with_sim", "max_abs_logit_diff") or k.endswith("_vs_sim")
     }
     print(", ".join(f"{k}: {v}" for k, v in diff.items()) + f"; files in {res['export_dir']}")
+    print(summary(res["coverage"]))
     return {**res, **common}
 
 
@@ -191,7 +197,13 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     print(f"dfq: exported {spec.name} ({described})")
     for k, v in files.items():
         print(f"  {k}: {v}")
-    return {"files": files, "profile": described, "config": result.config.to_dict()}
+    print(summary(result.coverage))
+    return {
+        "files": files,
+        "profile": described,
+        "config": result.config.to_dict(),
+        "coverage": result.coverage,
+    }
 
 
 def archs(args: argparse.Namespace) -> dict[str, Any]:

@@ -70,6 +70,7 @@ def pipeline_config(
         calib=args.calib,
         distill_range=args.distill_range,
         true_data=args.true_data,
+        strict=args.strict,
         input_mean=tuple(args.mean or inputs.mean),
         input_std=tuple(args.std or inputs.std),
     )

@@ -71,6 +71,12 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--range_std", type=float, default=RANGE_STD, help="BN ranges: mean +- N std")
     g.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 2) unless every BatchNorm is folded, every conv/linear quantized and "
+        "every activation quantizer ranged; the error names the nodes left out",
+    )
+    g.add_argument(
         "--calib",
         type=int,
         default=0,
@@ -146,7 +152,8 @@ def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
         "--reduce_range",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fewer weight bits where the runtime needs them (ort: 7; ncnn: 6 for 3x3 s1); default by CPU",
+        help="fewer weight bits where the runtime needs them (ort: 7; ncnn: 6 for 3x3 s1); "
+        "default by CPU",
     )
     g.add_argument(
         "--export-dir", default=None, help="where --backend writes its model (default: a temp dir)"

@@ -165,7 +165,8 @@ POINTWISE_FUNCTIONS = {
     F.hardswish: "hardswish",
 }
 POINTWISE_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
-# the parameter that shapes a kind: module attribute = functional argument (second positional), default
+# the parameter that shapes a kind: module attribute = functional argument (second positional),
+# default
 POINTWISE_PARAMS = {
     "gelu": ("approximate", "none"),
     "elu": ("alpha", 1.0),
@@ -195,6 +196,37 @@ def weighted_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
         m = gm.get_submodule(node.target)
         if isinstance(m, WEIGHTED):
             return m
+    return None
+
+
+# Every op that applies a weight to an activation: what coverage counts as a layer. dfq quantizes
+# the WEIGHTED modules; the others (functional calls, other conv dimensions) are named, with why.
+LAYER_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
+LAYER_FUNCTIONS = {
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    F.linear,
+    F.bilinear,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    torch.conv_transpose1d,
+    torch.conv_transpose2d,
+    torch.conv_transpose3d,
+}
+
+
+def layer_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The conv/linear a node computes ("Conv2d", "conv2d call", ...), or None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return type(m).__name__ if isinstance(m, LAYER_MODULES) else None
+    if node.op == "call_function" and node.target in LAYER_FUNCTIONS:
+        return f"{node.target.__name__} call"
     return None
 
 

@@ -200,17 +200,25 @@ def snap_clips_to_grid_(gm: fx.GraphModule) -> int:
     return n
 
 
-def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
-    """The quantizer that sets the grid of `node`'s first input (through grid-keeping ops)."""
-    cur = node.args[0]
+def input_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The ActQuant node (in any mode) that sets the grid of `node`'s first input, through
+    grid-keeping ops; None if that input is not quantized at all."""
+    cur = node.args[0] if node.args else None
     while isinstance(cur, fx.Node):
         if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), ActQuant):
-            aq = gm.get_submodule(cur.target)
-            return aq if aq.quantizing else None
+            return cur
         if not ((is_pass_through(gm, cur) or _is_channel_min(gm, cur)) and keeps_grid(gm, cur)):
             return None
         cur = cur.args[0]
     return None
+
+
+def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
+    """The quantizer that sets the grid of `node`'s first input (through grid-keeping ops),
+    if it quantizes."""
+    q = input_quantizer_node(gm, node)
+    aq = gm.get_submodule(q.target) if q is not None else None
+    return aq if aq is not None and aq.quantizing else None
 
 
 def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:

@@ -70,6 +70,7 @@ def run_one(
         "config": config.to_dict(),
         "layers": result.layers,
         "activations": result.activations,
+        "coverage": result.coverage,
         "equalization": equalization_summary(result.layers) if config.equalize else None,
         "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)},
     }
@@ -159,6 +160,7 @@ def runtime_run(
         **real.against_simulation(sim),
         "profile": profile.describe(result.config.quant),
         "config": result.config.to_dict(),
+        "coverage": result.coverage,
         "files": files,
         "export_dir": str(out_dir),
     }
