@@ -9,6 +9,7 @@ variances (independent branches); products (squeeze-excitation gates) multiply i
 factors; concatenations stack channels; layers without BN propagate moments linearly. Bias correction reads E[x] of each layer input; BN-based
 activation ranges read mean +- n*std, clipped by the activation.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,17 @@ from torch import fx
 from dfq.activation_moments import activation_moments, activation_range, normal_pdf
 from dfq.config import RANGE_STD
 from dfq.graph.channels import channel_matrix, to_features
-from dfq.graph.ops import (activation_of, channel_padding, is_add, is_cat, is_pass_through, is_spatial_slice,
-                           is_mul, pointwise_of, weighted_module)
+from dfq.graph.ops import (
+    activation_of,
+    channel_padding,
+    is_add,
+    is_cat,
+    is_mul,
+    is_pass_through,
+    is_spatial_slice,
+    pointwise_of,
+    weighted_module,
+)
 from dfq.stats import Stats
 
 
@@ -58,9 +68,14 @@ def clipped_normal_moments(mean: torch.Tensor, std: torch.Tensor, lo, hi):
     a_pa = torch.where(torch.isinf(a), torch.zeros_like(a), a * pa)
     b_pb = torch.where(torch.isinf(b), torch.zeros_like(b), b * pb)
     e1 = lo_f * cdf_a + hi_f * (1 - cdf_b) + mean * p_in + s * (pa - pb)
-    e2 = (lo_f ** 2 * cdf_a + hi_f ** 2 * (1 - cdf_b) + (mean ** 2 + s ** 2) * p_in
-          + 2 * mean * s * (pa - pb) + s ** 2 * (a_pa - b_pb))
-    var = (e2 - e1 ** 2).clamp_min(0)
+    e2 = (
+        lo_f**2 * cdf_a
+        + hi_f**2 * (1 - cdf_b)
+        + (mean**2 + s**2) * p_in
+        + 2 * mean * s * (pa - pb)
+        + s**2 * (a_pa - b_pb)
+    )
+    var = (e2 - e1**2).clamp_min(0)
     degenerate = std <= 0
     e1 = torch.where(degenerate, torch.minimum(torch.maximum(mean, lo_t), hi_t), e1)
     var = torch.where(degenerate, torch.zeros_like(var), var)
@@ -75,19 +90,28 @@ def normal(mean: torch.Tensor, var: torch.Tensor, n_std: float) -> Moments:
 def _clip(src: Moments, lo, hi) -> Moments:
     """Moments of clamp(x, lo, hi), composing with an earlier clip of the same normal."""
     base_mean, base_std, base_lo, base_hi = src.clipped_from or (
-        src.mean, src.var.sqrt(), torch.full_like(src.mean, -math.inf), torch.full_like(src.mean, math.inf))
+        src.mean,
+        src.var.sqrt(),
+        torch.full_like(src.mean, -math.inf),
+        torch.full_like(src.mean, math.inf),
+    )
     lo_t = torch.maximum(base_lo, torch.as_tensor(lo, dtype=src.mean.dtype).expand_as(src.mean))
     hi_t = torch.minimum(base_hi, torch.as_tensor(hi, dtype=src.mean.dtype).expand_as(src.mean))
     mean, var = clipped_normal_moments(base_mean, base_std, lo_t, hi_t)
-    return Moments(mean, var, torch.minimum(torch.maximum(src.lo, lo_t), hi_t),
-                   torch.minimum(torch.maximum(src.hi, lo_t), hi_t), (base_mean, base_std, lo_t, hi_t))
+    return Moments(
+        mean,
+        var,
+        torch.minimum(torch.maximum(src.lo, lo_t), hi_t),
+        torch.minimum(torch.maximum(src.hi, lo_t), hi_t),
+        (base_mean, base_std, lo_t, hi_t),
+    )
 
 
 def _linear(gm: fx.GraphModule, node: fx.Node, x: Moments, n_std: float) -> Moments:
     """A layer without BN statistics: moments pushed through its channel matrix."""
     m = weighted_module(gm, node)
     M = channel_matrix(m).detach()
-    sq = (m.weight.detach() ** 2)
+    sq = m.weight.detach() ** 2
     Msq = sq if sq.dim() == 2 else channel_matrix(m, sq)
     mean = M @ to_features(m, x.mean).to(M.dtype)
     if m.bias is not None:
@@ -96,7 +120,9 @@ def _linear(gm: fx.GraphModule, node: fx.Node, x: Moments, n_std: float) -> Mome
     return normal(mean, var, n_std)
 
 
-def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = RANGE_STD) -> dict[str, Moments]:
+def propagate(
+    gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = RANGE_STD
+) -> dict[str, Moments]:
     """Moments of every node's output that can be derived without data (by node name)."""
     out: dict[str, Moments] = {}
     for node in gm.graph.nodes:
@@ -115,8 +141,10 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
         elif (act := activation_of(gm, node)) is not None:
             out[node.name] = _clip(src, act.lo, act.hi)
         elif (f := pointwise_of(gm, node)) is not None:
-            out[node.name] = Moments(*activation_moments(f.kind, f.param, src.mean, src.var),
-                                     *activation_range(f.kind, f.param, src.lo, src.hi))
+            out[node.name] = Moments(
+                *activation_moments(f.kind, f.param, src.mean, src.var),
+                *activation_range(f.kind, f.param, src.lo, src.hi),
+            )
         elif is_pass_through(gm, node) or is_spatial_slice(node):
             out[node.name] = src
         elif (pads := channel_padding(node)) is not None:
@@ -126,15 +154,20 @@ def propagate(gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = 
             if a.mean.shape == b.mean.shape:
                 s = normal(a.mean + b.mean, a.var + b.var, n_std)
                 # interval sum bounds the normal approximation where the branches are clipped
-                out[node.name] = Moments(s.mean, s.var, torch.maximum(s.lo, a.lo + b.lo),
-                                         torch.minimum(s.hi, a.hi + b.hi))
+                out[node.name] = Moments(
+                    s.mean,
+                    s.var,
+                    torch.maximum(s.lo, a.lo + b.lo),
+                    torch.minimum(s.hi, a.hi + b.hi),
+                )
         elif is_mul(node) and len(args) == 2 and all(a.name in out for a in args):
             if (p := _product(*(out[a.name] for a in args))) is not None:
                 out[node.name] = p
         elif is_cat(node) and all(isinstance(x, fx.Node) and x.name in out for x in node.args[0]):
             parts = [out[x.name] for x in node.args[0]]
-            out[node.name] = Moments(*(torch.cat([getattr(p, f) for p in parts])
-                                       for f in ("mean", "var", "lo", "hi")))
+            out[node.name] = Moments(
+                *(torch.cat([getattr(p, f) for p in parts]) for f in ("mean", "var", "lo", "hi"))
+            )
     return out
 
 
@@ -149,15 +182,19 @@ def _product(a: Moments, b: Moments) -> Moments | None:
     conservative choice: gate ranges come out wider, never narrower, than the data's."""
     if a.mean.numel() != b.mean.numel() and 1 not in (a.mean.numel(), b.mean.numel()):
         return None
-    var = a.var * b.var + a.var * b.mean ** 2 + b.var * a.mean ** 2
-    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+    var = a.var * b.var + a.var * b.mean**2 + b.var * a.mean**2
+    corners = torch.stack(
+        torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi)
+    )
     return Moments(a.mean * b.mean, var, corners.amin(0), corners.amax(0))
 
 
 def _pad_channels(m: Moments, before: int, after: int) -> Moments:
     """Zero channels (mean, var, range all 0) added by a channel-padding op."""
+
     def pad(t):
         return torch.cat([t.new_zeros(before), t, t.new_zeros(after)])
+
     return Moments(pad(m.mean), pad(m.var), pad(m.lo), pad(m.hi))
 
 

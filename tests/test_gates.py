@@ -2,11 +2,12 @@
 
 The nets' BatchNorm statistics are made the true ones of the test data (one forward pass in
 training mode with a cumulative average), so BN-based ranges must hold what the data does."""
+
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import fx, nn
 
-from conftest import randomize_bn
 from dfq import PipelineConfig, fold_batchnorm, propagate, quantize_model, trace
 from dfq.graph.ops import is_mul
 from dfq.moments import Moments, _product, input_moments
@@ -19,7 +20,12 @@ class SE(nn.Module):
     def __init__(self, c: int, gate: type[nn.Module], gate_first: bool):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1, self.act, self.fc2, self.gate = nn.Conv2d(c, 4, 1), nn.SiLU(), nn.Conv2d(4, c, 1), gate()
+        self.fc1, self.act, self.fc2, self.gate = (
+            nn.Conv2d(c, 4, 1),
+            nn.SiLU(),
+            nn.Conv2d(4, c, 1),
+            gate(),
+        )
         self.gate_first = gate_first
 
     def forward(self, x):
@@ -29,10 +35,20 @@ class SE(nn.Module):
 
 def se_net(gate=nn.Sigmoid, gate_first=True) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
-                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU(),
-                         SE(8, gate, gate_first), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),
+        SE(8, gate, gate_first),
+        nn.Conv2d(8, 6, 1),
+        nn.BatchNorm2d(6),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
 
 
 def images(n=64, hw=12) -> torch.Tensor:
@@ -55,8 +71,12 @@ def with_true_bn_stats(net: nn.Module, x: torch.Tensor) -> nn.Module:
 
 def test_product_of_independent_factors():
     g = torch.Generator().manual_seed(0)
-    a = Moments(torch.tensor([1.0, -0.5]), torch.tensor([0.25, 4.0]), torch.tensor([0.0, -6.5]),
-                torch.tensor([2.0, 5.5]))
+    a = Moments(
+        torch.tensor([1.0, -0.5]),
+        torch.tensor([0.25, 4.0]),
+        torch.tensor([0.0, -6.5]),
+        torch.tensor([2.0, 5.5]),
+    )
     b = Moments(torch.tensor([0.3]), torch.tensor([0.01]), torch.tensor([0.0]), torch.tensor([1.0]))
     p = _product(a, b)
     xa = a.mean + a.var.sqrt() * torch.randn(400_000, 2, generator=g, dtype=torch.float64)
@@ -77,9 +97,14 @@ def test_gate_moments_and_every_range_hold_the_data(gate, gate_first):
     # the ranges hold every value the data produces at each quantizer (nothing would be clipped)
     gm = res.model
     seen = {}
-    hooks = [gm.get_submodule(q.target).register_forward_pre_hook(
-        lambda mod, inp, src=src: seen.__setitem__(src, (float(inp[0].min()), float(inp[0].max()))))
-        for src, q in quantizer_nodes(gm).items()]
+    hooks = [
+        gm.get_submodule(q.target).register_forward_pre_hook(
+            lambda mod, inp, src=src: seen.__setitem__(
+                src, (float(inp[0].min()), float(inp[0].max()))
+            )
+        )
+        for src, q in quantizer_nodes(gm).items()
+    ]
     with torch.no_grad():
         gm(x)
     for h in hooks:
@@ -109,7 +134,9 @@ def test_gate_and_gated_tensor_means_are_close_to_the_data():
     little (< 0.01); the gated tensor's mean stays within a few % of its std."""
     x = images(256)
     folded = fold_batchnorm(trace(with_true_bn_stats(se_net(), x)))
-    moments = propagate(folded.gm, folded.stats, input_moments((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    moments = propagate(
+        folded.gm, folded.stats, input_moments((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    )
     mul = next(n for n in folded.gm.graph.nodes if is_mul(n))
     gate = node_value(folded.gm, mul.args[0].name, x).mean((0, 2, 3))
     assert (moments[mul.args[0].name].mean - gate).abs().max() < 0.02

@@ -1,4 +1,5 @@
 """Tracing a user's model into the fx GraphModule that every pass works on."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,11 @@ log = logging.getLogger("dfq")
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch: the construct fx could not trace."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/dfq/" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/torch/" not in f.filename and "/dfq/" not in f.filename
+    ]
     if not frames:
         return ""
     f = frames[-1]
@@ -32,8 +36,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise DfqError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
     if model.training:
-        log.warning("%s is in training mode: dfq quantizes an eval-mode copy (BN running statistics, "
-                    "no dropout) and leaves the model itself as it is", type(model).__name__)
+        log.warning(
+            "%s is in training mode: dfq quantizes an eval-mode copy (BN running statistics, "
+            "no dropout) and leaves the model itself as it is",
+            type(model).__name__,
+        )
     model = copy.deepcopy(model).eval()
     try:
         gm = fx.symbolic_trace(model)
@@ -53,5 +60,7 @@ def check_finite(gm: fx.GraphModule) -> None:
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
-            raise DfqError(f"{name} has {bad} NaN/Inf value(s).",
-                           "check the checkpoint: the model is not usable as it is.")
+            raise DfqError(
+                f"{name} has {bad} NaN/Inf value(s).",
+                "check the checkpoint: the model is not usable as it is.",
+            )

@@ -5,6 +5,7 @@ size, the normalisation the weights were trained with, and the classification re
 Everything that needs them (the CLI's preprocessing, export shapes, the data-free input
 moments) reads them here.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -54,8 +55,12 @@ def available() -> list[str]:
 
 def _unknown(name: str) -> DfqError:
     close = difflib.get_close_matches(name, available(), n=3)
-    return DfqError(f"Unknown architecture '{name}'.",
-                    f"use one of {close}" if close else "see `dfq archs` for the list, or pass --model file.py:callable")
+    return DfqError(
+        f"Unknown architecture '{name}'.",
+        f"use one of {close}"
+        if close
+        else "see `dfq archs` for the list, or pass --model file.py:callable",
+    )
 
 
 def build(name: str, **kwargs) -> nn.Module:
