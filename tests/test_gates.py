@@ -143,3 +143,42 @@ def test_gate_and_gated_tensor_means_are_close_to_the_data():
     y, m = node_value(folded.gm, mul.name, x), moments[mul.name]
     assert ((m.mean - y.mean((0, 2, 3))).abs() <= 0.05 * y.std((0, 2, 3))).all()
     assert (m.lo <= y.amin((0, 2, 3))).all() and (m.hi >= y.amax((0, 2, 3))).all()
+
+
+def test_every_layer_reads_an_int8_input_after_smooth_activations_and_gates():
+    """SiLU outputs, the gate and the gated product are quantization points, so no conv reads a
+    float tensor; each gets a data-free range (strict coverage passes)."""
+    net = with_true_bn_stats(se_net(), images())
+    res = quantize_model(net, PipelineConfig(strict=True))
+    points = quantizer_nodes(res.model)
+    silus = [
+        n.name
+        for n in res.float_model.graph.nodes
+        if n.op == "call_module" and isinstance(res.float_model.get_submodule(n.target), nn.SiLU)
+    ]
+    muls = [n.name for n in res.float_model.graph.nodes if is_mul(n)]
+    assert len(silus) == 3 and len(muls) == 1 and set(silus + muls) <= set(points)
+    assert res.coverage["activations_ranged"] == res.coverage["activation_quantizers_total"]
+
+
+class Normed(nn.Module):
+    """A layer norm (no data-free moments) between two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(nn.functional.layer_norm(y, y.shape[1:]))
+
+
+def test_a_point_without_moments_stays_float_and_says_so_data_ranges_fill_it():
+    net = Normed().eval()
+    res = quantize_model(net, PipelineConfig())
+    ln = next(n.name for n in res.float_model.graph.nodes if n.target is nn.functional.layer_norm)
+    assert ln in quantizer_nodes(res.model)  # b's input is a quantization point...
+    assert "--distill_range" in res.coverage["gaps"]["ranged"][ln]  # ...but without a range
+    calib = [images(8, 10)]
+    res = quantize_model(net, PipelineConfig(distill_range=True, strict=True), calib_data=calib)
+    assert res.activations[ln]["activation_range"] is not None

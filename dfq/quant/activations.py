@@ -1,10 +1,12 @@
 """Where activations are quantized, and with which ranges.
 
 Quantization points follow what an int8 runtime keeps in int8 memory: the network input and
-the output of every conv/linear, add and concatenation, taken after the clipping activation
-that follows it (fused, as runtimes fuse Conv+ReLU); average pools requantize (with their
-input's range). Network outputs stay float (runtimes dequantize the last layer's int32
-accumulator). Ops that are neither get no quantizer and are reported.
+the output of every conv/linear, add, concatenation and product, taken after the clipping
+activation that follows it (fused, as runtimes fuse Conv+ReLU); non-clipping activations
+(SiLU, GELU, Hardswish, sigmoid gates) requantize, as average pools do; and every tensor a
+conv/linear reads is quantized. Network outputs stay float (runtimes dequantize the last
+layer's int32 accumulator). A point whose range cannot be derived without data stays float
+and is reported.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from dfq.graph.ops import (
     activation_of,
     is_add,
     is_cat,
+    is_mul,
     is_pass_through,
     keeps_grid,
+    pointwise_of,
     weighted_module,
 )
 from dfq.moments import Moments
@@ -38,22 +42,37 @@ def _fused_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     return node
 
 
+def _grid_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The node that sets `node`'s grid: back through ops that keep their input's grid."""
+    cur = node
+    while (
+        (is_pass_through(gm, cur) or _is_channel_min(gm, cur))
+        and keeps_grid(gm, cur)
+        and cur.args
+        and isinstance(cur.args[0], fx.Node)
+    ):
+        cur = cur.args[0]
+    return cur
+
+
 def default_quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
     """Nodes (in graph order) whose outputs get an activation quantizer (a runtime profile,
-    dfq/targets, may choose others)."""
-    points: list[fx.Node] = []
+    dfq/targets, may choose others): the network input; conv/linear, add, concatenation and
+    product outputs (after a fused clipping activation); non-clipping activations (SiLU, GELU,
+    Hardswish, sigmoid gates: an int8 runtime computes them on int8 and requantizes); average
+    pools; and whatever else feeds a conv/linear, so that every layer reads an int8 input."""
+    points: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            p = node
-        elif weighted_module(gm, node) is not None or is_add(node) or is_cat(node):
-            p = _fused_output(node, gm)
+        if node.op == "placeholder" or pointwise_of(gm, node) is not None:
+            points.add(node)
+        elif weighted_module(gm, node) is not None or is_add(node) or is_cat(node) or is_mul(node):
+            points.add(_fused_output(node, gm))
         elif is_pass_through(gm, node) and not keeps_grid(gm, node):
-            p = node
-        else:
-            continue
-        if not any(u.op == "output" for u in p.users):
-            points.append(p)
-    return points
+            points.add(node)
+    for node in gm.graph.nodes:
+        if weighted_module(gm, node) is not None and isinstance(node.args[0], fx.Node):
+            points.add(_grid_source(gm, node.args[0]))
+    return [n for n in gm.graph.nodes if n in points and not any(u.op == "output" for u in n.users)]
 
 
 def insert_quantizers(
@@ -120,7 +139,8 @@ def set_ranges_from_moments_(
         if m is None:
             info[src] = {
                 "activation_range": None,
-                "note": "no data-free range: kept in float (use --calib)",
+                "note": "no data-free range (moments unknown through this op): kept in float; "
+                "--distill_range (or --calib) ranges it on data",
             }
             aq.mode = FLOAT  # never invent a range
             continue
