@@ -105,6 +105,9 @@ class PipelineConfig:
     # refuse (DfqError) a result with any BN left unfolded, layer left unquantized or activation
     # quantizer left without a range (dfq.coverage names them)
     strict: bool = False
+    # (C, H, W) the model will see: used only where a model traces with static shapes (dfq.graph
+    # .trace's fallback); None: 3x224x224
+    input_size: tuple[int, ...] | None = None
 
     def __post_init__(self):
         modes = {
@@ -160,7 +163,7 @@ class PipelineConfig:
         d = dict(d)
         d["quant"] = QuantConfig(**d.get("quant", {}))
         d["equalization"] = EqualizeConfig(**d.get("equalization", {}))
-        for k in ("input_mean", "input_std"):
-            if k in d:
+        for k in ("input_mean", "input_std", "input_size"):
+            if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)

@@ -48,13 +48,15 @@ def _not_quantizable(node: fx.Node, op: str) -> str:
 
 
 def coverage(
+    tracer: str,
     float_gm: fx.GraphModule,
     model: fx.GraphModule | None,
     layers: dict[str, dict],
     activations: dict[str, dict],
     config: PipelineConfig,
 ) -> dict[str, Any]:
-    """The coverage figures and gaps of one run: `float_gm` is the transformed float graph,
+    """The coverage figures and gaps of one run: `tracer` made the graph, `float_gm` is the
+    transformed float graph,
     `model` the fake-quant one (None without quantization), `layers` / `activations` the
     pipeline's per-node notes."""
     gaps: dict[str, dict[str, str]] = {"bn": {}, "quantized": {}, "ranged": {}, "equalized": {}}
@@ -75,6 +77,7 @@ def coverage(
         else:
             gaps["equalized"][name] = info.get("equalize_note", "not equalized")
     out: dict[str, Any] = {
+        "tracer": tracer,
         "bn_folded": len(bns) - len(gaps["bn"]),
         "bn_total": len(bns),
         "layers_quantized": None,

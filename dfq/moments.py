@@ -6,8 +6,10 @@ moments through the clipped normal (exact for a normal input); smooth activation
 Hardswish, ...) map them through the activation (dfq.activation_moments: exact for a normal
 input; a clipped input is taken as the normal of its moments); residual adds sum means and
 variances (independent branches); products (squeeze-excitation gates) multiply independent
-factors; concatenations stack channels; layers without BN propagate moments linearly. Bias correction reads E[x] of each layer input; BN-based
-activation ranges read mean +- n*std, clipped by the activation.
+factors; multiplying or adding a Python number maps them affinely; spatial means (timm's
+squeeze-excitation x.mean((2, 3))) pass them through like pooling; concatenations stack
+channels; layers without BN propagate moments linearly. Bias correction reads E[x] of each
+layer input; BN-based activation ranges read mean +- n*std, clipped by the activation.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dfq.graph.ops import (
     is_pass_through,
     is_spatial_slice,
     pointwise_of,
+    scalar_affine,
     weighted_module,
 )
 from dfq.stats import Stats
@@ -160,6 +163,12 @@ def propagate(
                     torch.maximum(s.lo, a.lo + b.lo),
                     torch.minimum(s.hi, a.hi + b.hi),
                 )
+        elif (ab := scalar_affine(node)) is not None and math.isfinite(ab[0]):
+            a, b = ab
+            ends = (src.lo * a + b, src.hi * a + b)
+            out[node.name] = Moments(
+                src.mean * a + b, src.var * a * a, torch.minimum(*ends), torch.maximum(*ends)
+            )
         elif is_mul(node) and len(args) == 2 and all(a.name in out for a in args):
             if (p := _product(*(out[a.name] for a in args))) is not None:
                 out[node.name] = p

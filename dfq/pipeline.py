@@ -94,7 +94,7 @@ class _Steps:
 def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transformed:
     """The float part: everything up to (not including) quantization."""
     with steps.timed("trace"):
-        gm = trace(model)
+        gm = trace(model, config.input_size)
         check_finite(gm)
     for node in gm.graph.nodes:
         m = weighted_module(gm, node)
@@ -104,6 +104,8 @@ def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transfor
                 "kind": layer_kind(m),
                 "shape": list(m.weight.shape),
             }
+            if node.target in gm.meta.get("dfq_lifted", {}):
+                steps.layers[node.target]["lifted"] = gm.meta["dfq_lifted"][node.target]
     t = steps.run("fold_bn", fold_batchnorm, gm)
     if config.relu:
         t = steps.run("relu6", replace_relu6, t.gm, t.stats)
@@ -226,6 +228,7 @@ def quantize_model(
             )
             result.model = t.gm
         result.coverage = coverage(
+            prepared.gm.meta.get("dfq_tracer", "torch.fx.symbolic_trace"),
             prepared.gm,
             result.model if config.quantize else None,
             result.layers,

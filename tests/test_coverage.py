@@ -1,6 +1,7 @@
 """Coverage: every BN, conv/linear and activation quantizer is counted, and each one the pipeline
 left out is named with its reason; --strict turns any gap into a DfqError."""
 
+import copy
 import json
 
 import pytest
@@ -15,8 +16,8 @@ from dfq.coverage import summary
 
 
 class Gappy(nn.Module):
-    """A functional conv (weights as a plain parameter), a BN after an add (not foldable) and a
-    Conv1d: three kinds of gap."""
+    """A functional conv whose weight depends on the input (not liftable), a BN after an add
+    (not foldable) and a Conv1d: three kinds of gap."""
 
     def __init__(self):
         super().__init__()
@@ -28,7 +29,7 @@ class Gappy(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
-        y = self.bn(x + F.conv2d(x, self.w))
+        y = self.bn(x + F.conv2d(x, self.w * x.mean()))
         z = self.seq(y.flatten(2))
         return self.fc(z.mean(2))
 
@@ -52,8 +53,8 @@ def test_gaps_are_named_with_reasons():
     assert (c["layers_quantized"], c["layers_total"]) == (2, 4)
     assert "conv2d call" in c["gaps"]["quantized"]["conv2d"]
     assert "Conv1d is not supported" in c["gaps"]["quantized"]["seq"]
-    # fc reads the float mean: a missing quantizer, named by the node it reads
-    assert "input of fc is not quantized" in c["gaps"]["ranged"]["mean"]
+    # fc reads the mean of the Conv1d's output, whose moments are unknown: float, and said so
+    assert "--distill_range" in c["gaps"]["ranged"]["mean_1"]
     assert c["activations_ranged"] < c["activation_quantizers_total"]
     assert c["gaps"]["equalized"]["stem.0"] == "equalization off (--equalize)"
 
@@ -81,7 +82,8 @@ def test_cli_prints_coverage_writes_it_and_strict_exits_2(tmp_path, capsys):
         "        self.w = nn.Parameter(torch.randn(4, 4, 1, 1))\n"
         "        self.fc = nn.Linear(4, 10)\n"
         "    def forward(self, x):\n"
-        "        return self.fc(F.conv2d(torch.relu(self.c(x)), self.w).mean((2, 3)))\n"
+        "        y = torch.relu(self.c(x))\n"
+        "        return self.fc(F.conv2d(y, self.w * y.mean()).mean((2, 3)))\n"
         "def good():\n"
         "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),\n"
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))\n"
@@ -132,3 +134,49 @@ def test_small_net_layers_match_weighted_modules():
     assert r.coverage["layers_total"] == sum(
         isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()
     )
+
+
+class Functional(nn.Module):
+    """timm-style layers traced through: a weight-standardized conv (F.batch_norm over the
+    weight, then F.conv2d), a Linear wrapper calling F.linear, a scaled residual and a
+    squeeze-excitation mean over (2, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.ws_weight = nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.gain = nn.Parameter(torch.rand(8) + 0.5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        w = F.batch_norm(
+            self.ws_weight.reshape(1, 8, -1),
+            None,
+            None,
+            self.gain,
+            training=True,
+            momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.ws_weight)
+        y = F.silu(F.conv2d(x, w, None, 1, 1))
+        y = x + 0.2 * y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        return F.linear(y.mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+def test_functional_layers_on_constant_weights_are_lifted_and_covered():
+    torch.manual_seed(0)
+    model = randomize_bn(Functional()).double()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = quantize_model(model, PipelineConfig(quantize=False, equalize=True))
+    with torch.no_grad():
+        assert (r.model(x) - model(x)).abs().max() < 1e-12  # lifting keeps the function
+    assert "conv2d call" in r.layers["conv2d_lifted"]["lifted"]
+    assert r.layers["fc"]["lifted"].startswith("linear call")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model is untouched
+    c = quantize_model(copy.deepcopy(model).float(), PipelineConfig(strict=True)).coverage
+    assert c["layers_quantized"] == c["layers_total"] == 3
+    assert c["activations_ranged"] == c["activation_quantizers_total"]  # mean, 0.2 * y ranged
+    assert c["tracer"] == "torch.fx.symbolic_trace"

@@ -73,11 +73,21 @@ def pipeline_config(
         strict=args.strict,
         input_mean=tuple(args.mean or inputs.mean),
         input_std=tuple(args.std or inputs.std),
+        input_size=input_size(args, inputs),
     )
     if args.range_percentile is not None:
         fields["range_percentile"] = args.range_percentile
     fields.update(overrides)
     return PipelineConfig(**fields)
+
+
+def input_size(args: argparse.Namespace, inputs: InputConfig) -> tuple[int, int, int]:
+    """(C, H, W) the model will see: --input-size (export), --crop (cls), --size (seg/det),
+    else the architecture's."""
+    side = next(
+        (v for v in (getattr(args, k, None) for k in ("input_size", "crop", "size")) if v), None
+    )
+    return (inputs.size[0], side, side) if side else tuple(inputs.size)
 
 
 def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:

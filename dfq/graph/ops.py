@@ -265,9 +265,52 @@ def is_eval_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     return args.arguments.get("training") is False
 
 
+def is_spatial_mean(node: fx.Node) -> bool:
+    """x.mean((2, 3), keepdim=...) / torch.mean(x, dim): an average over dimensions after the
+    channels (timm's squeeze-excitation pool), i.e. a global average pool."""
+    if not (
+        (node.op == "call_method" and node.target == "mean")
+        or (node.op == "call_function" and node.target is torch.mean)
+    ):
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return (
+        bool(dims)
+        and all(isinstance(d, int) and d >= 2 for d in dims)
+        and "dtype" not in node.kwargs
+    )
+
+
+def scalar_affine(node: fx.Node) -> tuple[float, float] | None:
+    """(a, b) for y = a * x + b with a Python number: x * c, x / c, x + c, x - c (and c * x,
+    c + x); None otherwise."""
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        return None
+    x, c = node.args
+    if isinstance(x, (int, float)) and node.target in (
+        operator.mul,
+        operator.add,
+        torch.mul,
+        torch.add,
+    ):
+        x, c = c, x
+    if not isinstance(x, fx.Node) or not isinstance(c, (int, float)) or isinstance(c, bool):
+        return None
+    c = float(c)
+    return {
+        operator.mul: (c, 0.0),
+        torch.mul: (c, 0.0),
+        operator.add: (1.0, c),
+        torch.add: (1.0, c),
+        operator.sub: (1.0, -c),
+        operator.truediv: (1 / c if c else math.nan, 0.0),
+    }.get(node.target)
+
+
 def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Channel-preserving, positively homogeneous and mean-preserving (up to borders)."""
-    if is_eval_identity(gm, node):
+    if is_eval_identity(gm, node) or is_spatial_mean(node):
         return True
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), PASS_MODULES)
