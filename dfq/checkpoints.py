@@ -47,6 +47,8 @@ def resolve(spec: str) -> Path:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise DfqError(f"weights file {path} does not exist.", "check --weights")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         # numpy scalars (e.g. a checkpoint's best score) are data, not code: allow them
         import numpy as np
@@ -76,6 +78,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file (timm / Hugging Face weights): a flat state dict, no code."""
+    from dfq.deps import require
+
+    st = require("safetensors.torch", "--weights *.safetensors")
+    try:
+        return st.load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise DfqError(
+            f"weights file {path} is not a readable safetensors file ({type(exc).__name__}).",
+            "re-download it, or save it with safetensors.torch.save_file(model.state_dict(), path)",
+        ) from exc
 
 
 def load_weights(model: nn.Module, spec: str) -> nn.Module:

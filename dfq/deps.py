@@ -21,6 +21,8 @@ EXTRAS = {
     "pnnx": "export",
     "matplotlib": "plot",
     "google": "tf",
+    "timm": "timm",
+    "safetensors": "timm",
 }
 
 

@@ -28,6 +28,12 @@ DATA = ["--data", str(shared("cifar10_foolbox20.npz")), "--limit", "4", "--quiet
             ["cls", *R20, *DATA, "--quantize", "--equalize", "--plot", "{tmp}/plots"],
             "plot",
         ),
+        ("timm", ["cls", "--arch", "timm:resnet18", *DATA], "timm"),
+        (
+            "safetensors.torch",
+            ["cls", "--arch", "cifar_resnet20", "--weights", "{tmp}/w.safetensors", *DATA],
+            "timm",
+        ),
         (
             "google.protobuf.message",
             [
@@ -48,6 +54,7 @@ DATA = ["--data", str(shared("cifar10_foolbox20.npz")), "--limit", "4", "--quiet
 def test_missing_extra_is_a_one_line_error(monkeypatch, capsys, tmp_path, hidden, argv, extra):
     monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now raises ImportError
     (tmp_path / "graph.pb").write_bytes(b"")  # read only once protobuf imports
+    (tmp_path / "w.safetensors").write_bytes(b"")  # read only once safetensors imports
     hidden = "protobuf" if hidden.startswith("google.") else hidden
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err

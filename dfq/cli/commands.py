@@ -211,4 +211,5 @@ def archs(args: argparse.Namespace) -> dict[str, Any]:
 
     names = models.available()
     print("\n".join(names))
+    print('timm:NAME  (any name of timm.list_models(), with pip install "dfq[timm]")')
     return {"archs": names}

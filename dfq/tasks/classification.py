@@ -33,13 +33,16 @@ class Preprocess:
     crop: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         from torchvision import transforms as T
 
         steps = []
         if self.resize:
-            steps.append(T.Resize(self.resize, interpolation=T.InterpolationMode.BILINEAR))
+            steps.append(
+                T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation))
+            )
         if self.crop:
             steps.append(T.CenterCrop(self.crop))
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
@@ -266,6 +269,7 @@ def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> E
         crop=inputs.crop if options.crop is None else options.crop,
         mean=tuple(options.mean or inputs.mean),
         std=tuple(options.std or inputs.std),
+        interpolation=inputs.interpolation,
     )
     source = load_images(options.path, pre)
     batches = materialize(
