@@ -182,3 +182,26 @@ def test_a_point_without_moments_stays_float_and_says_so_data_ranges_fill_it():
     calib = [images(8, 10)]
     res = quantize_model(net, PipelineConfig(distill_range=True, strict=True), calib_data=calib)
     assert res.activations[ln]["activation_range"] is not None
+
+
+class Affine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return -0.5 * y.mean((2, 3), keepdim=True) + 1.0
+
+
+def test_spatial_mean_and_scalar_affine_moments():
+    folded = fold_batchnorm(trace(randomize_bn(Affine())))
+    m = propagate(folded.gm, folded.stats, input_moments((0.5,) * 3, (0.25,) * 3), 6.0)
+    names = [n.name for n in folded.gm.graph.nodes]
+    conv, mean, mul, add = (m[k] for k in ("conv", "mean", "mul", "add"))
+    assert "mean" in names and torch.equal(mean.mean, conv.mean)  # a global average pool
+    assert torch.allclose(add.mean, -0.5 * conv.mean + 1) and torch.allclose(
+        add.var, 0.25 * conv.var
+    )
+    assert torch.allclose(add.lo, -0.5 * conv.hi + 1) and torch.allclose(add.hi, -0.5 * conv.lo + 1)
+    assert torch.allclose(mul.lo, -0.5 * conv.hi)
