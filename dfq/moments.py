@@ -25,6 +25,7 @@ from dfq.config import RANGE_STD
 from dfq.graph.channels import channel_matrix, to_features
 from dfq.graph.ops import (
     activation_of,
+    batchnorm_of,
     channel_padding,
     is_add,
     is_cat,
@@ -139,6 +140,9 @@ def propagate(
                 out[node.name] = normal(st.mean.detach(), st.std.detach() ** 2, n_std)
             elif src is not None:
                 out[node.name] = _linear(gm, node, src, n_std)
+        elif (bn := batchnorm_of(gm, node)) is not None and not isinstance(bn[1], str):
+            mean, std = bn[1].output_moments()  # a BN left unfolded: its own statistics
+            out[node.name] = normal(mean.detach(), std.detach() ** 2, n_std)
         elif src is None and not is_cat(node):  # cat takes a list of tensors
             continue
         elif (act := activation_of(gm, node)) is not None:

@@ -205,3 +205,34 @@ def test_spatial_mean_and_scalar_affine_moments():
     )
     assert torch.allclose(add.lo, -0.5 * conv.hi + 1) and torch.allclose(add.hi, -0.5 * conv.lo + 1)
     assert torch.allclose(mul.lo, -0.5 * conv.hi)
+
+
+class DenseBlock(nn.Module):
+    """DenseNet's pre-activation: BN-ReLU-conv after a concatenation (a BN that cannot fold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.grow = nn.Conv2d(6, 4, 3, padding=1)
+        self.norm, self.conv = nn.BatchNorm2d(10), nn.Conv2d(10, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.norm(torch.cat([x, self.grow(x)], 1)))
+        return self.fc(self.conv(y).mean((2, 3)))
+
+
+def test_an_unfolded_batchnorm_gives_moments_from_its_own_statistics():
+    x = images()
+    net = with_true_bn_stats(DenseBlock(), x)
+    res = quantize_model(net, PipelineConfig())
+    c = res.coverage
+    assert c["bn_folded"] == 1 and "input is not a conv/linear" in c["gaps"]["bn"]["norm"]
+    assert c["activations_ranged"] == c["activation_quantizers_total"]
+    relu = next(n.name for n in res.float_model.graph.nodes if n.target is torch.relu)
+    lo, hi = res.activations[relu]["activation_range"]
+    y = node_value(res.float_model, relu, x)
+    # the BN's statistics give a range for (almost) all the data: its input is a concatenation of
+    # rectified maps, not a normal, so the far tail may pass mean + 6 std
+    assert lo == 0.0 and float((y > hi).float().mean()) < 1e-3 and hi < 2 * float(y.max())

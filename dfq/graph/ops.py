@@ -10,6 +10,7 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +190,64 @@ def pointwise_of(gm: fx.GraphModule, node: fx.Node) -> Pointwise | None:
     if m is not None:
         return Pointwise(kind, getattr(m, name))
     return Pointwise(kind, node.kwargs.get(name, node.args[1] if len(node.args) > 1 else default))
+
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    """What folding (and the moments) need of a BatchNorm: a module, or a functional batch_norm
+    on constant running statistics (timm's BatchNormAct2d subclasses BatchNorm2d and calls
+    F.batch_norm in its forward, so fx traces through it: get_attr nodes feeding a
+    call_function)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    gamma: torch.Tensor | None  # None: not affine
+    beta: torch.Tensor | None
+    eps: float
+    layers: tuple[type, ...] = (nn.Linear, nn.Conv2d)  # what it may follow (a functional call: any)
+
+    def output_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean beta and std |gamma| sqrt(v / (v + eps)) of its output for an input with the
+        running statistics (m, v): the distribution folding remembers, and the one an unfolded
+        BN (after a concatenation, say) gives the data-free moments."""
+        gamma = self.gamma.detach() if self.gamma is not None else torch.ones_like(self.mean)
+        beta = self.beta.detach() if self.beta is not None else torch.zeros_like(self.mean)
+        return beta, gamma.abs() * torch.sqrt(self.var / (self.var + self.eps))
+
+
+_BN_SIGNATURE = inspect.signature(F.batch_norm)
+_BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+
+def batchnorm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, BatchNormSpec | str] | None:
+    """(name, the BatchNorm a node computes in eval mode or why it cannot be folded), None if
+    the node is no BN. A functional call is named after the module owning its statistics."""
+    if node.op == "call_module" and isinstance(bn := gm.get_submodule(node.target), BATCHNORMS):
+        if bn.running_mean is None:
+            return node.target, "tracks no running statistics"
+        return node.target, BatchNormSpec(
+            bn.running_mean,
+            bn.running_var,
+            bn.weight if bn.affine else None,
+            bn.bias if bn.affine else None,
+            bn.eps,
+            (nn.Linear,) if isinstance(bn, nn.BatchNorm1d) else (nn.Conv2d,),
+        )
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    args = _BN_SIGNATURE.bind(*node.args, **node.kwargs)
+    args.apply_defaults()
+    tensors = [args.arguments[k] for k in _BN_TENSORS]
+    if (
+        not all(t is None or (isinstance(t, fx.Node) and t.op == "get_attr") for t in tensors)
+        or None in tensors[:2]
+    ):
+        return node.name, "functional batch_norm without constant running statistics"
+    name = tensors[0].target.rpartition(".")[0] or node.name
+    if args.arguments["training"] is not False:
+        return name, "functional batch_norm in training mode (batch statistics)"
+    mean, var, gamma, beta = (None if t is None else attrgetter(t.target)(gm) for t in tensors)
+    return name, BatchNormSpec(mean, var, gamma, beta, args.arguments["eps"])
 
 
 def weighted_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
