@@ -14,15 +14,18 @@ layer input; BN-based activation ranges read mean +- n*std, clipped by the activ
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from dfq.activation_moments import activation_moments, activation_range, normal_pdf
 from dfq.config import RANGE_STD
 from dfq.graph.channels import channel_matrix, to_features
+from dfq.graph.lift import NotConstant, constant_value
 from dfq.graph.ops import (
     activation_of,
     batchnorm_of,
@@ -143,8 +146,14 @@ def propagate(
         elif (bn := batchnorm_of(gm, node)) is not None and not isinstance(bn[1], str):
             mean, std = bn[1].output_moments()  # a BN left unfolded: its own statistics
             out[node.name] = normal(mean.detach(), std.detach() ** 2, n_std)
+        elif (scaled := _constant_product(gm, node, out)) is not None:
+            out[node.name] = scaled
         elif src is None and not is_cat(node):  # cat takes a list of tensors
             continue
+        elif src is not None and _is_channel_permute(node):
+            out[node.name] = src  # NCHW <-> NHWC: the same channels (a Linear then reads them)
+        elif src is not None and (ln := _layer_norm(gm, node, src.mean.numel())) is not None:
+            out[node.name] = _normalised(src, *ln, n_std)
         elif (act := activation_of(gm, node)) is not None:
             out[node.name] = _clip(src, act.lo, act.hi)
         elif (f := pointwise_of(gm, node)) is not None:
@@ -182,6 +191,79 @@ def propagate(
                 *(torch.cat([getattr(p, f) for p in parts]) for f in ("mean", "var", "lo", "hi"))
             )
     return out
+
+
+_CHANNEL_PERMUTES = ((0, 2, 3, 1), (0, 3, 1, 2))
+
+
+def _is_channel_permute(node: fx.Node) -> bool:
+    """x.permute(0, 2, 3, 1) and back (ConvNeXt's channels-last blocks)."""
+    if not (
+        (node.op == "call_method" and node.target == "permute")
+        or (node.op == "call_function" and node.target is torch.permute)
+    ):
+        return False
+    dims = node.args[1:] if len(node.args) > 2 else node.args[1:2] or (node.kwargs.get("dims"),)
+    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+    return tuple(dims) in _CHANNEL_PERMUTES
+
+
+def _layer_norm(gm: fx.GraphModule, node: fx.Node, channels: int):
+    """(gamma, beta, eps) of a LayerNorm over the channels alone (last dim), else None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m) is not torch.nn.LayerNorm or tuple(m.normalized_shape) != (channels,):
+            return None
+        return m.weight, m.bias, m.eps
+    if node.op != "call_function" or node.target is not F.layer_norm:
+        return None
+    try:
+        bound = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        shape, weight, bias = (
+            constant_value(gm, a[k]) for k in ("normalized_shape", "weight", "bias")
+        )
+    except (TypeError, NotConstant):
+        return None
+    if tuple(shape) != (channels,):
+        return None
+    return weight, bias, a["eps"]
+
+
+def _normalised(x: Moments, gamma, beta, eps: float, n_std: float) -> Moments:
+    """LayerNorm over the channels, per pixel: x_c is standardised by the channels' pooled
+    mean mu and variance s2 = mean_c(var_c + (mean_c - mu)^2) (taken as constants), then
+    scaled by gamma and shifted by beta; |x_hat| <= sqrt(C - 1) bounds the range."""
+    mean, var = x.mean.double(), x.var.double()
+    mu = mean.mean()
+    s = torch.sqrt((var + (mean - mu) ** 2).mean() + eps)
+    g = torch.ones_like(mean) if gamma is None else gamma.detach().double()
+    b = torch.zeros_like(mean) if beta is None else beta.detach().double()
+    out = normal(g * (mean - mu) / s + b, g * g * var / (s * s), n_std)
+    bound = g.abs() * math.sqrt(max(mean.numel() - 1, 1))
+    lo, hi = torch.maximum(out.lo, b - bound), torch.minimum(out.hi, b + bound)
+    return Moments(*(t.to(x.mean.dtype) for t in (out.mean, out.var, lo, hi)))
+
+
+def _constant_product(gm: fx.GraphModule, node: fx.Node, out: dict[str, Moments]) -> Moments | None:
+    """x * c with c a constant tensor (a parameter, e.g. ConvNeXt's layer scale) of one value
+    per channel or one in all: the moments scaled channel by channel."""
+    if not is_mul(node) or len(node.args) != 2:
+        return None
+    for x, c in (node.args, node.args[::-1]):
+        if isinstance(x, fx.Node) and x.name in out and isinstance(c, fx.Node):
+            try:
+                value = constant_value(gm, c)
+            except NotConstant:
+                return None
+            m = out[x.name]
+            if not isinstance(value, torch.Tensor) or value.numel() not in (1, m.mean.numel()):
+                return None
+            v = value.detach().reshape(-1).to(m.mean.dtype)
+            ends = (m.lo * v, m.hi * v)
+            return Moments(m.mean * v, m.var * v * v, torch.minimum(*ends), torch.maximum(*ends))
+    return None
 
 
 def _product(a: Moments, b: Moments) -> Moments | None:

@@ -236,3 +236,26 @@ def test_an_unfolded_batchnorm_gives_moments_from_its_own_statistics():
     # the BN's statistics give a range for (almost) all the data: its input is a concatenation of
     # rectified maps, not a normal, so the far tail may pass mean + 6 std
     assert lo == 0.0 and float((y > hi).float().mean()) < 1e-3 and hi < 2 * float(y.max())
+
+
+def test_convnext_block_layer_norm_and_layer_scale_get_ranges_that_hold_the_data():
+    """Channels-last ConvNeXt: permute, LayerNorm over the channels, Linear, GELU, Linear,
+    permute back, a per-channel layer scale, the residual add: every point ranged, and the
+    ranges hold nearly all the data."""
+    from torchvision.models.convnext import CNBlock
+
+    torch.manual_seed(0)
+    block = CNBlock(8, layer_scale=1.0, stochastic_depth_prob=0.0)
+    with torch.no_grad():
+        block.layer_scale.uniform_(0.5, 1.5)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)
+    ).eval()
+    res = quantize_model(net, PipelineConfig(strict=True))
+    assert res.coverage["activations_ranged"] == res.coverage["activation_quantizers_total"] > 6
+    x = images(32)
+    for src, notes in res.activations.items():
+        lo, hi = notes["activation_range"]
+        y = node_value(res.float_model, src, x)
+        outside = ((y < lo - 1e-3) | (y > hi + 1e-3)).float().mean()
+        assert outside < 1e-3 and hi - lo < 10 * float(y.max() - y.min()), (src, lo, hi)

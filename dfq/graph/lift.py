@@ -48,16 +48,36 @@ _LINEAR_SIGNATURE = inspect.Signature(
 )
 
 
-class _NotConstant(Exception):
+class NotConstant(Exception):
     pass
 
 
-def _constant(gm: fx.GraphModule, node: Any, cache: dict) -> Any:
-    """The value of `node` if it depends on parameters / buffers / literals only."""
+def is_constant(node: Any) -> bool:
+    """Whether `node` depends on parameters / buffers / literals only (no input, no module
+    call): walks its ancestors without evaluating anything."""
+    todo = [node] if isinstance(node, fx.Node) else []
+    seen = set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op not in ("get_attr", "call_function", "call_method"):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def constant_value(gm: fx.GraphModule, node: Any, cache: dict | None = None) -> Any:
+    """The value of `node` if it depends on parameters / buffers / literals only (else
+    NotConstant)."""
+    cache = {} if cache is None else cache
+    if isinstance(node, fx.Node) and not is_constant(node):
+        raise NotConstant(node.name)
     if isinstance(node, (list, tuple)):
-        return type(node)(_constant(gm, n, cache) for n in node)
+        return type(node)(constant_value(gm, n, cache) for n in node)
     if isinstance(node, dict):
-        return {k: _constant(gm, v, cache) for k, v in node.items()}
+        return {k: constant_value(gm, v, cache) for k, v in node.items()}
     if not isinstance(node, fx.Node):
         return node
     if node in cache:
@@ -65,15 +85,15 @@ def _constant(gm: fx.GraphModule, node: Any, cache: dict) -> Any:
     if node.op == "get_attr":
         value = attrgetter(node.target)(gm)
     elif node.op in ("call_function", "call_method"):
-        args = _constant(gm, node.args, cache)
-        kwargs = _constant(gm, node.kwargs, cache)
+        args = constant_value(gm, node.args, cache)
+        kwargs = constant_value(gm, node.kwargs, cache)
         fn = node.target if node.op == "call_function" else getattr(args[0], node.target)
         if node.op == "call_method":
             args = args[1:]
         with torch.no_grad():
             value = fn(*args, **kwargs)
     else:  # a placeholder or a module call: depends on the input (or on state)
-        raise _NotConstant(node.name)
+        raise NotConstant(node.name)
     cache[node] = value.detach() if isinstance(value, torch.Tensor) else value
     return cache[node]
 
@@ -148,9 +168,9 @@ def lift_functional_layers_(gm: fx.GraphModule) -> dict[str, str]:
         ):
             continue
         try:
-            w = _constant(gm, args["weight"], cache)
-            b = _constant(gm, args["bias"], cache)
-        except _NotConstant:
+            w = constant_value(gm, args["weight"], cache)
+            b = constant_value(gm, args["bias"], cache)
+        except NotConstant:
             continue
         if not isinstance(w, torch.Tensor) or not (b is None or isinstance(b, torch.Tensor)):
             continue
