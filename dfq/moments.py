@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ from dfq.graph.ops import (
     activation_of,
     batchnorm_of,
     channel_padding,
+    channel_slice,
+    channel_split,
     is_add,
     is_cat,
     is_mul,
@@ -132,6 +135,7 @@ def propagate(
 ) -> dict[str, Moments]:
     """Moments of every node's output that can be derived without data (by node name)."""
     out: dict[str, Moments] = {}
+    pieces: dict[str, list[Moments]] = {}  # the parts of a channel split, by the split's name
     for node in gm.graph.nodes:
         args = [a for a in node.args if isinstance(a, fx.Node)]
         src = out.get(args[0].name) if args else None
@@ -146,10 +150,25 @@ def propagate(
         elif (bn := batchnorm_of(gm, node)) is not None and not isinstance(bn[1], str):
             mean, std = bn[1].output_moments()  # a BN left unfolded: its own statistics
             out[node.name] = normal(mean.detach(), std.detach() ** 2, n_std)
+        elif (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and args
+            and (args[0].name in pieces)
+        ):
+            if isinstance(node.args[1], int) and -len(pieces[args[0].name]) <= node.args[1] < len(
+                pieces[args[0].name]
+            ):
+                out[node.name] = pieces[args[0].name][node.args[1]]
         elif (scaled := _constant_product(gm, node, out)) is not None:
             out[node.name] = scaled
         elif src is None and not is_cat(node):  # cat takes a list of tensors
             continue
+        elif src is not None and (sizes := channel_split(node, src.mean.numel())) is not None:
+            bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            pieces[node.name] = [_channels(src, slice(a, b)) for a, b in zip(bounds, bounds[1:])]
+        elif src is not None and (part := channel_slice(node)) is not None:
+            out[node.name] = _channels(src, part)
         elif src is not None and _is_channel_permute(node):
             out[node.name] = src  # NCHW <-> NHWC: the same channels (a Linear then reads them)
         elif src is not None and (ln := _layer_norm(gm, node, src.mean.numel())) is not None:
@@ -191,6 +210,10 @@ def propagate(
                 *(torch.cat([getattr(p, f) for p in parts]) for f in ("mean", "var", "lo", "hi"))
             )
     return out
+
+
+def _channels(m: Moments, part: slice) -> Moments:
+    return Moments(m.mean[part], m.var[part], m.lo[part], m.hi[part])
 
 
 _CHANNEL_PERMUTES = ((0, 2, 3, 1), (0, 3, 1, 2))

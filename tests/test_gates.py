@@ -259,3 +259,41 @@ def test_convnext_block_layer_norm_and_layer_scale_get_ranges_that_hold_the_data
         y = node_value(res.float_model, src, x)
         outside = ((y < lo - 1e-3) | (y > hi + 1e-3)).float().mean()
         assert outside < 1e-3 and hi - lo < 10 * float(y.max() - y.min()), (src, lo, hi)
+
+
+class SplitNet(nn.Module):
+    """CSP/Res2Net-style torch.split, MixNet-style split -> convs -> cat, GhostNet-style x[:, :k]."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(5, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        p, q = torch.split(x, [3, 5], dim=1)
+        y = torch.cat([self.a(p), self.b(q)], 1)[:, :12]
+        h, k = y.chunk(2, 1)
+        return self.fc(torch.cat([h, k], 1).mean((2, 3)))
+
+
+def test_channel_splits_and_slices_carry_their_channels_moments():
+    net = randomize_bn(SplitNet())
+    folded = fold_batchnorm(trace(net))
+    m = propagate(folded.gm, folded.stats, input_moments((0.5,) * 3, (0.25,) * 3))
+    nodes = {n.name: n for n in folded.gm.graph.nodes}
+    stem = m["stem_2"]
+    assert torch.equal(m["getitem"].mean, stem.mean[:3]) and torch.equal(
+        m["getitem_1"].hi, stem.hi[3:]
+    )
+    assert torch.equal(m["getitem_2"].mean, m["cat"].mean[:12])  # y = cat[:, :12]
+    h = next(
+        n
+        for n in nodes.values()
+        if n.op == "call_function" and n.args[0] is nodes["chunk"] and n.args[1] == 1
+    )
+    assert torch.equal(m[h.name].var, m["getitem_2"].var[6:])
+    res = quantize_model(net, PipelineConfig(strict=True))
+    assert res.coverage["activations_ranged"] == res.coverage["activation_quantizers_total"]

@@ -409,6 +409,50 @@ def is_spatial_slice(node: fx.Node) -> bool:
     return idx[0] == whole and idx[1] == whole and all(isinstance(i, slice) for i in idx[2:])
 
 
+def channel_slice(node: fx.Node) -> slice | None:
+    """x[:, a:b] (the rest whole): a contiguous slice of the channels (GhostNet, ReXNet)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    idx = node.args[1]
+    if not isinstance(idx, tuple) or len(idx) < 2 or not isinstance(idx[1], slice):
+        return None
+    whole = slice(None, None, None)
+    if idx[0] != whole or idx[1] == whole or idx[1].step not in (None, 1):
+        return None
+    if not all(i == whole or i is Ellipsis for i in idx[2:]):
+        return None
+    return idx[1]
+
+
+def channel_split(node: fx.Node, channels: int) -> list[int] | None:
+    """The part sizes of torch.split / chunk along the channels (CSPNet, Res2Net, MixNet,
+    ShuffleNet), else None."""
+    if node.op == "call_function" and node.target in (torch.split, torch.chunk):
+        kind = node.target.__name__
+    elif node.op == "call_method" and node.target in ("split", "chunk"):
+        kind = node.target
+    else:
+        return None
+    if len(node.args) < 2:
+        return None
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    how = node.args[1]
+    if dim != 1:
+        return None
+    if kind == "chunk" and isinstance(how, int) and how > 0:
+        size = -(-channels // how)
+        return [min(size, channels - i) for i in range(0, channels, size)]
+    if isinstance(how, int) and how > 0:
+        return [min(how, channels - i) for i in range(0, channels, how)]
+    if (
+        isinstance(how, (list, tuple))
+        and all(isinstance(s, int) for s in how)
+        and sum(how) == channels
+    ):
+        return list(how)
+    return None
+
+
 def channel_padding(node: fx.Node) -> tuple[int, int] | None:
     """(before, after) channels of zeros that F.pad adds to an NCHW tensor (spatial pads 0)."""
     if node.op != "call_function" or node.target is not F.pad:
