@@ -262,7 +262,7 @@ def test_convnext_block_layer_norm_and_layer_scale_get_ranges_that_hold_the_data
 
 
 class SplitNet(nn.Module):
-    """CSP/Res2Net-style torch.split, MixNet-style split -> convs -> cat, GhostNet-style x[:, :k]."""
+    """CSP/Res2Net torch.split, MixNet split -> convs -> cat, GhostNet x[:, :k]."""
 
     def __init__(self):
         super().__init__()
