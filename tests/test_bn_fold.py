@@ -1,11 +1,12 @@
 """BN folding: float64 invariance, the torch oracle, and the statistics it leaves behind."""
+
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import SmallNet, randomize_bn
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from conftest import SmallNet, randomize_bn
 from dfq import fold_batchnorm, trace
 
 
@@ -108,20 +109,33 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x):
         torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
         return self.act(self.drop(x))
 
 
 def _timm_like(bn=BatchNormAct2d):
     torch.manual_seed(0)
-    return randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), bn(6), nn.Conv2d(6, 6, 3, padding=1, groups=6),
-                                      bn(6, nn.ReLU), nn.Conv2d(6, 4, 1), bn(4, nn.Identity)), seed=3)
+    return randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            bn(6),
+            nn.Conv2d(6, 6, 3, padding=1, groups=6),
+            bn(6, nn.ReLU),
+            nn.Conv2d(6, 4, 1),
+            bn(4, nn.Identity),
+        ),
+        seed=3,
+    )
 
 
 def test_functional_batchnorm_folds_like_the_module_float64():
     m = _timm_like().double()
     gm = trace(m)
-    assert sum(n.target is F.batch_norm for n in gm.graph.nodes) == 3  # fx traced through the subclass
+    assert (
+        sum(n.target is F.batch_norm for n in gm.graph.nodes) == 3
+    )  # fx traced through the subclass
     out = fold_batchnorm(gm)
     assert not any(n.target is F.batch_norm or n.op == "get_attr" for n in out.gm.graph.nodes)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -144,7 +158,9 @@ def test_functional_batchnorm_not_foldable_is_reported():
 
         def forward(self, x):
             a, b = self.bn1, self.bn2
-            y = F.batch_norm(self.conv(x) + 1, a.running_mean, a.running_var, a.weight, a.bias, False, 0.1, 1e-5)
+            y = F.batch_norm(
+                self.conv(x) + 1, a.running_mean, a.running_var, a.weight, a.bias, False, 0.1, 1e-5
+            )
             return y + F.batch_norm(self.conv(x), b.running_mean, b.running_var, training=True)
 
     m = randomize_bn(Odd())
