@@ -177,3 +177,34 @@ def test_pipeline_on_timm_like_blocks_folds_every_bn_and_ranges_every_quantizer(
     assert [res.layers[n]["bn_folded"] for n in ("0", "2", "4")] == ["1", "3", "5"]
     assert res.layers["2"]["equalized_with"] == "4"  # the assert's shape reads are no second user
     assert all(a["activation_range"] is not None for a in res.activations.values())
+
+
+class MixedConv(nn.Module):
+    """MixNet's mixed depthwise conv: split -> convs of different kernels -> cat -> BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.k3 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.k5 = nn.Conv2d(4, 6, 5, padding=2, bias=False)
+        self.bn = nn.BatchNorm2d(10)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        a, b = torch.split(self.stem(x), [4, 4], dim=1)
+        y = torch.relu(self.bn(torch.cat([self.k3(a), self.k5(b)], 1)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_bn_after_a_concatenation_of_convs_folds_into_each_slice():
+    from dfq import PipelineConfig, quantize_model
+
+    model = randomize_bn(MixedConv()).double()
+    t = fold_batchnorm(trace(model))
+    assert t.info["k3"]["bn_folded"] == t.info["k5"]["bn_folded"] == "bn"
+    assert torch.allclose(t.stats["k5"].mean, model.bn.bias.detach()[4:].to(t.stats["k5"].mean))
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert (t.gm(x) - model(x)).abs().max() < 1e-12
+    c = quantize_model(model.float(), PipelineConfig(strict=True)).coverage
+    assert (c["bn_folded"], c["bn_total"]) == (2, 2)

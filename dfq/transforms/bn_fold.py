@@ -12,12 +12,13 @@ TF's eps 1e-3 against v ~ 1e-15) it is ~0, where |gamma| alone claims a spread t
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import fx, nn
 
 from dfq.graph.channels import ensure_bias
-from dfq.graph.ops import BatchNormSpec, batchnorm_of, is_shape_query, weighted_module
+from dfq.graph.ops import BatchNormSpec, batchnorm_of, is_cat, is_shape_query, weighted_module
 from dfq.stats import BNStats, Stats, freeze
 from dfq.transforms import Transformed
 
@@ -37,19 +38,51 @@ def _fold_into(layer: nn.Module, bn: BatchNormSpec) -> BNStats:
     return BNStats(mean=mean.clone().to(w.dtype), std=std.to(w.dtype))
 
 
+def _users(node: fx.Node) -> int:
+    return sum(not is_shape_query(u) for u in node.users)
+
+
+def _concatenated_layers(gm: fx.GraphModule, cat: fx.Node, bn: BatchNormSpec):
+    """A BN after a channel concatenation of convs (MixNet's split -> convs -> cat -> BN) folds
+    into each conv its slice of channels: [(layer node, layer, its BN channels)], or None."""
+    if not is_cat(cat) or _users(cat) != 1:
+        return None
+    parts, start = [], 0
+    for p in cat.args[0]:
+        layer = weighted_module(gm, p) if isinstance(p, fx.Node) else None
+        if not isinstance(layer, nn.Conv2d) or _users(p) != 1 or list(cat.args[0]).count(p) != 1:
+            return None
+        parts.append((p, layer, slice(start, start + layer.out_channels)))
+        start += layer.out_channels
+    return parts if start == bn.mean.numel() else None
+
+
+def _sliced(bn: BatchNormSpec, part: slice) -> BatchNormSpec:
+    def cut(t):
+        return None if t is None else t[part]
+
+    return dataclasses.replace(
+        bn, mean=bn.mean[part], var=bn.var[part], gamma=cut(bn.gamma), beta=cut(bn.beta)
+    )
+
+
 def _foldable(
     gm: fx.GraphModule, bn_node: fx.Node, bn: BatchNormSpec
-) -> tuple[fx.Node, nn.Module] | str:
-    """The layer node this BN folds into, or why it cannot."""
+) -> list[tuple[fx.Node, nn.Module, slice | None]] | str:
+    """The layer nodes this BN folds into (with their slice of its channels), or why it
+    cannot."""
     src = bn_node.args[0]
     layer = weighted_module(gm, src) if isinstance(src, fx.Node) else None
+    if layer is None and isinstance(src, fx.Node) and nn.Conv2d in bn.layers:
+        if (parts := _concatenated_layers(gm, src, bn)) is not None:
+            return parts
     if layer is None:
         return "input is not a conv/linear"
     if sum(not is_shape_query(u) for u in src.users) != 1:
         return f"input layer {src.target} has other users"
     if not isinstance(layer, bn.layers):
         return "BN type does not match the layer"
-    return src, layer
+    return [(src, layer, None)]
 
 
 def fold_batchnorm(gm: fx.GraphModule, stats: Stats | None = None) -> Transformed:
@@ -65,10 +98,12 @@ def fold_batchnorm(gm: fx.GraphModule, stats: Stats | None = None) -> Transforme
         if isinstance(found, str):
             info[name] = {"bn_folded": False, "note": f"BatchNorm left in float: {found}"}
             continue
-        src, layer = found
-        new_stats[src.target] = _fold_into(layer, bn)
-        info[src.target] = {"bn_folded": name}
-        node.replace_all_uses_with(src)
+        for layer_node, layer, part in found:
+            new_stats[layer_node.target] = _fold_into(
+                layer, bn if part is None else _sliced(bn, part)
+            )
+            info[layer_node.target] = {"bn_folded": name}
+        node.replace_all_uses_with(node.args[0])
         constants = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)
         for (
