@@ -136,6 +136,8 @@ def propagate(
     """Moments of every node's output that can be derived without data (by node name)."""
     out: dict[str, Moments] = {}
     pieces: dict[str, list[Moments]] = {}  # the parts of a channel split, by the split's name
+    groups: dict[str, tuple[Moments, int]] = {}  # x.view(B, g, C/g, H, W): moments and g
+    shuffled: set[str] = set()  # nodes holding a channel-shuffled (B, C/g, g, H, W) tensor
     for node in gm.graph.nodes:
         args = [a for a in node.args if isinstance(a, fx.Node)]
         src = out.get(args[0].name) if args else None
@@ -162,8 +164,21 @@ def propagate(
                 out[node.name] = pieces[args[0].name][node.args[1]]
         elif (scaled := _constant_product(gm, node, out)) is not None:
             out[node.name] = scaled
+        elif args and args[0].name in groups and _is_transpose_12(node):
+            m, g = groups[args[0].name]  # ShuffleNet's channel shuffle: (B, C/g, g, H, W)
+            c = m.mean.numel()
+            order = torch.tensor([(k % g) * (c // g) + k // g for k in range(c)])
+            out[node.name] = _channels(m, order)
+            shuffled.add(node.name)
         elif src is None and not is_cat(node):  # cat takes a list of tensors
             continue
+        elif src is not None and (g := _channel_groups_view(node, src.mean.numel())) is not None:
+            groups[node.name] = (src, g)
+        elif (
+            args and args[0].name in shuffled and _is_reshape(node) and len(_shape_args(node)) == 4
+        ):
+            out[node.name] = src  # back to (B, C, H, W) after the shuffle
+            shuffled.add(node.name)
         elif src is not None and (sizes := channel_split(node, src.mean.numel())) is not None:
             bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
             pieces[node.name] = [_channels(src, slice(a, b)) for a, b in zip(bounds, bounds[1:])]
@@ -182,6 +197,8 @@ def propagate(
             )
         elif is_pass_through(gm, node) or is_spatial_slice(node):
             out[node.name] = src
+            if args and args[0].name in shuffled:
+                shuffled.add(node.name)
         elif (pads := channel_padding(node)) is not None:
             out[node.name] = _pad_channels(src, *pads)
         elif is_add(node) and len(args) == 2 and all(a.name in out for a in args):
@@ -212,7 +229,35 @@ def propagate(
     return out
 
 
-def _channels(m: Moments, part: slice) -> Moments:
+def _is_reshape(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in ("view", "reshape")
+
+
+def _shape_args(node: fx.Node) -> tuple:
+    shape = node.args[1:]
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+
+
+def _channel_groups_view(node: fx.Node, channels: int) -> int | None:
+    """g for x.view(B, g, C // g, H, W) (the first step of a channel shuffle), else None."""
+    if not _is_reshape(node):
+        return None
+    shape = _shape_args(node)
+    if len(shape) != 5 or not isinstance(shape[1], int) or shape[1] < 1 or channels % shape[1]:
+        return None
+    return shape[1]
+
+
+def _is_transpose_12(node: fx.Node) -> bool:
+    if not (
+        (node.op == "call_function" and node.target is torch.transpose)
+        or (node.op == "call_method" and node.target == "transpose")
+    ):
+        return False
+    return tuple(node.args[1:3]) in ((1, 2), (2, 1))
+
+
+def _channels(m: Moments, part: slice | torch.Tensor) -> Moments:
     return Moments(m.mean[part], m.var[part], m.lo[part], m.hi[part])
 
 

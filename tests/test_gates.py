@@ -297,3 +297,25 @@ def test_channel_splits_and_slices_carry_their_channels_moments():
     assert torch.equal(m[h.name].var, m["getitem_2"].var[6:])
     res = quantize_model(net, PipelineConfig(strict=True))
     assert res.coverage["activations_ranged"] == res.coverage["activation_quantizers_total"]
+
+
+class Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3), nn.BatchNorm2d(12))
+        self.conv = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        return self.conv(channel_shuffle(self.stem(x), 3))
+
+
+def test_channel_shuffle_permutes_the_channels_moments():
+    from torchvision.models.shufflenetv2 import channel_shuffle
+
+    folded = fold_batchnorm(trace(randomize_bn(Shuffle())))
+    m = propagate(folded.gm, folded.stats, input_moments((0.5,) * 3, (0.25,) * 3))
+    conv = next(n for n in folded.gm.graph.nodes if n.target == "conv")
+    want = channel_shuffle(m["stem_0"].mean.reshape(1, 12, 1, 1), 3).flatten()
+    assert torch.equal(m[conv.args[0].name].mean, want)
