@@ -2,6 +2,7 @@
 (fx's meta tracer) and says so; a graph that bakes in more than the input size is refused."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +61,40 @@ def test_a_graph_that_bakes_in_the_batch_is_refused():
     with pytest.raises(DfqError, match="nor with static shapes") as e:
         trace(BakesBatch().eval(), (3, 8, 8))
     assert "Fix:" in str(e.value)
+
+
+def test_cli_traces_for_the_images_it_evaluates(tmp_path, capsys):
+    import json
+
+    from conftest import shared
+
+    from dfq.cli import main
+
+    src = tmp_path / "net.py"
+    src.write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_static_trace import SamePad\n"
+    )
+    out = tmp_path / "r.json"
+    code = main(
+        [
+            "cls",
+            "--model",
+            f"{src}:SamePad",
+            "--data",
+            str(shared("cifar10_foolbox20.npz")),
+            "--resize",
+            "0",
+            "--crop",
+            "0",
+            "--limit",
+            "4",
+            "--quantize",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert r["coverage"]["tracer"] == "torch.fx meta tracer, static input shape (1, 3, 32, 32)"

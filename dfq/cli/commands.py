@@ -43,6 +43,8 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.quiet
     data = task.load(options.data_options(args, device), inputs, progress)
     print(f"dfq {task.name}: {spec.name} on {data.description}")
+    # a model traced with static shapes is traced for the images it will see
+    cfg = dataclasses.replace(cfg, input_size=tuple(next(iter(data.batches))[0].shape[1:]))
     common = {
         "task": task.name,
         "arch": spec.name,
