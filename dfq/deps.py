@@ -4,6 +4,7 @@ A missing extra is a user error like any other: one line naming the package and 
 `pip install "dfq[extra]"` that brings it, exit status 2 from the CLI, never a raw
 ModuleNotFoundError traceback.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,15 @@ from dfq.errors import DfqError
 
 # importable module -> the extra of pyproject.toml that installs it
 EXTRAS = {
-    "onnx": "export", "onnxscript": "export", "onnxruntime": "export", "ncnn": "export", "pnnx": "export",
-    "matplotlib": "plot", "google": "tf",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
+    "ncnn": "export",
+    "pnnx": "export",
+    "matplotlib": "plot",
+    "google": "tf",
+    "timm": "timm",
+    "safetensors": "timm",
 }
 
 
@@ -26,4 +34,6 @@ def require(module: str, what: str) -> ModuleType:
         extra = EXTRAS.get(module.split(".")[0])
         fix = f'pip install "dfq[{extra}]"' if extra else f"pip install {module}"
         module = "protobuf" if module.startswith("google.protobuf") else module
-        raise DfqError(f"{what} needs the Python package '{module}', which is not installed.", fix) from exc
+        raise DfqError(
+            f"{what} needs the Python package '{module}', which is not installed.", fix
+        ) from exc

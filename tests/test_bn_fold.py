@@ -1,11 +1,12 @@
 """BN folding: float64 invariance, the torch oracle, and the statistics it leaves behind."""
+
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import SmallNet, randomize_bn
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from conftest import SmallNet, randomize_bn
 from dfq import fold_batchnorm, trace
 
 
@@ -108,20 +109,33 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x):
         torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
         return self.act(self.drop(x))
 
 
 def _timm_like(bn=BatchNormAct2d):
     torch.manual_seed(0)
-    return randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), bn(6), nn.Conv2d(6, 6, 3, padding=1, groups=6),
-                                      bn(6, nn.ReLU), nn.Conv2d(6, 4, 1), bn(4, nn.Identity)), seed=3)
+    return randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            bn(6),
+            nn.Conv2d(6, 6, 3, padding=1, groups=6),
+            bn(6, nn.ReLU),
+            nn.Conv2d(6, 4, 1),
+            bn(4, nn.Identity),
+        ),
+        seed=3,
+    )
 
 
 def test_functional_batchnorm_folds_like_the_module_float64():
     m = _timm_like().double()
     gm = trace(m)
-    assert sum(n.target is F.batch_norm for n in gm.graph.nodes) == 3  # fx traced through the subclass
+    assert (
+        sum(n.target is F.batch_norm for n in gm.graph.nodes) == 3
+    )  # fx traced through the subclass
     out = fold_batchnorm(gm)
     assert not any(n.target is F.batch_norm or n.op == "get_attr" for n in out.gm.graph.nodes)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -144,7 +158,9 @@ def test_functional_batchnorm_not_foldable_is_reported():
 
         def forward(self, x):
             a, b = self.bn1, self.bn2
-            y = F.batch_norm(self.conv(x) + 1, a.running_mean, a.running_var, a.weight, a.bias, False, 0.1, 1e-5)
+            y = F.batch_norm(
+                self.conv(x) + 1, a.running_mean, a.running_var, a.weight, a.bias, False, 0.1, 1e-5
+            )
             return y + F.batch_norm(self.conv(x), b.running_mean, b.running_var, training=True)
 
     m = randomize_bn(Odd())
@@ -161,3 +177,34 @@ def test_pipeline_on_timm_like_blocks_folds_every_bn_and_ranges_every_quantizer(
     assert [res.layers[n]["bn_folded"] for n in ("0", "2", "4")] == ["1", "3", "5"]
     assert res.layers["2"]["equalized_with"] == "4"  # the assert's shape reads are no second user
     assert all(a["activation_range"] is not None for a in res.activations.values())
+
+
+class MixedConv(nn.Module):
+    """MixNet's mixed depthwise conv: split -> convs of different kernels -> cat -> BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.k3 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.k5 = nn.Conv2d(4, 6, 5, padding=2, bias=False)
+        self.bn = nn.BatchNorm2d(10)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        a, b = torch.split(self.stem(x), [4, 4], dim=1)
+        y = torch.relu(self.bn(torch.cat([self.k3(a), self.k5(b)], 1)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_bn_after_a_concatenation_of_convs_folds_into_each_slice():
+    from dfq import PipelineConfig, quantize_model
+
+    model = randomize_bn(MixedConv()).double()
+    t = fold_batchnorm(trace(model))
+    assert t.info["k3"]["bn_folded"] == t.info["k5"]["bn_folded"] == "bn"
+    assert torch.allclose(t.stats["k5"].mean, model.bn.bias.detach()[4:].to(t.stats["k5"].mean))
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert (t.gm(x) - model(x)).abs().max() < 1e-12
+    c = quantize_model(model.float(), PipelineConfig(strict=True)).coverage
+    assert (c["bn_folded"], c["bn_total"]) == (2, 2)

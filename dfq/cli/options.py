@@ -1,5 +1,6 @@
 """argparse Namespace -> library objects. The only place that reads the CLI's arguments;
 everything it builds (ModelSpec, DataOptions, PipelineConfig, DataSpec) is a plain library type."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,9 @@ from dfq.tasks.base import DataOptions, Task
 def model_spec(args: argparse.Namespace, task: Task | None = None) -> ModelSpec:
     """--arch / --model / --weights / --num-classes; a task's default architecture if neither."""
     arch = args.arch or (task.default_arch if task is not None and not args.model else None)
-    return ModelSpec(arch=arch, builder=args.model, weights=args.weights, num_classes=args.num_classes)
+    return ModelSpec(
+        arch=arch, builder=args.model, weights=args.weights, num_classes=args.num_classes
+    )
 
 
 def inputs_of(args: argparse.Namespace, task: Task | None = None) -> InputConfig:
@@ -37,34 +40,69 @@ def data_options(args: argparse.Namespace, device: torch.device | None = None) -
     return DataOptions(**opt)
 
 
-def pipeline_config(args: argparse.Namespace, inputs: InputConfig | None = None, **overrides) -> PipelineConfig:
+def pipeline_config(
+    args: argparse.Namespace, inputs: InputConfig | None = None, **overrides
+) -> PipelineConfig:
     """The switches as a PipelineConfig (it validates them: call before any slow work)."""
     inputs = inputs or inputs_of(args)
-    quant = QuantConfig(bits_weight=args.bits_weight, bits_activation=args.bits_activation,
-                        bits_bias=args.bits_bias, per_channel=args.per_channel,
-                        weight_symmetric=not args.asymmetric_weight,
-                        activation_symmetric=args.symmetric_activation,
-                        target=getattr(args, "target", None) or "generic",
-                        reduce_range=getattr(args, "reduce_range", None))
-    fields = dict(quantize=args.quantize, relu=args.relu, equalize=args.equalize, absorption=args.absorption,
-                  equalization=EqualizeConfig(activation_aware=args.equalize_activations,
-                                              residual_regions=args.equalize_residuals),
-                  correction=args.correction, clip_weight=args.clip_weight, quant=quant,
-                  range_std=args.range_std, calib=args.calib, distill_range=args.distill_range,
-                  true_data=args.true_data,
-                  input_mean=tuple(args.mean or inputs.mean), input_std=tuple(args.std or inputs.std))
+    quant = QuantConfig(
+        bits_weight=args.bits_weight,
+        bits_activation=args.bits_activation,
+        bits_bias=args.bits_bias,
+        per_channel=args.per_channel,
+        weight_symmetric=not args.asymmetric_weight,
+        activation_symmetric=args.symmetric_activation,
+        target=getattr(args, "target", None) or "generic",
+        reduce_range=getattr(args, "reduce_range", None),
+    )
+    fields = dict(
+        quantize=args.quantize,
+        relu=args.relu,
+        equalize=args.equalize,
+        absorption=args.absorption,
+        equalization=EqualizeConfig(
+            activation_aware=args.equalize_activations, residual_regions=args.equalize_residuals
+        ),
+        correction=args.correction,
+        clip_weight=args.clip_weight,
+        quant=quant,
+        range_std=args.range_std,
+        calib=args.calib,
+        distill_range=args.distill_range,
+        true_data=args.true_data,
+        strict=args.strict,
+        input_mean=tuple(args.mean or inputs.mean),
+        input_std=tuple(args.std or inputs.std),
+        input_size=input_size(args, inputs),
+    )
     if args.range_percentile is not None:
         fields["range_percentile"] = args.range_percentile
     fields.update(overrides)
     return PipelineConfig(**fields)
 
 
+def input_size(args: argparse.Namespace, inputs: InputConfig) -> tuple[int, int, int]:
+    """(C, H, W) the model will see: --input-size (export), --crop (cls), --size (seg/det),
+    else the architecture's."""
+    side = next(
+        (v for v in (getattr(args, k, None) for k in ("input_size", "crop", "size")) if v), None
+    )
+    return (inputs.size[0], side, side) if side else tuple(inputs.size)
+
+
 def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
     """--dis_* / --save / --load as a DataSpec (distillation runs only if the config needs data)."""
     res = (args.dis_resolution,) * 2 if args.dis_resolution else None
-    dcfg = DistillConfig(batch_size=args.dis_batch_size, num_batches=args.dis_num_batch, resolution=res,
-                         iterations=args.dis_iterations, seconds=args.distill_seconds, seed=args.seed,
-                         mean=config.input_mean, std=config.input_std)
+    dcfg = DistillConfig(
+        batch_size=args.dis_batch_size,
+        num_batches=args.dis_num_batch,
+        resolution=res,
+        iterations=args.dis_iterations,
+        seconds=args.distill_seconds,
+        seed=args.seed,
+        mean=config.input_mean,
+        std=config.input_std,
+    )
     return DataSpec(distill=dcfg, load=args.load, save=args.save)
 
 

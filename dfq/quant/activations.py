@@ -1,11 +1,14 @@
 """Where activations are quantized, and with which ranges.
 
 Quantization points follow what an int8 runtime keeps in int8 memory: the network input and
-the output of every conv/linear, add and concatenation, taken after the clipping activation
-that follows it (fused, as runtimes fuse Conv+ReLU); average pools requantize (with their
-input's range). Network outputs stay float (runtimes dequantize the last layer's int32
-accumulator). Ops that are neither get no quantizer and are reported.
+the output of every conv/linear, add, concatenation and product, taken after the clipping
+activation that follows it (fused, as runtimes fuse Conv+ReLU); non-clipping activations
+(SiLU, GELU, Hardswish, sigmoid gates) requantize, as average pools do; and every tensor a
+conv/linear reads is quantized. Network outputs stay float (runtimes dequantize the last
+layer's int32 accumulator). A point whose range cannot be derived without data stays float
+and is reported.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +18,16 @@ import torch
 from torch import fx
 
 from dfq.config import QuantConfig
-from dfq.graph.ops import activation_of, is_add, is_cat, is_pass_through, keeps_grid, weighted_module
+from dfq.graph.ops import (
+    activation_of,
+    is_add,
+    is_cat,
+    is_mul,
+    is_pass_through,
+    keeps_grid,
+    pointwise_of,
+    weighted_module,
+)
 from dfq.moments import Moments
 from dfq.nn import ChannelMin
 from dfq.quant.modules import FLOAT, OBSERVE, QUANTIZE, ActQuant, QuantizedLayer
@@ -30,26 +42,46 @@ def _fused_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     return node
 
 
+def _grid_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The node that sets `node`'s grid: back through ops that keep their input's grid."""
+    cur = node
+    while (
+        (is_pass_through(gm, cur) or _is_channel_min(gm, cur))
+        and keeps_grid(gm, cur)
+        and cur.args
+        and isinstance(cur.args[0], fx.Node)
+    ):
+        cur = cur.args[0]
+    return cur
+
+
 def default_quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
     """Nodes (in graph order) whose outputs get an activation quantizer (a runtime profile,
-    dfq/targets, may choose others)."""
-    points: list[fx.Node] = []
+    dfq/targets, may choose others): the network input; conv/linear, add, concatenation and
+    product outputs (after a fused clipping activation); non-clipping activations (SiLU, GELU,
+    Hardswish, sigmoid gates: an int8 runtime computes them on int8 and requantizes); average
+    pools; and whatever else feeds a conv/linear, so that every layer reads an int8 input."""
+    points: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            p = node
-        elif weighted_module(gm, node) is not None or is_add(node) or is_cat(node):
-            p = _fused_output(node, gm)
+        if node.op == "placeholder" or pointwise_of(gm, node) is not None:
+            points.add(node)
+        elif weighted_module(gm, node) is not None or is_add(node) or is_cat(node) or is_mul(node):
+            points.add(_fused_output(node, gm))
         elif is_pass_through(gm, node) and not keeps_grid(gm, node):
-            p = node
-        else:
-            continue
-        if not any(u.op == "output" for u in p.users):
-            points.append(p)
-    return points
+            points.add(node)
+    for node in gm.graph.nodes:
+        if weighted_module(gm, node) is not None and isinstance(node.args[0], fx.Node):
+            points.add(_grid_source(gm, node.args[0]))
+    return [n for n in gm.graph.nodes if n in points and not any(u.op == "output" for u in n.users)]
 
 
-def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantConfig, reciprocal: bool = False,
-                      reads_quantized: Callable[[fx.GraphModule, fx.Node], bool] | None = None) -> fx.GraphModule:
+def insert_quantizers(
+    gm: fx.GraphModule,
+    points: list[fx.Node],
+    config: QuantConfig,
+    reciprocal: bool = False,
+    reads_quantized: Callable[[fx.GraphModule, fx.Node], bool] | None = None,
+) -> fx.GraphModule:
     """Return a copy of `gm` with an ActQuant (unset range) after each point, by node name.
 
     `reciprocal`: the quantizers multiply by float32 1/scale (ncnn); `reads_quantized(gm, user)`:
@@ -61,11 +93,17 @@ def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantCo
         if node.name not in names:
             continue
         target = f"act_quant_{node.name}"
-        gm.add_submodule(target, ActQuant(config.activation_grid, config.rounding, reciprocal=reciprocal))
+        gm.add_submodule(
+            target, ActQuant(config.activation_grid, config.rounding, reciprocal=reciprocal)
+        )
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(target, (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q and (
-            reads_quantized is None or reads_quantized(gm, u)))
+        node.replace_all_uses_with(
+            q,
+            delete_user_cb=lambda u: (
+                u is not q and (reads_quantized is None or reads_quantized(gm, u))
+            ),
+        )
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -73,12 +111,16 @@ def insert_quantizers(gm: fx.GraphModule, points: list[fx.Node], config: QuantCo
 
 def quantizer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """ActQuant call nodes keyed by the name of the node they quantize."""
-    return {n.args[0].name: n for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActQuant)}
+    return {
+        n.args[0].name: n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ActQuant)
+    }
 
 
-def set_ranges_from_moments_(gm: fx.GraphModule, moments: dict[str, Moments],
-                            only: set[str] | None = None) -> dict[str, dict]:
+def set_ranges_from_moments_(
+    gm: fx.GraphModule, moments: dict[str, Moments], only: set[str] | None = None
+) -> dict[str, dict]:
     """In place: per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are
     reported and their quantizers stay float.
 
@@ -95,7 +137,11 @@ def set_ranges_from_moments_(gm: fx.GraphModule, moments: dict[str, Moments],
         if clip is not None and clip.name in moments:
             m = moments[clip.name]  # values above the per-channel bounds are clipped anyway
         if m is None:
-            info[src] = {"activation_range": None, "note": "no data-free range: kept in float (use --calib)"}
+            info[src] = {
+                "activation_range": None,
+                "note": "no data-free range (moments unknown through this op): kept in float; "
+                "--distill_range (or --calib) ranges it on data",
+            }
             aq.mode = FLOAT  # never invent a range
             continue
         lo, hi = float(m.lo.min()), float(m.hi.max())
@@ -124,8 +170,11 @@ def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> 
         aq.observed_min.fill_(float("inf"))
         aq.observed_max.fill_(float("-inf"))
         if percentile is not None:
-            hooks.append(aq.register_forward_pre_hook(
-                lambda mod, inp, src=src: seen[src].append(_percentiles(inp[0], percentile))))
+            hooks.append(
+                aq.register_forward_pre_hook(
+                    lambda mod, inp, src=src: seen[src].append(_percentiles(inp[0], percentile))
+                )
+            )
     try:
         with torch.no_grad():
             for x in batches:
@@ -171,17 +220,25 @@ def snap_clips_to_grid_(gm: fx.GraphModule) -> int:
     return n
 
 
-def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
-    """The quantizer that sets the grid of `node`'s first input (through grid-keeping ops)."""
-    cur = node.args[0]
+def input_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The ActQuant node (in any mode) that sets the grid of `node`'s first input, through
+    grid-keeping ops; None if that input is not quantized at all."""
+    cur = node.args[0] if node.args else None
     while isinstance(cur, fx.Node):
         if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), ActQuant):
-            aq = gm.get_submodule(cur.target)
-            return aq if aq.quantizing else None
+            return cur
         if not ((is_pass_through(gm, cur) or _is_channel_min(gm, cur)) and keeps_grid(gm, cur)):
             return None
         cur = cur.args[0]
     return None
+
+
+def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
+    """The quantizer that sets the grid of `node`'s first input (through grid-keeping ops),
+    if it quantizes."""
+    q = input_quantizer_node(gm, node)
+    aq = gm.get_submodule(q.target) if q is not None else None
+    return aq if aq is not None and aq.quantizing else None
 
 
 def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:
@@ -196,7 +253,9 @@ def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]
         scale = m.weight_scale.double() * aq.scale.double() if aq is not None else None
         # at s_w * s_in an int32 overflows once bits_w + bits_a approach 31 (W16A16): the bias
         # would be clamped, so it goes onto its own range instead (and says so)
-        fits = scale is not None and bool((m.bias.detach().double().abs() / scale <= config.bias_grid.qmax).all())
+        fits = scale is not None and bool(
+            (m.bias.detach().double().abs() / scale <= config.bias_grid.qmax).all()
+        )
         if config.bits_bias == 32 and fits:
             note = "int32 at s_w * s_in"
         elif config.bits_bias == 32 and aq is not None:
@@ -204,7 +263,9 @@ def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]
             note = "int32 on its own range (it overflows int32 at s_w * s_in)"
         else:
             scale = m.bias.detach().abs().max().double().clamp_min(1e-30) / config.bias_grid.qmax
-            note = f"int{config.bits_bias} on its own range" + ("" if aq else " (input not quantized)")
+            note = f"int{config.bits_bias} on its own range" + (
+                "" if aq else " (input not quantized)"
+            )
         m.set_bias_quant(scale, config.bias_grid)
         info[node.target] = {"bias": note}
     return info
