@@ -1,4 +1,5 @@
 """Frozen configuration dataclasses: what a run does, serialisable to and from dicts (JSON)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,9 +17,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DISTILLED_PERCENTILE = 99.99
 AUTO = "auto"
 # The paper's constants, one place each
-RANGE_STD = 6.0      # BN-derived ranges: mean +- 6 std
-ABSORB_STD = 3.0     # high-bias absorption: c = max(0, beta - 3 gamma)
-CLIP_WEIGHT = 15.0   # --clip_weight without a value: clamp to [-15, 15]
+RANGE_STD = 6.0  # BN-derived ranges: mean +- 6 std
+ABSORB_STD = 3.0  # high-bias absorption: c = max(0, beta - 3 gamma)
+CLIP_WEIGHT = 15.0  # --clip_weight without a value: clamp to [-15, 15]
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,42 @@ class QuantConfig:
     # Runtime profile (dfq/targets): "generic" (as configured), "ort" (onnxruntime QDQ) or
     # "ncnn" (ncnn int8); the pipeline resolves it into the grids that runtime computes with.
     target: str = "generic"
-    reduce_range: bool | None = None  # fewer weight bits where the runtime needs them; None = by CPU
+    reduce_range: bool | None = (
+        None  # fewer weight bits where the runtime needs them; None = by CPU
+    )
+    # Mixed precision (dfq.quant.mixed): the first and last weighted layers' weights and inputs
+    # at this many bits (None: as the rest), then per-layer overrides (fnmatch pattern on the
+    # module name, weight bits, input-activation bits or None), later ones winning.
+    keep_first_last: int | None = None
+    layer_bits: tuple[tuple[str, int, int | None], ...] = ()
 
     def __post_init__(self):
         for name in ("bits_weight", "bits_activation"):
             if not 2 <= getattr(self, name) <= 16:
                 raise DfqError(f"--{name} {getattr(self, name)} is out of range.", "use 2..16 bits")
+        if self.keep_first_last is not None and not 2 <= self.keep_first_last <= 16:
+            raise DfqError(
+                f"--keep_first_last {self.keep_first_last} is out of range.", "use 2..16 bits"
+            )
+        # lists (from JSON) become tuples, so the config stays hashable and comparable
+        rules = tuple(
+            (str(p), int(w), None if a is None else int(a)) for p, w, a in self.layer_bits
+        )
+        object.__setattr__(self, "layer_bits", rules)
+        for pattern, w, a in rules:
+            if not all(2 <= b <= 16 for b in (w, a) if b is not None):
+                raise DfqError(
+                    f"--layer_bits {pattern}={w}{'' if a is None else f',{a}'}: bits out of range.",
+                    "use 2..16 bits",
+                )
         if self.bits_bias not in (8, 16, 32):
             raise DfqError(f"--bits_bias {self.bits_bias} is not supported.", "use 8, 16 or 32")
         if self.rounding not in ("half_even", "half_away"):
             raise DfqError(f"rounding '{self.rounding}' is unknown.", "use half_even or half_away")
         if self.target not in TARGETS:
-            raise DfqError(f"--target '{self.target}' is unknown.", f"use one of {', '.join(TARGETS)}")
+            raise DfqError(
+                f"--target '{self.target}' is unknown.", f"use one of {', '.join(TARGETS)}"
+            )
 
     @property
     def weight_grid(self) -> Grid:
@@ -68,7 +93,9 @@ class EqualizeConfig:
     threshold: float = 1e-3  # stop when every |log s_i| of a sweep is below this (0.1 %)
     activation_aware: bool = False  # balance the activation between the layers too
     activation_std: float = RANGE_STD  # its range from BN statistics: mean + n * std
-    residual_regions: bool = False  # also equalize around adds, concatenations and fan-outs (regions)
+    residual_regions: bool = (
+        False  # also equalize around adds, concatenations and fan-outs (regions)
+    )
 
 
 @dataclass(frozen=True)
@@ -76,18 +103,20 @@ class PipelineConfig:
     """The DFQ pipeline, with the original experiments' switches as field names."""
 
     quantize: bool = True
-    relu: bool = False            # replace ReLU6 by ReLU (explicit; changes the float model)
-    equalize: bool = False        # cross-layer equalization
+    relu: bool = False  # replace ReLU6 by ReLU (explicit; changes the float model)
+    equalize: bool = False  # cross-layer equalization
     absorption: bool | None = None  # high-bias absorption; None = on with --equalize
-    correction: bool | str = False  # True/"bn": data-free bias correction; "data": empirical, on data
+    correction: bool | str = (
+        False  # True/"bn": data-free bias correction; "data": empirical, on data
+    )
     clip_weight: float | None = None  # e.g. 15.0: clamp weights to [-15, 15]
     quant: QuantConfig = field(default_factory=QuantConfig)
     equalization: EqualizeConfig = field(default_factory=EqualizeConfig)
     range_std: float = RANGE_STD  # BN-based activation ranges: mean +- range_std * std
     absorb_std: float = ABSORB_STD  # high-bias absorption: c = max(0, beta - absorb_std * gamma)
-    calib: int = 0                # >0: activation ranges from that many real images instead
-    distill_range: bool = False   # activation ranges from the (distilled) data given to the pipeline
-    true_data: int = 0            # >0: that many real images instead of distilled ones wherever data is used
+    calib: int = 0  # >0: activation ranges from that many real images instead
+    distill_range: bool = False  # activation ranges from the (distilled) data given to the pipeline
+    true_data: int = 0  # >0: that many real images instead of distilled ones wherever data is used
     # data ranges at this percentile instead of min/max (None); "auto": DISTILLED_PERCENTILE for
     # distilled images, min/max for real ones
     range_percentile: float | None | str = AUTO
@@ -95,20 +124,39 @@ class PipelineConfig:
     input_std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self):
-        modes = {False: "", None: "", "": "", "none": "", True: "bn", "bn": "bn", "data": "data", "distill": "data"}
+        modes = {
+            False: "",
+            None: "",
+            "": "",
+            "none": "",
+            True: "bn",
+            "bn": "bn",
+            "data": "data",
+            "distill": "data",
+        }
         if self.correction not in modes:
-            raise DfqError(f"--correction '{self.correction}' is unknown.", "use bn (data-free) or distill")
+            raise DfqError(
+                f"--correction '{self.correction}' is unknown.", "use bn (data-free) or distill"
+            )
         object.__setattr__(self, "correction", modes[self.correction])
         if self.range_percentile == AUTO:
             distilled = self.distill_range and not (self.calib or self.true_data)
-            object.__setattr__(self, "range_percentile", DISTILLED_PERCENTILE if distilled else None)
+            object.__setattr__(
+                self, "range_percentile", DISTILLED_PERCENTILE if distilled else None
+            )
         if self.range_percentile is not None and not 50 < self.range_percentile <= 100:
-            raise DfqError(f"--range_percentile {self.range_percentile} must be in (50, 100].", "e.g. 99.99")
+            raise DfqError(
+                f"--range_percentile {self.range_percentile} must be in (50, 100].", "e.g. 99.99"
+            )
         if self.absorption and not self.equalize:
-            raise DfqError("--absorption needs --equalize (it moves the biases equalization inflates).",
-                           "add --equalize, or drop --absorption")
+            raise DfqError(
+                "--absorption needs --equalize (it moves the biases equalization inflates).",
+                "add --equalize, or drop --absorption",
+            )
         if self.clip_weight is not None and not self.clip_weight > 0:
-            raise DfqError(f"--clip_weight {self.clip_weight} must be positive.", "e.g. --clip_weight 15")
+            raise DfqError(
+                f"--clip_weight {self.clip_weight} must be positive.", "e.g. --clip_weight 15"
+            )
         if self.range_std <= 0:
             raise DfqError(f"range_std {self.range_std} must be positive.")
 

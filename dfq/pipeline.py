@@ -4,6 +4,7 @@ absorb high bias -> clip -> quantize weights -> correct bias -> activation range
 Every step is also a public function of its own; this module only sequences them, times
 them, and merges their per-layer notes into one report.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,10 +19,17 @@ from torch import fx, nn
 
 from dfq import targets
 from dfq.config import PipelineConfig, QuantConfig
-from dfq.graph.trace import check_finite, trace
 from dfq.graph.ops import layer_kind, weighted_module
+from dfq.graph.trace import check_finite, trace
 from dfq.moments import Moments, input_moments, propagate
-from dfq.quant.activations import calibrate_, insert_quantizers, set_ranges_from_moments_, snap_clips_to_grid_
+from dfq.quant.activations import (
+    calibrate_,
+    insert_quantizers,
+    quantizer_nodes,
+    set_ranges_from_moments_,
+    snap_clips_to_grid_,
+)
+from dfq.quant.mixed import layer_bits, set_input_bits_
 from dfq.quant.weights import quantize_weights
 from dfq.stats import Stats
 from dfq.targets.base import Profile
@@ -40,7 +48,7 @@ class QuantizationResult:
     with `quantize=False` the transformed float model (then it *is* `float_model`)."""
 
     model: fx.GraphModule
-    float_model: fx.GraphModule    # after the float transforms, before quantization
+    float_model: fx.GraphModule  # after the float transforms, before quantization
     stats: Stats
     config: PipelineConfig
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -90,8 +98,11 @@ def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transfor
     for node in gm.graph.nodes:
         m = weighted_module(gm, node)
         if m is not None:
-            steps.layers[node.target] = {"type": type(m).__name__, "kind": layer_kind(m),
-                                         "shape": list(m.weight.shape)}
+            steps.layers[node.target] = {
+                "type": type(m).__name__,
+                "kind": layer_kind(m),
+                "shape": list(m.weight.shape),
+            }
     t = steps.run("fold_bn", fold_batchnorm, gm)
     if config.relu:
         t = steps.run("relu6", replace_relu6, t.gm, t.stats)
@@ -104,14 +115,28 @@ def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transfor
     return t
 
 
-def quantize_activations(gm: fx.GraphModule, stats: Stats, qc: QuantConfig, profile: Profile,
-                         moments: dict[str, Moments], data: Iterable[torch.Tensor] | None = None,
-                         percentile: float | None = None) -> Transformed:
+def quantize_activations(
+    gm: fx.GraphModule,
+    stats: Stats,
+    qc: QuantConfig,
+    profile: Profile,
+    moments: dict[str, Moments],
+    data: Iterable[torch.Tensor] | None = None,
+    percentile: float | None = None,
+    input_bits: dict[str, int] | None = None,
+    layer_notes: dict[str, dict] | None = None,
+) -> Transformed:
     """A copy of `gm` with the profile's activation quantizers, ranged from the data-free
     `moments`, or from `data` when given (the network input's range then still comes from the
-    normalisation constants, which give it exactly). Info: per quantized node."""
-    gm = insert_quantizers(gm, profile.quantization_points(gm), qc, profile.reciprocal_scales,
-                           profile.reads_quantized)
+    normalisation constants, which give it exactly). `input_bits`: other widths for the
+    quantizers some layers read (dfq.quant.mixed), whose `bits_input` go into `layer_notes`.
+    Info: per quantized node."""
+    gm = insert_quantizers(
+        gm, profile.quantization_points(gm), qc, profile.reciprocal_scales, profile.reads_quantized
+    )
+    for layer, notes in set_input_bits_(gm, input_bits or {}).items():
+        if layer_notes is not None:
+            layer_notes.setdefault(layer, {}).update(notes)
     if data is not None:
         info = calibrate_(gm, data, percentile)
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
@@ -119,6 +144,8 @@ def quantize_activations(gm: fx.GraphModule, stats: Stats, qc: QuantConfig, prof
     else:
         info = set_ranges_from_moments_(gm, moments)
     snap_clips_to_grid_(gm)
+    for src, qnode in quantizer_nodes(gm).items():
+        info.setdefault(src, {})["bits"] = gm.get_submodule(qnode.target).grid.bits
     return Transformed(gm, stats, info)
 
 
@@ -129,15 +156,20 @@ def on_copy(helper_: Callable[..., dict], gm: fx.GraphModule, stats: Stats, *arg
     return Transformed(gm, stats, helper_(gm, *args))
 
 
-def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
-                   calib_data: Iterable[torch.Tensor] | None = None) -> QuantizationResult:
+def quantize_model(
+    model: nn.Module,
+    config: PipelineConfig = PipelineConfig(),
+    calib_data: Iterable[torch.Tensor] | None = None,
+) -> QuantizationResult:
     """Run the DFQ pipeline on a copy of `model`.
 
     `calib_data` (input batches, distilled or real) is needed only when config.needs_data:
     data-driven activation ranges (calib, distill_range) or empirical bias correction.
     """
     if config.needs_data and calib_data is None:
-        raise ValueError("this config uses data (calib / distill_range / correction='data'): pass calib_data")
+        raise ValueError(
+            "this config uses data (calib / distill_range / correction='data'): pass calib_data"
+        )
     profile = targets.profile(config.quant.target)
     # the runtime profile becomes concrete grids; result.config records them
     config = dataclasses.replace(config, quant=profile.resolve(config.quant))
@@ -146,23 +178,64 @@ def quantize_model(model: nn.Module, config: PipelineConfig = PipelineConfig(),
     t_start = time.perf_counter()
     with single_threaded():
         prepared = prepare(model, config, steps)
-        result = QuantizationResult(prepared.gm, prepared.gm, prepared.stats, config, steps.layers, {}, steps.timings)
+        result = QuantizationResult(
+            prepared.gm, prepared.gm, prepared.stats, config, steps.layers, {}, steps.timings
+        )
         if config.quantize:
             with steps.timed("moments"):
-                moments = propagate(prepared.gm, prepared.stats,
-                                    input_moments(config.input_mean, config.input_std), config.range_std)
-            t = steps.run("quantize_weights", quantize_weights, prepared.gm, prepared.stats, qc, profile.weight_bits)
+                moments = propagate(
+                    prepared.gm,
+                    prepared.stats,
+                    input_moments(config.input_mean, config.input_std),
+                    config.range_std,
+                )
+            mixed = layer_bits(prepared.gm, qc)
+            t = steps.run(
+                "quantize_weights",
+                quantize_weights,
+                prepared.gm,
+                prepared.stats,
+                qc,
+                profile.weight_bits,
+                {k: w for k, (w, _) in mixed.items() if w is not None},
+            )
             if config.correction == "bn":
-                t = steps.run("bias_correction", correct_bias, t.gm, prepared.gm, prepared.stats, moments)
+                t = steps.run(
+                    "bias_correction", correct_bias, t.gm, prepared.gm, prepared.stats, moments
+                )
             ranged_on_data = bool(config.calib or config.distill_range)
-            t = steps.run("activation_ranges", quantize_activations, t.gm, t.stats, qc, profile, moments,
-                          calib_data if ranged_on_data else None, config.range_percentile, into=result.activations)
+            t = steps.run(
+                "activation_ranges",
+                quantize_activations,
+                t.gm,
+                t.stats,
+                qc,
+                profile,
+                moments,
+                calib_data if ranged_on_data else None,
+                config.range_percentile,
+                {k: a for k, (_, a) in mixed.items() if a is not None},
+                steps.layers,
+                into=result.activations,
+            )
             if config.correction == "data":
-                t = steps.run("bias_correction", on_copy, correct_bias_empirical_, t.gm, t.stats, prepared.gm,
-                              calib_data)
+                t = steps.run(
+                    "bias_correction",
+                    on_copy,
+                    correct_bias_empirical_,
+                    t.gm,
+                    t.stats,
+                    prepared.gm,
+                    calib_data,
+                )
             t = steps.run("quantize_bias", on_copy, profile.quantize_biases_, t.gm, t.stats, qc)
-            t = steps.run("simulation", on_copy, lambda gm: {k: {"simulation": v} for k, v in
-                                                               profile.make_exact_(gm).items()}, t.gm, t.stats)
+            t = steps.run(
+                "simulation",
+                on_copy,
+                lambda gm: {k: {"simulation": v} for k, v in profile.make_exact_(gm).items()},
+                t.gm,
+                t.stats,
+            )
             result.model = t.gm
     steps.timings["total"] = round(time.perf_counter() - t_start, 4)
     return result

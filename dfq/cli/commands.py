@@ -1,5 +1,6 @@
 """The bodies of `dfq cls|seg|det`, `dfq export` and `dfq archs`: build library objects from
 the arguments (dfq.cli.options), call the library, print tables, return the JSON result."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from dfq import targets, tasks
 from dfq.cli import options
 from dfq.distributed import world
 from dfq.errors import DfqError
+from dfq.quant.mixed import check_layer_bits
 from dfq.quantization_data import pipeline_data
 from dfq.report import layer_table, markdown_table
 from dfq.seed import seed_everything
@@ -24,35 +26,76 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     task = tasks.get(args.command)
     backend = getattr(args, "backend", "torch")
     if backend != "torch" and args.target not in (None, backend):
-        raise DfqError(f"--backend {backend} runs the --target {backend} profile (got --target {args.target}).",
-                       f"drop --target or use --target {backend}")
+        raise DfqError(
+            f"--backend {backend} runs the --target {backend} profile (got --target {args.target}).",
+            f"drop --target or use --target {backend}",
+        )
     if backend != "torch":
         targets.profile(backend).check_runtime()
     seed_everything(args.seed)
     spec, inputs = options.model_spec(args, task), options.inputs_of(args, task)
-    cfg = options.pipeline_config(args, inputs, **({"quantize": True} if backend != "torch" else {}))
+    cfg = options.pipeline_config(
+        args, inputs, **({"quantize": True} if backend != "torch" else {})
+    )
     model, device = spec.load(), args.device
+    check_layer_bits(model, cfg.quant)
     progress = not args.quiet
     data = task.load(options.data_options(args, device), inputs, progress)
     print(f"dfq {task.name}: {spec.name} on {data.description}")
-    common = {"task": task.name, "arch": spec.name, "data": str(args.data), "device": str(device),
-              "processes": world()[1], **data.meta}
+    common = {
+        "task": task.name,
+        "arch": spec.name,
+        "data": str(args.data),
+        "device": str(device),
+        "processes": world()[1],
+        **data.meta,
+    }
     reference = None
     if args.compare or args.ablation:
         reference = task.evaluate(copy.deepcopy(model).to(device), data.batches, progress, "fp32")
-    calib, calib_info = pipeline_data(model, cfg, data.batches, options.data_spec(args, cfg), progress,
-                                      device=device)
+    calib, calib_info = pipeline_data(
+        model, cfg, data.batches, options.data_spec(args, cfg), progress, device=device
+    )
     common["quantization_data"] = calib_info
     if backend != "torch":
-        return _print_runtime(task, runtime_run(task, model, cfg, data, backend, calib, args.export_dir, spec.name,
-                                                reference, progress, device), common)
+        return _print_runtime(
+            task,
+            runtime_run(
+                task,
+                model,
+                cfg,
+                data,
+                backend,
+                calib,
+                args.export_dir,
+                spec.name,
+                reference,
+                progress,
+                device,
+            ),
+            common,
+        )
     if args.ablation:
         rows = ablation(task, model, cfg, data, reference, progress, calib, device)
-        print(f"\nW{args.bits_weight}A{args.bits_activation} ablation, quantization data: {calib_info['source']}\n"
-              f"{ablation_table(task, rows)}")
+        print(
+            f"\nW{args.bits_weight}A{args.bits_activation} ablation, quantization data: {calib_info['source']}\n"
+            f"{ablation_table(task, rows)}"
+        )
         return {"rows": rows, "n": data.n, **common}
-    res = {**run_one(task, model, cfg, data, reference, progress, "dfq" if cfg.quantize else "float", calib,
-                     device), **common}
+    res = {
+        **run_one(
+            task,
+            model,
+            cfg,
+            data,
+            reference,
+            progress,
+            "dfq" if cfg.quantize else "float",
+            calib,
+            device,
+        ),
+        **common,
+    }
     if getattr(args, "plot", None):
         from dfq.report import plot_weight_ranges
 
@@ -62,11 +105,22 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         print(layer_table(res["layers"]))
     if res["equalization"]:
         eq = res["equalization"]
-        print(f"equalization: {eq['pairs']} pairs; left alone: "
-              + ", ".join(f"{c} x {why}" for why, c in eq["left_alone"].items()))
-    keys = [*task.metrics, *("top5",) * (task.name == "cls"), "n", *(f"fp32_{k}" for k in task.metrics),
-            *(f"delta_{k}" for k in task.metrics), *task.table_columns]
-    print(markdown_table(["metric", "value"], [[k, res[k]] for k in dict.fromkeys(keys) if k in res]))
+        print(
+            f"equalization: {eq['pairs']} pairs; left alone: "
+            + ", ".join(f"{c} x {why}" for why, c in eq["left_alone"].items())
+        )
+    keys = [
+        *task.metrics,
+        *("top5",) * (task.name == "cls"),
+        "n",
+        *(f"fp32_{k}" for k in task.metrics),
+        *(f"delta_{k}" for k in task.metrics),
+        *task.table_columns,
+        "weight_bytes",
+    ]
+    print(
+        markdown_table(["metric", "value"], [[k, res[k]] for k in dict.fromkeys(keys) if k in res])
+    )
     print(f"pipeline: {res['timings']['total']} s, evaluation: {res['timings']['evaluate']} s")
     return res
 
@@ -78,7 +132,11 @@ def _print_runtime(task: Task, res: dict[str, Any], common: dict[str, Any]) -> d
         rows.insert(0, ["FP32", res[f"fp32_{metric}"]])
     print(f"--target {res['backend']}: {res['profile']}")
     print(markdown_table(["model", metric], rows))
-    diff = {k: v for k, v in res.items() if k in ("agreement_with_sim", "max_abs_logit_diff") or k.endswith("_vs_sim")}
+    diff = {
+        k: v
+        for k, v in res.items()
+        if k in ("agreement_with_sim", "max_abs_logit_diff") or k.endswith("_vs_sim")
+    }
     print(", ".join(f"{k}: {v}" for k, v in diff.items()) + f"; files in {res['export_dir']}")
     return {**res, **common}
 
@@ -90,14 +148,18 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
 
     profile = targets.by_format(args.format)
     if args.target not in (None, profile.name):
-        raise DfqError(f"--format {args.format} needs a model quantized with --target {profile.name} "
-                       f"(got {args.target}).", f"use --target {profile.name}")
+        raise DfqError(
+            f"--format {args.format} needs a model quantized with --target {profile.name} "
+            f"(got {args.target}).",
+            f"use --target {profile.name}",
+        )
     profile.check_runtime()
     seed_everything(args.seed)
     spec, inputs = options.model_spec(args), options.inputs_of(args)
     cfg = options.pipeline_config(args, inputs, quantize=True)
     cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, target=profile.name))
     model = spec.load()
+    check_layer_bits(model, cfg.quant)
     shape = options.export_shape(args, inputs)
     batches = None
     real = cfg.calib or cfg.true_data
@@ -105,10 +167,27 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         from dfq.tasks.base import DataOptions
         from dfq.tasks.classification import load
 
-        batches = load(DataOptions(args.data, limit=real, batch_size=real, resize=args.resize, crop=args.crop,
-                                   mean=cfg.input_mean, std=cfg.input_std), inputs).batches
-    calib, _ = pipeline_data(model, cfg, batches, options.data_spec(args, cfg), progress=True, input_shape=shape[1:],
-                             device=args.device)
+        batches = load(
+            DataOptions(
+                args.data,
+                limit=real,
+                batch_size=real,
+                resize=args.resize,
+                crop=args.crop,
+                mean=cfg.input_mean,
+                std=cfg.input_std,
+            ),
+            inputs,
+        ).batches
+    calib, _ = pipeline_data(
+        model,
+        cfg,
+        batches,
+        options.data_spec(args, cfg),
+        progress=True,
+        input_shape=shape[1:],
+        device=args.device,
+    )
     result = quantize_model(model, cfg, calib_data=calib)
     files = write(result, Path(args.output), shape)
     described = profile.describe(result.config.quant)

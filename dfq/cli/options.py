@@ -1,5 +1,6 @@
 """argparse Namespace -> library objects. The only place that reads the CLI's arguments;
 everything it builds (ModelSpec, DataOptions, PipelineConfig, DataSpec) is a plain library type."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import torch
 
 from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig
 from dfq.distill import DistillConfig
+from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, input_config
 from dfq.models.spec import ModelSpec
 from dfq.quantization_data import DataSpec
@@ -18,7 +20,9 @@ from dfq.tasks.base import DataOptions, Task
 def model_spec(args: argparse.Namespace, task: Task | None = None) -> ModelSpec:
     """--arch / --model / --weights / --num-classes; a task's default architecture if neither."""
     arch = args.arch or (task.default_arch if task is not None and not args.model else None)
-    return ModelSpec(arch=arch, builder=args.model, weights=args.weights, num_classes=args.num_classes)
+    return ModelSpec(
+        arch=arch, builder=args.model, weights=args.weights, num_classes=args.num_classes
+    )
 
 
 def inputs_of(args: argparse.Namespace, task: Task | None = None) -> InputConfig:
@@ -37,22 +41,56 @@ def data_options(args: argparse.Namespace, device: torch.device | None = None) -
     return DataOptions(**opt)
 
 
-def pipeline_config(args: argparse.Namespace, inputs: InputConfig | None = None, **overrides) -> PipelineConfig:
+def parse_layer_bits(specs: list[str]) -> tuple[tuple[str, int, int | None], ...]:
+    """--layer_bits PATTERN=W[,A] (repeatable) as QuantConfig.layer_bits."""
+    rules = []
+    for spec in specs:
+        pattern, sep, bits = spec.rpartition("=")
+        parts = bits.split(",")
+        if not sep or not pattern or len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+            raise DfqError(
+                f"--layer_bits '{spec}' is not PATTERN=W or PATTERN=W,A.",
+                "e.g. --layer_bits 'features.0.*=8' or --layer_bits 'classifier.1=8,8'",
+            )
+        rules.append((pattern, int(parts[0]), int(parts[1]) if len(parts) == 2 else None))
+    return tuple(rules)
+
+
+def pipeline_config(
+    args: argparse.Namespace, inputs: InputConfig | None = None, **overrides
+) -> PipelineConfig:
     """The switches as a PipelineConfig (it validates them: call before any slow work)."""
     inputs = inputs or inputs_of(args)
-    quant = QuantConfig(bits_weight=args.bits_weight, bits_activation=args.bits_activation,
-                        bits_bias=args.bits_bias, per_channel=args.per_channel,
-                        weight_symmetric=not args.asymmetric_weight,
-                        activation_symmetric=args.symmetric_activation,
-                        target=getattr(args, "target", None) or "generic",
-                        reduce_range=getattr(args, "reduce_range", None))
-    fields = dict(quantize=args.quantize, relu=args.relu, equalize=args.equalize, absorption=args.absorption,
-                  equalization=EqualizeConfig(activation_aware=args.equalize_activations,
-                                              residual_regions=args.equalize_residuals),
-                  correction=args.correction, clip_weight=args.clip_weight, quant=quant,
-                  range_std=args.range_std, calib=args.calib, distill_range=args.distill_range,
-                  true_data=args.true_data,
-                  input_mean=tuple(args.mean or inputs.mean), input_std=tuple(args.std or inputs.std))
+    quant = QuantConfig(
+        bits_weight=args.bits_weight,
+        bits_activation=args.bits_activation,
+        bits_bias=args.bits_bias,
+        per_channel=args.per_channel,
+        weight_symmetric=not args.asymmetric_weight,
+        activation_symmetric=args.symmetric_activation,
+        target=getattr(args, "target", None) or "generic",
+        reduce_range=getattr(args, "reduce_range", None),
+        keep_first_last=args.keep_first_last,
+        layer_bits=parse_layer_bits(args.layer_bits),
+    )
+    fields = dict(
+        quantize=args.quantize,
+        relu=args.relu,
+        equalize=args.equalize,
+        absorption=args.absorption,
+        equalization=EqualizeConfig(
+            activation_aware=args.equalize_activations, residual_regions=args.equalize_residuals
+        ),
+        correction=args.correction,
+        clip_weight=args.clip_weight,
+        quant=quant,
+        range_std=args.range_std,
+        calib=args.calib,
+        distill_range=args.distill_range,
+        true_data=args.true_data,
+        input_mean=tuple(args.mean or inputs.mean),
+        input_std=tuple(args.std or inputs.std),
+    )
     if args.range_percentile is not None:
         fields["range_percentile"] = args.range_percentile
     fields.update(overrides)
@@ -62,9 +100,16 @@ def pipeline_config(args: argparse.Namespace, inputs: InputConfig | None = None,
 def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
     """--dis_* / --save / --load as a DataSpec (distillation runs only if the config needs data)."""
     res = (args.dis_resolution,) * 2 if args.dis_resolution else None
-    dcfg = DistillConfig(batch_size=args.dis_batch_size, num_batches=args.dis_num_batch, resolution=res,
-                         iterations=args.dis_iterations, seconds=args.distill_seconds, seed=args.seed,
-                         mean=config.input_mean, std=config.input_std)
+    dcfg = DistillConfig(
+        batch_size=args.dis_batch_size,
+        num_batches=args.dis_num_batch,
+        resolution=res,
+        iterations=args.dis_iterations,
+        seconds=args.distill_seconds,
+        seed=args.seed,
+        mean=config.input_mean,
+        std=config.input_std,
+    )
     return DataSpec(distill=dcfg, load=args.load, save=args.save)
 
 

@@ -1,10 +1,12 @@
 """The `dfq` command's arguments: the original experiments' switches, one parser per command."""
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from dfq.config import CLIP_WEIGHT, RANGE_STD, TARGETS
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -17,67 +19,161 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline (the original switches)")
     g.add_argument("--quantize", action="store_true", help="fake-quantize weights and activations")
-    g.add_argument("--relu", action="store_true", help="replace ReLU6 by ReLU (changes the float model)")
+    g.add_argument(
+        "--relu", action="store_true", help="replace ReLU6 by ReLU (changes the float model)"
+    )
     g.add_argument("--equalize", action="store_true", help="cross-layer equalization")
-    g.add_argument("--equalize_activations", action="store_true",
-                   help="equalization also balances the activation between the layers (BN ranges)")
-    g.add_argument("--equalize_residuals", action="store_true",
-                   help="equalization also covers residual adds, concatenations (channel-sliced) and outputs "
-                        "read by several layers (shared scales per region)")
-    g.add_argument("--absorption", action=argparse.BooleanOptionalAction, default=None,
-                   help="high-bias absorption (default: on with --equalize)")
-    g.add_argument("--correction", nargs="?", const="bn", default=False, choices=["bn", "distill"],
-                   help="bias correction: bn = data-free (default), distill = empirical on the distilled "
-                        "(or --true_data) images")
-    g.add_argument("--clip_weight", type=float, nargs="?", const=CLIP_WEIGHT, default=None,
-                   help="clamp weights to [-V, V] (default V 15)")
+    g.add_argument(
+        "--equalize_activations",
+        action="store_true",
+        help="equalization also balances the activation between the layers (BN ranges)",
+    )
+    g.add_argument(
+        "--equalize_residuals",
+        action="store_true",
+        help="equalization also covers residual adds, concatenations (channel-sliced) and outputs "
+        "read by several layers (shared scales per region)",
+    )
+    g.add_argument(
+        "--absorption",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="high-bias absorption (default: on with --equalize)",
+    )
+    g.add_argument(
+        "--correction",
+        nargs="?",
+        const="bn",
+        default=False,
+        choices=["bn", "distill"],
+        help="bias correction: bn = data-free (default), distill = empirical on the distilled "
+        "(or --true_data) images",
+    )
+    g.add_argument(
+        "--clip_weight",
+        type=float,
+        nargs="?",
+        const=CLIP_WEIGHT,
+        default=None,
+        help="clamp weights to [-V, V] (default V 15)",
+    )
     g.add_argument("--bits_weight", type=int, default=8)
     g.add_argument("--bits_activation", type=int, default=8)
-    g.add_argument("--bits_bias", type=int, default=32, help="8 or 16 (own range) or 32 (at s_w*s_in)")
+    g.add_argument(
+        "--bits_bias", type=int, default=32, help="8 or 16 (own range) or 32 (at s_w*s_in)"
+    )
     g.add_argument("--per_channel", action="store_true", help="per-output-channel weight scales")
-    g.add_argument("--asymmetric_weight", action="store_true", help="asymmetric weight grid (uint8-style)")
-    g.add_argument("--symmetric_activation", action="store_true", help="symmetric activation grid (int8)")
+    g.add_argument(
+        "--keep_first_last",
+        type=int,
+        default=None,
+        metavar="BITS",
+        help="first and last conv/linear layers (weights and inputs) at BITS bits",
+    )
+    g.add_argument(
+        "--layer_bits",
+        action="append",
+        default=[],
+        metavar="PATTERN=W[,A]",
+        help="weight (and input-activation) bits of the layers whose module name matches "
+        "the fnmatch PATTERN, e.g. 'features.0.*=8' or 'classifier.1=8,8'; repeatable, "
+        "later ones win",
+    )
+    g.add_argument(
+        "--asymmetric_weight", action="store_true", help="asymmetric weight grid (uint8-style)"
+    )
+    g.add_argument(
+        "--symmetric_activation", action="store_true", help="symmetric activation grid (int8)"
+    )
     g.add_argument("--range_std", type=float, default=RANGE_STD, help="BN ranges: mean +- N std")
-    g.add_argument("--calib", type=int, default=0, metavar="N",
-                   help="activation ranges from N real images of --data (for comparison; not data-free)")
+    g.add_argument(
+        "--calib",
+        type=int,
+        default=0,
+        metavar="N",
+        help="activation ranges from N real images of --data (for comparison; not data-free)",
+    )
     d = p.add_argument_group("distilled data (ZeroQ)")
-    d.add_argument("--distill_range", action="store_true", help="activation ranges from distilled data")
-    d.add_argument("--range_percentile", type=float, default=None, metavar="P",
-                   help="data ranges at the P-th percentile instead of min/max (default: 99.99 for "
-                        "distilled images, min/max for real ones)")
-    d.add_argument("--true_data", type=int, default=0, metavar="N",
-                   help="use N real images of --data instead of distilled ones (for comparison)")
+    d.add_argument(
+        "--distill_range", action="store_true", help="activation ranges from distilled data"
+    )
+    d.add_argument(
+        "--range_percentile",
+        type=float,
+        default=None,
+        metavar="P",
+        help="data ranges at the P-th percentile instead of min/max (default: 99.99 for "
+        "distilled images, min/max for real ones)",
+    )
+    d.add_argument(
+        "--true_data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="use N real images of --data instead of distilled ones (for comparison)",
+    )
     d.add_argument("--dis_batch_size", type=int, default=64)
     d.add_argument("--dis_num_batch", type=int, default=8)
-    d.add_argument("--dis_resolution", type=int, default=None, help="distilled image side (default: the input's)")
+    d.add_argument(
+        "--dis_resolution",
+        type=int,
+        default=None,
+        help="distilled image side (default: the input's)",
+    )
     d.add_argument("--dis_iterations", type=int, default=500, help="maximum Adam steps per batch")
-    d.add_argument("--distill-seconds", type=float, default=240.0, help="time budget for all batches")
+    d.add_argument(
+        "--distill-seconds", type=float, default=240.0, help="time budget for all batches"
+    )
     d.add_argument("--save", type=Path, default=None, help="save the distilled images here")
-    d.add_argument("--load", type=Path, default=None, help="reuse distilled images saved with --save")
+    d.add_argument(
+        "--load", type=Path, default=None, help="reuse distilled images saved with --save"
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="image folder (class subfolders), .npz, or foolbox .whl")
+    g.add_argument(
+        "--data", required=True, help="image folder (class subfolders), .npz, or foolbox .whl"
+    )
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--mean", type=float, nargs=3, default=None)
     g.add_argument("--std", type=float, nargs=3, default=None)
-    g.add_argument("--resize", type=int, default=None, help="shorter side (0 = none; default 256, CIFAR 0)")
-    g.add_argument("--crop", type=int, default=None, help="center crop (0 = none; default 224, CIFAR 0)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding the images")
+    g.add_argument(
+        "--resize", type=int, default=None, help="shorter side (0 = none; default 256, CIFAR 0)"
+    )
+    g.add_argument(
+        "--crop", type=int, default=None, help="center crop (0 = none; default 224, CIFAR 0)"
+    )
+    g.add_argument(
+        "--workers", type=int, default=0, help="DataLoader worker processes decoding the images"
+    )
 
 
 def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
     g = p.add_argument_group("int8 runtime (dfq/targets, dfq/export)")
-    g.add_argument("--target", choices=list(TARGETS), default=None,
-                   help="runtime profile the simulation models (default: generic; the backend/format's own)")
-    g.add_argument("--reduce_range", action=argparse.BooleanOptionalAction, default=None,
-                   help="fewer weight bits where the runtime needs them (ort: 7; ncnn: 6 for 3x3 s1); default by CPU")
-    g.add_argument("--export-dir", default=None, help="where --backend writes its model (default: a temp dir)")
+    g.add_argument(
+        "--target",
+        choices=list(TARGETS),
+        default=None,
+        help="runtime profile the simulation models (default: generic; the backend/format's own)",
+    )
+    g.add_argument(
+        "--reduce_range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fewer weight bits where the runtime needs them (ort: 7; ncnn: 6 for 3x3 s1); default by CPU",
+    )
+    g.add_argument(
+        "--export-dir", default=None, help="where --backend writes its model (default: a temp dir)"
+    )
     if backend:
-        g.add_argument("--backend", choices=["torch", *TARGETS[1:]], default="torch",
-                       help="evaluate the simulation (torch) or the exported int8 model in onnxruntime/ncnn")
+        g.add_argument(
+            "--backend",
+            choices=["torch", *TARGETS[1:]],
+            default="torch",
+            help="evaluate the simulation (torch) or the exported int8 model in onnxruntime/ncnn",
+        )
 
 
 def _add_task_parser(sub, name: str, what: str) -> None:
@@ -86,28 +182,50 @@ def _add_task_parser(sub, name: str, what: str) -> None:
     _add_model_args(t)
     _add_pipeline_args(t)
     g = t.add_argument_group("data (PASCAL VOC)")
-    g.add_argument("--data", required=True, help="folder holding VOCdevkit/VOC<year> (or VOCdevkit itself)")
+    g.add_argument(
+        "--data", required=True, help="folder holding VOCdevkit/VOC<year> (or VOCdevkit itself)"
+    )
     g.add_argument("--year", default=None, help="VOC year (default: seg 2012, det 2007)")
-    g.add_argument("--split", default=None, help="image list in ImageSets (default: seg val, det test)")
-    g.add_argument("--size", type=int, default=None, help="seg: crop size (default 513); det: input side (300)")
+    g.add_argument(
+        "--split", default=None, help="image list in ImageSets (default: seg val, det test)"
+    )
+    g.add_argument(
+        "--size", type=int, default=None, help="seg: crop size (default 513); det: input side (300)"
+    )
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--mean", type=float, nargs=3, default=None, help="input normalisation (default: the task's)")
+    g.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        help="input normalisation (default: the task's)",
+    )
     g.add_argument("--std", type=float, nargs=3, default=None)
-    t.add_argument("--compare", action="store_true", help="also run FP32: fp32_<metric>, delta_<metric>")
-    t.add_argument("--ablation", action="store_true", help="evaluate the original experiment's rows")
+    t.add_argument(
+        "--compare", action="store_true", help="also run FP32: fp32_<metric>, delta_<metric>"
+    )
+    t.add_argument(
+        "--ablation", action="store_true", help="evaluate the original experiment's rows"
+    )
     t.add_argument("--json", type=Path, help="write the results here")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    t.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     _add_runtime_args(t, backend=True)
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]|mps",
-                   help="where models, data, distillation and the simulation run (auto: CUDA when available; "
-                        "under torchrun each process its own GPU); the pipeline's float transforms run on the CPU")
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]|mps",
+        help="where models, data, distillation and the simulation run (auto: CUDA when available; "
+        "under torchrun each process its own GPU); the pipeline's float transforms run on the CPU",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,21 +236,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_pipeline_args(c)
     _add_data_args(c)
-    c.add_argument("--compare", action="store_true", help="also run FP32: agreement, SQNR, fp32_top1")
-    c.add_argument("--ablation", action="store_true", help="evaluate the original experiment's rows")
+    c.add_argument(
+        "--compare", action="store_true", help="also run FP32: agreement, SQNR, fp32_top1"
+    )
+    c.add_argument(
+        "--ablation", action="store_true", help="evaluate the original experiment's rows"
+    )
     c.add_argument("--json", type=Path, help="write the results here")
-    c.add_argument("--plot", type=Path, default=None, metavar="DIR",
-                   help="write a PNG of the worst layer's per-channel weight ranges before/after equalization")
+    c.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a PNG of the worst layer's per-channel weight ranges before/after equalization",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    c.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     _add_runtime_args(c, backend=True)
     e = sub.add_parser("export", help="quantize and write an int8 model (ONNX QDQ or ncnn)")
     _add_model_args(e)
     _add_pipeline_args(e)
-    e.add_argument("--format", choices=["onnx", "ncnn"], required=True, help="onnx (onnxruntime QDQ) or ncnn")
-    e.add_argument("--output", "-o", required=True, help="file (.onnx) or path stem (ncnn: STEM.param/.bin/.table)")
-    e.add_argument("--input-size", type=int, default=None, help="square input side (default 224, CIFAR 32)")
+    e.add_argument(
+        "--format", choices=["onnx", "ncnn"], required=True, help="onnx (onnxruntime QDQ) or ncnn"
+    )
+    e.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="file (.onnx) or path stem (ncnn: STEM.param/.bin/.table)",
+    )
+    e.add_argument(
+        "--input-size", type=int, default=None, help="square input side (default 224, CIFAR 32)"
+    )
     e.add_argument("--data", default=None, help="images for --calib only")
     for name in ("--mean", "--std"):
         e.add_argument(name, type=float, nargs=3, default=None)
@@ -140,9 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--crop", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", type=Path, help="write what was exported here")
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    e.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     _add_runtime_args(e, backend=False)
-    for name, what in (("seg", "DeepLab-v3+ on VOC segmentation (mIoU)"), ("det", "SSD-Lite on VOC detection (mAP)")):
+    for name, what in (
+        ("seg", "DeepLab-v3+ on VOC segmentation (mIoU)"),
+        ("det", "SSD-Lite on VOC detection (mAP)"),
+    ):
         _add_task_parser(sub, name, what)
     for command in (c, e, *(sub.choices[name] for name in ("seg", "det"))):
         _add_device_arg(command)

@@ -5,6 +5,7 @@ it on the task's images and pairs it with FP32 on the same images; an ablation i
 paper's rows; a runtime run exports the model for an int8 runtime and scores the real runtime
 beside its simulation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ from torch import nn
 from dfq.config import CLIP_WEIGHT, PipelineConfig
 from dfq.distributed import check_identical, world
 from dfq.pipeline import quantize_model
+from dfq.quant.mixed import weight_size
 from dfq.quantization_data import pipeline_data
 from dfq.tasks.base import EvalData, Score, Task
 
@@ -31,7 +33,9 @@ ABLATION = [  # the rows of the DFQ paper's ablation, each quantized
     ("+BC+clip_15", {"correction": True, "clip_weight": CLIP_WEIGHT}),
     ("+ReLU+LE+BC", {"relu": True, "equalize": True, "correction": True}),
 ]
-ABLATION_BASE = dict(quantize=True, relu=False, equalize=False, absorption=None, correction=False, clip_weight=None)
+ABLATION_BASE = dict(
+    quantize=True, relu=False, equalize=False, absorption=None, correction=False, clip_weight=None
+)
 
 
 def equalization_summary(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -41,9 +45,17 @@ def equalization_summary(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"pairs": len(paired), "left_alone": dict(notes.most_common())}
 
 
-def run_one(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData, reference: Score | None = None,
-            progress: bool = True, label: str = "dfq", calib_data: list[torch.Tensor] | None = None,
-            device: torch.device | None = None) -> dict[str, Any]:
+def run_one(
+    task: Task,
+    model: nn.Module,
+    config: PipelineConfig,
+    data: EvalData,
+    reference: Score | None = None,
+    progress: bool = True,
+    label: str = "dfq",
+    calib_data: list[torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Quantize per `config` (with `calib_data` if it needs any), score it on `data`, pair it
     with `reference` (FP32). The pipeline runs on the CPU (where its float transforms are exact
     and deterministic); the fake-quant model is evaluated on `device`."""
@@ -53,19 +65,32 @@ def run_one(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData
     check_identical(result.model, "the quantized model")
     t = time.perf_counter()
     score = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, label)
-    out = {"name": label, **score.summary(), "config": config.to_dict(), "layers": result.layers,
-           "activations": result.activations,
-           "equalization": equalization_summary(result.layers) if config.equalize else None,
-           "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)}}
+    out = {
+        "name": label,
+        **score.summary(),
+        "config": config.to_dict(),
+        "layers": result.layers,
+        "activations": result.activations,
+        "equalization": equalization_summary(result.layers) if config.equalize else None,
+        **(weight_size(result.layers) if config.quantize else {}),
+        "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)},
+    }
     if reference is not None:
         out.update(score.compare(reference))
         out.update(score.deltas(reference))
     return out
 
 
-def ablation(task: Task, model: nn.Module, base: PipelineConfig, data: EvalData, reference: Score,
-             progress: bool = True, calib_data: list[torch.Tensor] | None = None,
-             device: torch.device | None = None) -> list[dict[str, Any]]:
+def ablation(
+    task: Task,
+    model: nn.Module,
+    base: PipelineConfig,
+    data: EvalData,
+    reference: Score,
+    progress: bool = True,
+    calib_data: list[torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> list[dict[str, Any]]:
     """FP32 and the ablation rows, each with its differences to FP32."""
     rows = [{"name": "FP32", **reference.summary(), **reference.deltas(reference)}]
     for name, overrides in ABLATION:
@@ -81,22 +106,42 @@ def ablation_table(task: Task, rows: list[dict[str, Any]]) -> str:
     for k in task.metrics:
         headers += [k, f"Δ{k} vs FP32"]
     headers += [*task.table_columns, "pipeline s"]
-    return markdown_table(headers, [
-        [r["name"], *[v for k in task.metrics for v in (r[k], r.get(f"delta_{k}"))],
-         *[r.get(k) for k in task.table_columns], r.get("timings", {}).get("total")] for r in rows])
+    return markdown_table(
+        headers,
+        [
+            [
+                r["name"],
+                *[v for k in task.metrics for v in (r[k], r.get(f"delta_{k}"))],
+                *[r.get(k) for k in task.table_columns],
+                r.get("timings", {}).get("total"),
+            ]
+            for r in rows
+        ],
+    )
 
 
-def runtime_run(task: Task, model: nn.Module, config: PipelineConfig, data: EvalData, backend: str,
-                calib_data: list[torch.Tensor] | None = None, export_dir: str | Path | None = None,
-                name: str = "model", reference: Score | None = None, progress: bool = True,
-                device: torch.device | None = None) -> dict[str, Any]:
+def runtime_run(
+    task: Task,
+    model: nn.Module,
+    config: PipelineConfig,
+    data: EvalData,
+    backend: str,
+    calib_data: list[torch.Tensor] | None = None,
+    export_dir: str | Path | None = None,
+    name: str = "model",
+    reference: Score | None = None,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Quantize with `backend`'s runtime profile, export, and score the real int8 runtime (on
     the CPU) beside its simulation (on `device`) on the same images."""
     from dfq import export, targets
 
     profile = targets.profile(backend)
     profile.check_runtime()
-    config = dataclasses.replace(config, quantize=True, quant=dataclasses.replace(config.quant, target=backend))
+    config = dataclasses.replace(
+        config, quantize=True, quant=dataclasses.replace(config.quant, target=backend)
+    )
     result = quantize_model(model, config, calib_data=calib_data)
     check_identical(result.model, "the quantized model")
     out_dir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="dfq_export_"))
@@ -109,9 +154,16 @@ def runtime_run(task: Task, model: nn.Module, config: PipelineConfig, data: Eval
     runner = export.runner(profile, files, torch.get_num_threads(), opt_path)
     sim = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, "simulation")
     real = task.evaluate(runner, data.batches, progress, backend)
-    res = {"name": f"{backend} int8", "backend": backend, **real.summary(), **real.against_simulation(sim),
-           "profile": profile.describe(result.config.quant), "config": result.config.to_dict(), "files": files,
-           "export_dir": str(out_dir)}
+    res = {
+        "name": f"{backend} int8",
+        "backend": backend,
+        **real.summary(),
+        **real.against_simulation(sim),
+        "profile": profile.describe(result.config.quant),
+        "config": result.config.to_dict(),
+        "files": files,
+        "export_dir": str(out_dir),
+    }
     if opt_path is not None:
         from dfq.runners import integer_ops
 
