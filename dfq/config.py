@@ -99,6 +99,42 @@ class EqualizeConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructConfig:
+    """Post-training reconstruction (dfq.reconstruct): per block, `iterations` Adam steps on
+    batches of `batch_size` images decide the result; `seconds` (all blocks together) is only
+    a cap, which warns when it cuts. AdaRound's soft rounding (`round_lr`, regulariser weight
+    `round_weight`, beta annealed `beta` over the steps after `warmup`) and LSQ activation step
+    sizes (`scale_lr`, on log scale). `fp_input_mix`: the share of input elements taken from the
+    FP32 model instead of the quantized one (QDrop); `images`: at most this many images."""
+
+    iterations: int = 200
+    batch_size: int = 32
+    seconds: float | None = None
+    round_lr: float = 1e-2
+    round_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    scale_lr: float = 1e-3
+    learn_rounding: bool = True
+    learn_scales: bool = True
+    fp_input_mix: float = 0.0
+    images: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta", tuple(float(b) for b in self.beta))
+        if self.iterations < 0 or self.batch_size < 1:
+            raise DfqError(
+                f"--reconstruct-iters {self.iterations} / batch size {self.batch_size}: "
+                "iterations must be >= 0 and the batch size >= 1."
+            )
+        if self.seconds is not None and not self.seconds > 0:
+            raise DfqError(f"--reconstruct-seconds {self.seconds} must be positive.")
+        if not 0 <= self.fp_input_mix <= 1 or not 0 <= self.warmup < 1:
+            raise DfqError("reconstruction: fp_input_mix must be in [0, 1] and warmup in [0, 1).")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The DFQ pipeline, with the original experiments' switches as field names."""
 
@@ -120,6 +156,9 @@ class PipelineConfig:
     # data ranges at this percentile instead of min/max (None); "auto": DISTILLED_PERCENTILE for
     # distilled images, min/max for real ones
     range_percentile: float | None | str = AUTO
+    # learn weight rounding and activation step sizes block by block on the data (dfq.reconstruct)
+    reconstruct: bool = False
+    reconstruction: ReconstructConfig = field(default_factory=ReconstructConfig)
     input_mean: tuple[float, ...] = IMAGENET_MEAN
     input_std: tuple[float, ...] = IMAGENET_STD
 
@@ -163,7 +202,12 @@ class PipelineConfig:
     @property
     def needs_data(self) -> bool:
         """Whether the pipeline must be given input batches (distilled or real)."""
-        return bool(self.calib or self.distill_range or self.correction == "data")
+        return bool(
+            self.calib
+            or self.distill_range
+            or self.correction == "data"
+            or (self.reconstruct and self.quantize)
+        )
 
     @property
     def absorb(self) -> bool:
@@ -177,6 +221,7 @@ class PipelineConfig:
         d = dict(d)
         d["quant"] = QuantConfig(**d.get("quant", {}))
         d["equalization"] = EqualizeConfig(**d.get("equalization", {}))
+        d["reconstruction"] = ReconstructConfig(**d.get("reconstruction", {}))
         for k in ("input_mean", "input_std"):
             if k in d:
                 d[k] = tuple(d[k])

@@ -31,6 +31,7 @@ from dfq.quant.activations import (
 )
 from dfq.quant.mixed import layer_bits, set_input_bits_
 from dfq.quant.weights import quantize_weights
+from dfq.reconstruct import reconstruct
 from dfq.stats import Stats
 from dfq.targets.base import Profile
 from dfq.transforms import Transformed
@@ -54,14 +55,15 @@ class QuantizationResult:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     activations: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    reconstruction: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block
 
 
 @contextlib.contextmanager
-def single_threaded():
+def single_threaded(n_threads: int = 1):
     """The transforms are thousands of tiny tensor ops: extra threads only add overhead
     (and stall badly when the cores are shared). Restores the caller's setting."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n_threads)
     try:
         yield
     finally:
@@ -160,15 +162,18 @@ def quantize_model(
     model: nn.Module,
     config: PipelineConfig = PipelineConfig(),
     calib_data: Iterable[torch.Tensor] | None = None,
+    progress: bool = False,
 ) -> QuantizationResult:
     """Run the DFQ pipeline on a copy of `model`.
 
     `calib_data` (input batches, distilled or real) is needed only when config.needs_data:
-    data-driven activation ranges (calib, distill_range) or empirical bias correction.
+    data-driven activation ranges (calib, distill_range), empirical bias correction or
+    reconstruction (whose progress bars `progress` shows).
     """
     if config.needs_data and calib_data is None:
         raise ValueError(
-            "this config uses data (calib / distill_range / correction='data'): pass calib_data"
+            "this config uses data (calib / distill_range / correction='data' / reconstruct): "
+            "pass calib_data"
         )
     profile = targets.profile(config.quant.target)
     # the runtime profile becomes concrete grids; result.config records them
@@ -176,6 +181,7 @@ def quantize_model(
     qc = config.quant
     steps = _Steps({}, {})
     t_start = time.perf_counter()
+    n_threads = torch.get_num_threads()
     with single_threaded():
         prepared = prepare(model, config, steps)
         result = QuantizationResult(
@@ -228,6 +234,19 @@ def quantize_model(
                     prepared.gm,
                     calib_data,
                 )
+            if config.reconstruct:
+                with single_threaded(n_threads):  # big convolutions: the caller's threads
+                    t = steps.run(
+                        "reconstruct",
+                        reconstruct,
+                        t.gm,
+                        t.stats,
+                        prepared.gm,
+                        calib_data,
+                        config.reconstruction,
+                        progress,
+                        into=result.reconstruction,
+                    )
             t = steps.run("quantize_bias", on_copy, profile.quantize_biases_, t.gm, t.stats, qc)
             t = steps.run(
                 "simulation",

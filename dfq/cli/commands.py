@@ -109,6 +109,14 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
             f"equalization: {eq['pairs']} pairs; left alone: "
             + ", ".join(f"{c} x {why}" for why, c in eq["left_alone"].items())
         )
+    if res.get("reconstruction"):
+        blocks = res["reconstruction"]
+        print(
+            f"reconstruction: {len(blocks)} blocks, "
+            f"{sum(b['learned'] for b in blocks.values())} improved on round-to-nearest; "
+            "output MSE per block: "
+            + ", ".join(f"{k} {b['mse_before']:.3g}->{b['mse_after']:.3g}" for k, b in blocks.items())
+        )
     keys = [
         *task.metrics,
         *("top5",) * (task.name == "cls"),
@@ -188,7 +196,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         input_shape=shape[1:],
         device=args.device,
     )
-    result = quantize_model(model, cfg, calib_data=calib)
+    result = quantize_model(model, cfg, calib_data=calib, progress=True)
     files = write(result, Path(args.output), shape)
     described = profile.describe(result.config.quant)
     print(f"dfq: exported {spec.name} ({described})")

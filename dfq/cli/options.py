@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig
+from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructConfig
 from dfq.distill import DistillConfig
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, input_config
@@ -90,6 +90,16 @@ def pipeline_config(
         true_data=args.true_data,
         input_mean=tuple(args.mean or inputs.mean),
         input_std=tuple(args.std or inputs.std),
+    )
+    rec = {
+        "iterations": getattr(args, "reconstruct_iters", None),
+        "seconds": getattr(args, "reconstruct_seconds", None),
+        "batch_size": getattr(args, "reconstruct_batch", None),
+        "fp_input_mix": getattr(args, "reconstruct_fp_mix", None),
+    }
+    fields["reconstruct"] = getattr(args, "reconstruct", False)
+    fields["reconstruction"] = ReconstructConfig(
+        seed=getattr(args, "seed", 0), **{k: v for k, v in rec.items() if v is not None}
     )
     if args.range_percentile is not None:
         fields["range_percentile"] = args.range_percentile

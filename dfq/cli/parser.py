@@ -93,6 +93,32 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="activation ranges from N real images of --data (for comparison; not data-free)",
     )
+    r = p.add_argument_group("reconstruction (learned rounding and step sizes, on the data)")
+    r.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="learn weight rounding (AdaRound) and activation step sizes (LSQ) block by block "
+        "against FP32 on distilled (or --true_data) images",
+    )
+    r.add_argument(
+        "--reconstruct-iters", type=int, default=None, help="Adam steps per block (default 200)"
+    )
+    r.add_argument(
+        "--reconstruct-seconds",
+        type=float,
+        default=None,
+        help="time cap for all blocks (it warns when it cuts; default none)",
+    )
+    r.add_argument(
+        "--reconstruct-batch", type=int, default=None, help="images per step (default 32)"
+    )
+    r.add_argument(
+        "--reconstruct-fp-mix",
+        type=float,
+        default=None,
+        help="share of block-input elements taken from FP32 instead of the quantized model "
+        "(QDrop; default 0)",
+    )
     d = p.add_argument_group("distilled data (ZeroQ)")
     d.add_argument(
         "--distill_range", action="store_true", help="activation ranges from distilled data"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.quant.primitives import Grid, ROUNDING, dequantize, quantize
+from dfq.quant.primitives import ROUNDING, Grid, dequantize, fake_quantize_ste, quantize
 
 
 QUANTIZE, OBSERVE, FLOAT = "quantize", "observe", "float"
@@ -36,6 +36,8 @@ class ActQuant(nn.Module):
         self.register_buffer("observed_min", torch.tensor(float("inf")))
         self.register_buffer("observed_max", torch.tensor(float("-inf")))
         self.mode = QUANTIZE
+        # set by dfq.reconstruct while it learns `scale`: gradients then reach the scale (LSQ)
+        self.learn_scale = False
 
     @property
     def mode(self) -> str:
@@ -61,6 +63,8 @@ class ActQuant(nn.Module):
                 self.observed_min.copy_(torch.minimum(self.observed_min, x.detach().min()))
                 self.observed_max.copy_(torch.maximum(self.observed_max, x.detach().max()))
             return x
+        if self.learn_scale:
+            return fake_quantize_ste(x, self.scale, self.zero_point, self.grid)
         if self.reciprocal:
             q = ROUNDING[self.rounding](x * self.inv_scale().to(x.dtype)) + self.zero_point
             return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale

@@ -88,6 +88,14 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: 
     return dequantize(quantize(x, scale, zp, grid, axis, rounding), scale, zp, axis, x.dtype)
 
 
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Per-tensor fake quantization differentiable in x and in `scale` (LSQ, Esser et al. 2020):
+    rounding passes the gradient straight through, clamping stops it."""
+    v = x / scale
+    q = (torch.round(v) - v).detach() + v + zp
+    return (q.clamp(grid.qmin, grid.qmax) - zp) * scale
+
+
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of y against x, in dB."""
     x, y = x.detach().double(), y.detach().double()

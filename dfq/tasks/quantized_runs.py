@@ -61,7 +61,7 @@ def run_one(
     and deterministic); the fake-quant model is evaluated on `device`."""
     if calib_data is None and config.needs_data:
         calib_data, _ = pipeline_data(model, config, data.batches, progress=progress, device=device)
-    result = quantize_model(model, config, calib_data=calib_data)
+    result = quantize_model(model, config, calib_data=calib_data, progress=progress)
     check_identical(result.model, "the quantized model")
     t = time.perf_counter()
     score = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, label)
@@ -73,6 +73,7 @@ def run_one(
         "activations": result.activations,
         "equalization": equalization_summary(result.layers) if config.equalize else None,
         **(weight_size(result.layers) if config.quantize else {}),
+        **({"reconstruction": result.reconstruction} if result.reconstruction else {}),
         "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)},
     }
     if reference is not None:
@@ -142,7 +143,7 @@ def runtime_run(
     config = dataclasses.replace(
         config, quantize=True, quant=dataclasses.replace(config.quant, target=backend)
     )
-    result = quantize_model(model, config, calib_data=calib_data)
+    result = quantize_model(model, config, calib_data=calib_data, progress=progress)
     check_identical(result.model, "the quantized model")
     out_dir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="dfq_export_"))
     rank, size = world()

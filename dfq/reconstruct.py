@@ -1,0 +1,323 @@
+"""Post-training reconstruction: learned weight rounding (AdaRound) and activation step sizes
+(LSQ), block by block, on a few (distilled) images.
+
+Below 8 bits, rounding each weight to nearest is far from the best integer grid point for the
+layer's *output*, and BN-derived activation ranges are guesses. Both are fixed here by
+minimising each block's output error against the FP32 model, as AdaRound (Nagel et al. 2020)
+and BRECQ (Li et al. 2021) do with real data:
+
+- A block is what the graph says: the nodes between two quantized tensors that are each the only
+  value alive (a residual block is one, since its input stays alive until the add), grouped by the
+  module that owns the layers (`features.3`, `layer1.0`), else single layers.
+- Each weight is floor(w/s) + h(V), h = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), with a
+  regulariser that pushes h to 0 or 1 while its exponent beta anneals from 20 to 2; at the end
+  h is rounded to 0/1, so every weight is still `scale * (int - zero_point)` on its grid.
+- Each activation quantizer in the block learns log(scale) with straight-through rounding.
+- Inputs come from the already-reconstructed quantized model (errors of earlier blocks are
+  seen and compensated), optionally mixed with FP32 inputs element-wise (QDrop's idea).
+- A block whose error does not decrease keeps its round-to-nearest weights and scales.
+
+The number of iterations decides the result (seeded batch order and masks); the time budget is
+only a cap, and it warns loudly when it cuts.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import fx
+from torch.func import functional_call
+
+from dfq.config import ReconstructConfig
+from dfq.errors import DfqError
+from dfq.quant.activations import snap_clips_to_grid_
+from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.quant.primitives import dequantize
+from dfq.stats import Stats
+from dfq.transforms import Transformed
+
+log = logging.getLogger("dfq")
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
+_CHUNK = 64  # images per forward pass outside the optimisation
+
+
+@dataclass
+class Block:
+    """A contiguous run of graph nodes with one input tensor and one output tensor."""
+
+    name: str
+    nodes: list[fx.Node]
+    input: fx.Node
+    output: fx.Node
+    layers: list[str]
+
+
+def _is(gm: fx.GraphModule, node: fx.Node, kind: type) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), kind)
+
+
+def _owner(name: str) -> str:
+    """The module a layer belongs to, for grouping: `features.3.conv.0.0` -> `features.3`."""
+    return ".".join(name.split(".")[:2])
+
+
+def find_blocks(gm: fx.GraphModule) -> list[Block]:
+    """The reconstruction blocks of `gm` in topological order (every node in exactly one)."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
+    if sum(n.op == "placeholder" for n in nodes) != 1:
+        raise DfqError("--reconstruct supports models with one input tensor.")
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    if not isinstance(out_node.args[0], fx.Node):
+        raise DfqError("--reconstruct supports models with one output tensor.")
+    pos = {n: i for i, n in enumerate(nodes)}
+    end = len(nodes)
+    last = {n: max((pos.get(u, end) for u in n.users), default=pos[n]) for n in nodes}
+    # cuts: after a quantizer whose output is the only value alive (a block ends on a quantized
+    # tensor, so its error is measured where the next layer reads it, after the activation)
+    units: list[tuple[list[fx.Node], fx.Node, fx.Node]] = []
+    alive: set[fx.Node] = set()
+    start, start_value = 1, nodes[0]
+    for i, n in enumerate(nodes):
+        alive.add(n)
+        alive = {a for a in alive if last[a] > i}
+        if len(alive) == 1 and i >= start and _is(gm, next(iter(alive)), ActQuant):
+            (value,) = alive
+            units.append((nodes[start : i + 1], start_value, value))
+            start, start_value = i + 1, value
+    if start < end:
+        units.append((nodes[start:], start_value, out_node.args[0]))
+
+    def layers_of(ns):
+        return [n.target for n in ns if _is(gm, n, QuantizedLayer)]
+
+    # weightless units join the next unit (the last ones the previous), then group by owner
+    merged: list[list] = []
+    pending: list[tuple] = []
+    for unit in units:
+        pending.append(unit)
+        if layers_of(unit[0]):
+            merged.append(pending)
+            pending = []
+    if pending:
+        if not merged:
+            raise DfqError("--reconstruct found no quantized conv/linear layer in the model.")
+        merged[-1].extend(pending)
+    groups: list[list] = []
+    for group in merged:
+        first = layers_of([n for unit in group for n in unit[0]])[0]
+        if groups and _owner(layers_of([n for u in groups[-1] for n in u[0]])[-1]) == _owner(first):
+            groups[-1].extend(group)
+        else:
+            groups.append(list(group))
+    blocks = []
+    for group in groups:
+        ns = [n for unit in group for n in unit[0]]
+        layers = layers_of(ns)
+        name = _owner(layers[0]) if len({_owner(x) for x in layers}) == 1 else layers[0]
+        blocks.append(Block(name, ns, group[0][1], group[-1][2], layers))
+    return blocks
+
+
+def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], inp: fx.Node, out: fx.Node) -> fx.GraphModule:
+    """A GraphModule computing `out` from `inp` through `nodes` (sharing gm's modules)."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {inp: g.placeholder("x")}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if a.op != "get_attr":
+                raise DfqError(f"reconstruction block reads {a.name} from outside the block.")
+            env[a] = g.node_copy(a, arg)
+        return env[a]
+
+    for n in nodes:
+        if n is not inp and n.op != "placeholder":
+            env[n] = g.node_copy(n, arg)
+    g.output(env[out])
+    return fx.GraphModule(gm, g)
+
+
+def _float_block(gm_q: fx.GraphModule, gm_f: fx.GraphModule, block: Block) -> fx.GraphModule:
+    """The FP32 model's counterpart of a quantized block: the same nodes without quantizers."""
+    by_name = {n.name: n for n in gm_f.graph.nodes}
+
+    def counterpart(n: fx.Node) -> fx.Node:
+        while _is(gm_q, n, ActQuant):
+            n = n.args[0]
+        return by_name[n.name]
+
+    nodes = [by_name[n.name] for n in block.nodes if not _is(gm_q, n, ActQuant)]
+    return _subgraph(gm_f, nodes, counterpart(block.input), counterpart(block.output))
+
+
+def _run(module: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([module(c) for c in x.split(_CHUNK)])
+
+
+def _mse(module: fx.GraphModule, x: torch.Tensor, target: torch.Tensor) -> float:
+    with torch.no_grad():
+        total = sum(float((module(c) - t).double().pow(2).sum())
+                    for c, t in zip(x.split(_CHUNK), target.split(_CHUNK)))
+    return total / target.numel()
+
+
+def _h(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+class _Rounding:
+    """AdaRound's variables for one quantized layer, from the FP32 weight it approximates."""
+
+    def __init__(self, layer: QuantizedLayer, w_float: torch.Tensor):
+        self.layer = layer
+        shape = [-1] + [1] * (w_float.dim() - 1)
+        axis = layer.weight_axis
+        self.scale = layer.weight_scale.reshape(shape) if axis is not None else layer.weight_scale
+        self.zp = layer.weight_zero_point.reshape(shape) if axis is not None else layer.weight_zero_point
+        v = w_float.double() / self.scale.double()
+        self.floor = torch.floor(v).to(w_float.dtype)
+        rest = (v - torch.floor(v)).clamp(1e-4, 1 - 1e-4)  # h(V) starts at the fraction
+        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).to(w_float.dtype).requires_grad_(True)
+
+    def weight(self, hard: bool = False) -> torch.Tensor:
+        h = (self.v >= 0).to(self.floor.dtype) if hard else _h(self.v)  # h(V) >= 0.5 <=> V >= 0
+        g = self.layer.weight_grid
+        q = torch.clamp(self.floor + h + self.zp, g.qmin, g.qmax) - self.zp
+        return q * self.scale
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
+
+    def commit_(self) -> None:
+        """Hard 0/1 decisions, written as the layer's weights (exactly on its integer grid)."""
+        with torch.no_grad():
+            h = (self.v >= 0).to(torch.int64)
+            g = self.layer.weight_grid
+            q = torch.clamp(self.floor.to(torch.int64) + h + self.zp.to(torch.int64), g.qmin, g.qmax)
+            self.layer.weight.copy_(dequantize(q, self.layer.weight_scale, self.layer.weight_zero_point,
+                                               self.layer.weight_axis, self.layer.weight.dtype))
+
+
+def _stack(batches: Iterable[torch.Tensor], limit: int | None) -> torch.Tensor:
+    x = torch.cat([b.detach().float().cpu() for b in batches])
+    return x[:limit] if limit else x
+
+
+def reconstruct(gm_q: fx.GraphModule, stats: Stats, gm_f: fx.GraphModule,
+                data: Iterable[torch.Tensor], config: ReconstructConfig = ReconstructConfig(),
+                progress: bool = False) -> Transformed:
+    """A copy of the fake-quant `gm_q` whose weight rounding and activation step sizes are
+    learned block by block to reproduce `gm_f` (its FP32 model, same node names) on `data`.
+    Info: per block, its layers, the output MSE before and after, iterations and seconds."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    gm_q = copy.deepcopy(gm_q)
+    gm_f = copy.deepcopy(gm_f).eval()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    x_f = _stack(data, config.images)
+    x_q = x_f
+    n = len(x_f)
+    bs = min(config.batch_size, n)
+    blocks = find_blocks(gm_q)
+    info: dict[str, dict] = {}
+    t_start = time.perf_counter()
+    cut_blocks = []
+    for bi, block in enumerate(blocks):
+        t_block = time.perf_counter()
+        q_block, f_block = _subgraph(gm_q, block.nodes, block.input, block.output), _float_block(gm_q, gm_f, block)
+        target = _run(f_block, x_f)
+        before = _mse(q_block, x_q, target)
+        layers = [gm_q.get_submodule(name) for name in block.layers]
+        roundings = [_Rounding(m, gm_f.get_submodule(name).weight.detach())
+                     for name, m in zip(block.layers, layers)] if config.learn_rounding else []
+        quantizers = {n.target: gm_q.get_submodule(n.target) for n in block.nodes
+                      if _is(gm_q, n, ActQuant) and gm_q.get_submodule(n.target).quantizing}
+        if not config.learn_scales:
+            quantizers = {}
+        saved = ([m.weight.detach().clone() for m in layers],
+                 {k: aq.scale.detach().clone() for k, aq in quantizers.items()})
+        log_scales = {k: aq.scale.detach().log().requires_grad_(True) for k, aq in quantizers.items()}
+        params = []
+        if roundings:
+            params.append({"params": [r.v for r in roundings], "lr": config.round_lr})
+        if log_scales:
+            params.append({"params": list(log_scales.values()), "lr": config.scale_lr})
+        its, cut = 0, False
+        if params and config.iterations:
+            opt = torch.optim.Adam(params)
+            for aq in quantizers.values():
+                aq.learn_scale = True
+            warm = int(config.warmup * config.iterations)
+            b0, b1 = config.beta
+            bar = tqdm(total=config.iterations, desc=f"reconstruct {block.name}", disable=not progress,
+                       leave=False)
+            try:
+                for it in range(config.iterations):
+                    if config.seconds is not None and time.perf_counter() - t_start > config.seconds:
+                        cut = True
+                        break
+                    idx = torch.randint(0, n, (bs,), generator=gen)
+                    xb = x_q[idx]
+                    if config.fp_input_mix > 0:
+                        mask = torch.rand(xb.shape, generator=gen) < config.fp_input_mix
+                        xb = torch.where(mask, x_f[idx], xb)
+                    over = {f"{name}.weight": r.weight() for name, r in zip(block.layers, roundings)}
+                    over.update({f"{k}.scale": s.exp() for k, s in log_scales.items()})
+                    out = functional_call(q_block, over, (xb,))
+                    rec = (out - target[idx]).pow(2).sum(1).mean()  # BRECQ's reconstruction loss
+                    loss = rec
+                    if roundings and it >= warm:
+                        rel = (it - warm) / max(1, config.iterations - warm)
+                        beta = b1 + (b0 - b1) * (1 - rel)
+                        loss = rec + config.round_weight * sum(r.regulariser(beta) for r in roundings)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    its += 1
+                    bar.update(1)
+                    if it % 10 == 0:
+                        bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
+            finally:
+                bar.close()
+                for aq in quantizers.values():
+                    aq.learn_scale = False
+            for r in roundings:
+                r.commit_()
+            with torch.no_grad():
+                for k, aq in quantizers.items():
+                    aq.scale.copy_(log_scales[k].exp())
+        after = _mse(q_block, x_q, target)
+        kept = after <= before or not math.isfinite(before)
+        if not kept:  # no better than round to nearest: keep that
+            with torch.no_grad():
+                for m, w in zip(layers, saved[0]):
+                    m.weight.copy_(w)
+                for k, s in saved[1].items():
+                    quantizers[k].scale.copy_(s)
+            after = _mse(q_block, x_q, target)
+        if cut:
+            cut_blocks.append(block.name)
+        x_q, x_f = _run(q_block, x_q), target
+        info[block.name] = {"layers": block.layers, "mse_before": before, "mse_after": after,
+                            "learned": kept and its > 0, "iterations": its, "cut_by_time": cut,
+                            "seconds": round(time.perf_counter() - t_block, 2)}
+        if progress:
+            log.info("reconstruct %s (%d/%d): MSE %.4g -> %.4g%s", block.name, bi + 1, len(blocks),
+                     before, after, "" if kept else " (kept round-to-nearest)")
+    if cut_blocks:
+        msg = (f"--reconstruct-seconds {config.seconds} cut the reconstruction of {len(cut_blocks)} of "
+               f"{len(blocks)} blocks ({', '.join(cut_blocks[:5])}{', ...' if len(cut_blocks) > 5 else ''}): "
+               "the result depends on the machine's speed; raise the budget or lower --reconstruct-iters")
+        warnings.warn(msg, stacklevel=2)
+        log.warning("WARNING: %s", msg)
+    snap_clips_to_grid_(gm_q)
+    return Transformed(gm_q, stats, info)
