@@ -115,6 +115,7 @@ class ReconstructConfig:
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
     scale_lr: float = 1e-3
+    bias_lr: float = 1e-3
     learn_rounding: bool = True
     learn_scales: bool = True
     fp_input_mix: float = 0.0

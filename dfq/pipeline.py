@@ -245,6 +245,7 @@ def quantize_model(
                         calib_data,
                         config.reconstruction,
                         progress,
+                        qc.bits_bias == 32 and profile.int32_bias_at_input_scale,
                         into=result.reconstruction,
                     )
             t = steps.run("quantize_bias", on_copy, profile.quantize_biases_, t.gm, t.stats, qc)

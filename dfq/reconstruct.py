@@ -20,6 +20,7 @@ and BRECQ (Li et al. 2021) do with real data:
 The number of iterations decides the result (seeded batch order and masks); the time budget is
 only a cap, and it warns loudly when it cuts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ from torch.func import functional_call
 
 from dfq.config import ReconstructConfig
 from dfq.errors import DfqError
-from dfq.quant.activations import snap_clips_to_grid_
+from dfq.quant.activations import input_quantizer, snap_clips_to_grid_
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.quant.primitives import dequantize
 from dfq.stats import Stats
@@ -123,7 +124,9 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
     return blocks
 
 
-def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], inp: fx.Node, out: fx.Node) -> fx.GraphModule:
+def _subgraph(
+    gm: fx.GraphModule, nodes: list[fx.Node], inp: fx.Node, out: fx.Node
+) -> fx.GraphModule:
     """A GraphModule computing `out` from `inp` through `nodes` (sharing gm's modules)."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {inp: g.placeholder("x")}
@@ -162,8 +165,10 @@ def _run(module: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
 
 def _mse(module: fx.GraphModule, x: torch.Tensor, target: torch.Tensor) -> float:
     with torch.no_grad():
-        total = sum(float((module(c) - t).double().pow(2).sum())
-                    for c, t in zip(x.split(_CHUNK), target.split(_CHUNK)))
+        total = sum(
+            float((module(c) - t).double().pow(2).sum())
+            for c, t in zip(x.split(_CHUNK), target.split(_CHUNK))
+        )
     return total / target.numel()
 
 
@@ -179,11 +184,15 @@ class _Rounding:
         shape = [-1] + [1] * (w_float.dim() - 1)
         axis = layer.weight_axis
         self.scale = layer.weight_scale.reshape(shape) if axis is not None else layer.weight_scale
-        self.zp = layer.weight_zero_point.reshape(shape) if axis is not None else layer.weight_zero_point
+        self.zp = (
+            layer.weight_zero_point.reshape(shape) if axis is not None else layer.weight_zero_point
+        )
         v = w_float.double() / self.scale.double()
         self.floor = torch.floor(v).to(w_float.dtype)
         rest = (v - torch.floor(v)).clamp(1e-4, 1 - 1e-4)  # h(V) starts at the fraction
-        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).to(w_float.dtype).requires_grad_(True)
+        self.v = (
+            (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).to(w_float.dtype).requires_grad_(True)
+        )
 
     def weight(self, hard: bool = False) -> torch.Tensor:
         h = (self.v >= 0).to(self.floor.dtype) if hard else _h(self.v)  # h(V) >= 0.5 <=> V >= 0
@@ -199,9 +208,18 @@ class _Rounding:
         with torch.no_grad():
             h = (self.v >= 0).to(torch.int64)
             g = self.layer.weight_grid
-            q = torch.clamp(self.floor.to(torch.int64) + h + self.zp.to(torch.int64), g.qmin, g.qmax)
-            self.layer.weight.copy_(dequantize(q, self.layer.weight_scale, self.layer.weight_zero_point,
-                                               self.layer.weight_axis, self.layer.weight.dtype))
+            q = torch.clamp(
+                self.floor.to(torch.int64) + h + self.zp.to(torch.int64), g.qmin, g.qmax
+            )
+            self.layer.weight.copy_(
+                dequantize(
+                    q,
+                    self.layer.weight_scale,
+                    self.layer.weight_zero_point,
+                    self.layer.weight_axis,
+                    self.layer.weight.dtype,
+                )
+            )
 
 
 def _stack(batches: Iterable[torch.Tensor], limit: int | None) -> torch.Tensor:
@@ -209,11 +227,128 @@ def _stack(batches: Iterable[torch.Tensor], limit: int | None) -> torch.Tensor:
     return x[:limit] if limit else x
 
 
-def reconstruct(gm_q: fx.GraphModule, stats: Stats, gm_f: fx.GraphModule,
-                data: Iterable[torch.Tensor], config: ReconstructConfig = ReconstructConfig(),
-                progress: bool = False) -> Transformed:
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+class _BlockState:
+    """What one block learns: rounding variables, log step sizes, bias offsets. `overrides()`
+    gives the block's parameters for `functional_call`, soft or hard; biases are always put on
+    the int32 grid at s_weight * s_input the runtime will use (`int32_bias`), because at 4 bits
+    that grid is coarse enough to matter."""
+
+    def __init__(
+        self,
+        gm_q: fx.GraphModule,
+        gm_f: fx.GraphModule,
+        block: Block,
+        config: ReconstructConfig,
+        int32_bias: bool,
+    ):
+        names = {id(m): k for k, m in gm_q.named_modules()}
+        nodes = {n.target: n for n in block.nodes if n.op == "call_module"}
+        self.layers = {k: gm_q.get_submodule(k) for k in block.layers}
+        self.roundings = (
+            {k: _Rounding(m, gm_f.get_submodule(k).weight.detach()) for k, m in self.layers.items()}
+            if config.learn_rounding
+            else {}
+        )
+        quantizers = {
+            n.target: gm_q.get_submodule(n.target)
+            for n in block.nodes
+            if _is(gm_q, n, ActQuant) and gm_q.get_submodule(n.target).quantizing
+        }
+        self.quantizers = quantizers if config.learn_scales else {}
+        self.log_scales = {
+            k: aq.scale.detach().log().requires_grad_(True) for k, aq in self.quantizers.items()
+        }
+        self.biases = {
+            k: torch.zeros_like(m.bias, requires_grad=True)
+            for k, m in self.layers.items()
+            if m.bias is not None and config.bias_lr > 0
+        }
+        self.float_bias = {
+            k: m.bias.detach().clone() for k, m in self.layers.items() if m.bias is not None
+        }
+        self.input_q = {}  # layer -> name of the quantizer its input is read from
+        if int32_bias:
+            for k in self.float_bias:
+                aq = input_quantizer(gm_q, nodes[k])
+                if aq is not None:
+                    self.input_q[k] = names[id(aq)]
+        self.gm_q = gm_q
+        self.saved = (
+            {k: m.weight.detach().clone() for k, m in self.layers.items()},
+            {k: aq.scale.detach().clone() for k, aq in self.quantizers.items()},
+        )
+
+    def param_groups(self, config: ReconstructConfig) -> list[dict]:
+        groups = [
+            (list(r.v for r in self.roundings.values()), config.round_lr),
+            (list(self.log_scales.values()), config.scale_lr),
+            (list(self.biases.values()), config.bias_lr),
+        ]
+        return [{"params": p, "lr": lr} for p, lr in groups if p]
+
+    def _scale(self, name: str) -> torch.Tensor:
+        s = self.log_scales.get(name)
+        return s.exp() if s is not None else self.gm_q.get_submodule(name).scale
+
+    def overrides(self, hard: bool = False) -> dict[str, torch.Tensor]:
+        over = {f"{k}.weight": r.weight(hard) for k, r in self.roundings.items()}
+        over.update({f"{k}.scale": self._scale(k) for k in self.log_scales})
+        for k, b in self.float_bias.items():
+            if k in self.biases:
+                b = b + self.biases[k]
+            if k in self.input_q:
+                s = self.layers[k].weight_scale * self._scale(self.input_q[k])
+                b = _round_ste(b / s) * s
+            over[f"{k}.bias"] = b
+        return over
+
+    def commit_(self) -> None:
+        """The hard rounding, learned scales and (grid) biases into the modules."""
+        with torch.no_grad():
+            over = self.overrides(hard=True)
+            for r in self.roundings.values():
+                r.commit_()
+            for k, aq in self.quantizers.items():
+                aq.scale.copy_(self._scale(k))
+            for k in self.float_bias:
+                self.layers[k].bias.copy_(over[f"{k}.bias"])
+
+    def restore_(self) -> None:
+        """Back to round to nearest, the starting scales and the float biases."""
+        with torch.no_grad():
+            for k, m in self.layers.items():
+                m.weight.copy_(self.saved[0][k])
+                if k in self.float_bias:
+                    m.bias.copy_(self.float_bias[k])
+            for k, aq in self.quantizers.items():
+                aq.scale.copy_(self.saved[1][k])
+
+
+def _mse(module: fx.GraphModule, over: dict, x: torch.Tensor, target: torch.Tensor) -> float:
+    with torch.no_grad():
+        total = sum(
+            float((functional_call(module, over, (c,)) - t).double().pow(2).sum())
+            for c, t in zip(x.split(_CHUNK), target.split(_CHUNK))
+        )
+    return total / target.numel()
+
+
+def reconstruct(
+    gm_q: fx.GraphModule,
+    stats: Stats,
+    gm_f: fx.GraphModule,
+    data: Iterable[torch.Tensor],
+    config: ReconstructConfig = ReconstructConfig(),
+    progress: bool = False,
+    int32_bias: bool = True,
+) -> Transformed:
     """A copy of the fake-quant `gm_q` whose weight rounding and activation step sizes are
     learned block by block to reproduce `gm_f` (its FP32 model, same node names) on `data`.
+    `int32_bias`: biases will be quantized at s_weight * s_input (learn with that grid).
     Info: per block, its layers, the output MSE before and after, iterations and seconds."""
     import copy
 
@@ -233,36 +368,30 @@ def reconstruct(gm_q: fx.GraphModule, stats: Stats, gm_f: fx.GraphModule,
     cut_blocks = []
     for bi, block in enumerate(blocks):
         t_block = time.perf_counter()
-        q_block, f_block = _subgraph(gm_q, block.nodes, block.input, block.output), _float_block(gm_q, gm_f, block)
-        target = _run(f_block, x_f)
-        before = _mse(q_block, x_q, target)
-        layers = [gm_q.get_submodule(name) for name in block.layers]
-        roundings = [_Rounding(m, gm_f.get_submodule(name).weight.detach())
-                     for name, m in zip(block.layers, layers)] if config.learn_rounding else []
-        quantizers = {n.target: gm_q.get_submodule(n.target) for n in block.nodes
-                      if _is(gm_q, n, ActQuant) and gm_q.get_submodule(n.target).quantizing}
-        if not config.learn_scales:
-            quantizers = {}
-        saved = ([m.weight.detach().clone() for m in layers],
-                 {k: aq.scale.detach().clone() for k, aq in quantizers.items()})
-        log_scales = {k: aq.scale.detach().log().requires_grad_(True) for k, aq in quantizers.items()}
-        params = []
-        if roundings:
-            params.append({"params": [r.v for r in roundings], "lr": config.round_lr})
-        if log_scales:
-            params.append({"params": list(log_scales.values()), "lr": config.scale_lr})
+        q_block = _subgraph(gm_q, block.nodes, block.input, block.output)
+        target = _run(_float_block(gm_q, gm_f, block), x_f)
+        state = _BlockState(gm_q, gm_f, block, config, int32_bias)
+        before = _mse(q_block, state.overrides(hard=True), x_q, target)
+        params = state.param_groups(config)
         its, cut = 0, False
         if params and config.iterations:
             opt = torch.optim.Adam(params)
-            for aq in quantizers.values():
+            for aq in state.quantizers.values():
                 aq.learn_scale = True
             warm = int(config.warmup * config.iterations)
             b0, b1 = config.beta
-            bar = tqdm(total=config.iterations, desc=f"reconstruct {block.name}", disable=not progress,
-                       leave=False)
+            bar = tqdm(
+                total=config.iterations,
+                desc=f"reconstruct {block.name}",
+                disable=not progress,
+                leave=False,
+            )
             try:
                 for it in range(config.iterations):
-                    if config.seconds is not None and time.perf_counter() - t_start > config.seconds:
+                    if (
+                        config.seconds is not None
+                        and time.perf_counter() - t_start > config.seconds
+                    ):
                         cut = True
                         break
                     idx = torch.randint(0, n, (bs,), generator=gen)
@@ -270,15 +399,14 @@ def reconstruct(gm_q: fx.GraphModule, stats: Stats, gm_f: fx.GraphModule,
                     if config.fp_input_mix > 0:
                         mask = torch.rand(xb.shape, generator=gen) < config.fp_input_mix
                         xb = torch.where(mask, x_f[idx], xb)
-                    over = {f"{name}.weight": r.weight() for name, r in zip(block.layers, roundings)}
-                    over.update({f"{k}.scale": s.exp() for k, s in log_scales.items()})
-                    out = functional_call(q_block, over, (xb,))
+                    out = functional_call(q_block, state.overrides(), (xb,))
                     rec = (out - target[idx]).pow(2).sum(1).mean()  # BRECQ's reconstruction loss
                     loss = rec
-                    if roundings and it >= warm:
+                    if state.roundings and it >= warm:
                         rel = (it - warm) / max(1, config.iterations - warm)
                         beta = b1 + (b0 - b1) * (1 - rel)
-                        loss = rec + config.round_weight * sum(r.regulariser(beta) for r in roundings)
+                        reg = sum(r.regulariser(beta) for r in state.roundings.values())
+                        loss = rec + config.round_weight * reg
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -288,35 +416,45 @@ def reconstruct(gm_q: fx.GraphModule, stats: Stats, gm_f: fx.GraphModule,
                         bar.set_postfix(rec=f"{rec.item():.4g}", loss=f"{loss.item():.4g}")
             finally:
                 bar.close()
-                for aq in quantizers.values():
+                for aq in state.quantizers.values():
                     aq.learn_scale = False
-            for r in roundings:
-                r.commit_()
-            with torch.no_grad():
-                for k, aq in quantizers.items():
-                    aq.scale.copy_(log_scales[k].exp())
-        after = _mse(q_block, x_q, target)
+        state.commit_()
+        after = _mse(q_block, {}, x_q, target)
         kept = after <= before or not math.isfinite(before)
         if not kept:  # no better than round to nearest: keep that
-            with torch.no_grad():
-                for m, w in zip(layers, saved[0]):
-                    m.weight.copy_(w)
-                for k, s in saved[1].items():
-                    quantizers[k].scale.copy_(s)
-            after = _mse(q_block, x_q, target)
+            state.restore_()
+            state = _BlockState(gm_q, gm_f, block, config, int32_bias)
+            state.commit_()  # (the grid biases of round to nearest)
+            after = _mse(q_block, {}, x_q, target)
         if cut:
             cut_blocks.append(block.name)
         x_q, x_f = _run(q_block, x_q), target
-        info[block.name] = {"layers": block.layers, "mse_before": before, "mse_after": after,
-                            "learned": kept and its > 0, "iterations": its, "cut_by_time": cut,
-                            "seconds": round(time.perf_counter() - t_block, 2)}
+        info[block.name] = {
+            "layers": block.layers,
+            "mse_before": before,
+            "mse_after": after,
+            "learned": kept and its > 0,
+            "iterations": its,
+            "cut_by_time": cut,
+            "seconds": round(time.perf_counter() - t_block, 2),
+        }
         if progress:
-            log.info("reconstruct %s (%d/%d): MSE %.4g -> %.4g%s", block.name, bi + 1, len(blocks),
-                     before, after, "" if kept else " (kept round-to-nearest)")
+            log.info(
+                "reconstruct %s (%d/%d): MSE %.4g -> %.4g%s",
+                block.name,
+                bi + 1,
+                len(blocks),
+                before,
+                after,
+                "" if kept else " (kept round-to-nearest)",
+            )
     if cut_blocks:
-        msg = (f"--reconstruct-seconds {config.seconds} cut the reconstruction of {len(cut_blocks)} of "
-               f"{len(blocks)} blocks ({', '.join(cut_blocks[:5])}{', ...' if len(cut_blocks) > 5 else ''}): "
-               "the result depends on the machine's speed; raise the budget or lower --reconstruct-iters")
+        shown = ", ".join(cut_blocks[:5]) + (", ..." if len(cut_blocks) > 5 else "")
+        msg = (
+            f"--reconstruct-seconds {config.seconds} cut the reconstruction of {len(cut_blocks)} "
+            f"of {len(blocks)} blocks ({shown}): the result depends on the machine's speed; "
+            "raise the budget or lower --reconstruct-iters"
+        )
         warnings.warn(msg, stacklevel=2)
         log.warning("WARNING: %s", msg)
     snap_clips_to_grid_(gm_q)

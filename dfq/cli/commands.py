@@ -115,7 +115,9 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
             f"reconstruction: {len(blocks)} blocks, "
             f"{sum(b['learned'] for b in blocks.values())} improved on round-to-nearest; "
             "output MSE per block: "
-            + ", ".join(f"{k} {b['mse_before']:.3g}->{b['mse_after']:.3g}" for k, b in blocks.items())
+            + ", ".join(
+                f"{k} {b['mse_before']:.3g}->{b['mse_after']:.3g}" for k, b in blocks.items()
+            )
         )
     keys = [
         *task.metrics,
