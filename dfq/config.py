@@ -118,7 +118,8 @@ class ReconstructConfig:
     bias_lr: float = 1e-3
     learn_rounding: bool = True
     learn_scales: bool = True
-    fp_input_mix: float = 0.0
+    init_scales: bool = True  # start weight and activation scales at their least-MSE multiple
+    fp_input_mix: float = 0.5
     images: int | None = None
     seed: int = 0
 

@@ -172,6 +172,30 @@ def _mse(module: fx.GraphModule, x: torch.Tensor, target: torch.Tensor) -> float
     return total / target.numel()
 
 
+ALPHAS = torch.linspace(0.3, 1.0, 15).tolist()  # scale multipliers searched for weights
+ACT_ALPHAS = torch.logspace(-1, 0.2, 25).tolist()  # and for activations (BN ranges are wide)
+
+
+def _best_scale(
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid, axis: int | None, alphas=ALPHAS
+) -> torch.Tensor:
+    """The multiple of `scale` (per channel along `axis`, else per tensor) whose grid
+    reproduces `x` with the least squared error, searched over `alphas`."""
+    dims = [d for d in range(x.dim()) if d != axis] if axis is not None else list(range(x.dim()))
+    best, best_err = scale.clone(), None
+    for a in alphas:
+        s = scale * a
+        q = torch.clamp(torch.round(x / s) + zp, grid.qmin, grid.qmax)
+        err = ((q - zp) * s - x).double().pow(2).sum(dims, keepdim=axis is not None)
+        if best_err is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best = torch.where(better, s, best)
+            best_err = torch.where(better, err, best_err)
+    return best
+
+
 def _h(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
@@ -179,7 +203,7 @@ def _h(v: torch.Tensor) -> torch.Tensor:
 class _Rounding:
     """AdaRound's variables for one quantized layer, from the FP32 weight it approximates."""
 
-    def __init__(self, layer: QuantizedLayer, w_float: torch.Tensor):
+    def __init__(self, layer: QuantizedLayer, w_float: torch.Tensor, init_scale: bool = False):
         self.layer = layer
         shape = [-1] + [1] * (w_float.dim() - 1)
         axis = layer.weight_axis
@@ -187,6 +211,10 @@ class _Rounding:
         self.zp = (
             layer.weight_zero_point.reshape(shape) if axis is not None else layer.weight_zero_point
         )
+        if init_scale:  # min/max wastes levels on outliers at 4 bits: the scale of least error
+            best = _best_scale(w_float, self.scale, self.zp, layer.weight_grid, axis)
+            with torch.no_grad():
+                layer.weight_scale.copy_(best.reshape(layer.weight_scale.shape))
         v = w_float.double() / self.scale.double()
         self.floor = torch.floor(v).to(w_float.dtype)
         rest = (v - torch.floor(v)).clamp(1e-4, 1 - 1e-4)  # h(V) starts at the fraction
@@ -248,6 +276,7 @@ class _BlockState:
         names = {id(m): k for k, m in gm_q.named_modules()}
         nodes = {n.target: n for n in block.nodes if n.op == "call_module"}
         self.layers = {k: gm_q.get_submodule(k) for k in block.layers}
+        self.saved_wscale = {k: m.weight_scale.detach().clone() for k, m in self.layers.items()}
         self.roundings = (
             {k: _Rounding(m, gm_f.get_submodule(k).weight.detach()) for k, m in self.layers.items()}
             if config.learn_rounding
@@ -277,6 +306,7 @@ class _BlockState:
                 if aq is not None:
                     self.input_q[k] = names[id(aq)]
         self.gm_q = gm_q
+        self.w_float = {k: gm_f.get_submodule(k).weight.detach() for k in self.roundings}
         self.saved = (
             {k: m.weight.detach().clone() for k, m in self.layers.items()},
             {k: aq.scale.detach().clone() for k, aq in self.quantizers.items()},
@@ -326,6 +356,32 @@ class _BlockState:
                     m.bias.copy_(self.float_bias[k])
             for k, aq in self.quantizers.items():
                 aq.scale.copy_(self.saved[1][k])
+            for k, m in self.layers.items():
+                m.weight_scale.copy_(self.saved_wscale[k])
+
+    def init_scales_(self, block: fx.GraphModule, x: torch.Tensor) -> None:
+        """Weight scales (per channel) and the learned quantizers' step sizes start at the
+        multiple of least squared error, weights on themselves, activations on their inputs
+        seen on `x` (searched below and a little above the data-free range)."""
+        self.roundings = {k: _Rounding(self.layers[k], w, True) for k, w in self.w_float.items()}
+        seen: dict[str, list[torch.Tensor]] = {k: [] for k in self.quantizers}
+        hooks = [
+            aq.register_forward_pre_hook(lambda mod, inp, k=k: seen[k].append(inp[0].detach()))
+            for k, aq in self.quantizers.items()
+        ]
+        try:
+            with torch.no_grad():
+                functional_call(block, self.overrides(hard=True), (x,))
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            for k, aq in self.quantizers.items():
+                if seen[k]:
+                    v = torch.cat([t.flatten() for t in seen[k]])
+                    best = _best_scale(v, aq.scale, aq.zero_point, aq.grid, None, ACT_ALPHAS)
+                    aq.scale.copy_(best)
+                    self.log_scales[k].copy_(best.log())
 
 
 def _mse(module: fx.GraphModule, over: dict, x: torch.Tensor, target: torch.Tensor) -> float:
@@ -372,6 +428,8 @@ def reconstruct(
         target = _run(_float_block(gm_q, gm_f, block), x_f)
         state = _BlockState(gm_q, gm_f, block, config, int32_bias)
         before = _mse(q_block, state.overrides(hard=True), x_q, target)
+        if config.init_scales and config.iterations:
+            state.init_scales_(q_block, x_q[: config.batch_size * 4])
         params = state.param_groups(config)
         its, cut = 0, False
         if params and config.iterations:
