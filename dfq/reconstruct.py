@@ -44,7 +44,7 @@ from dfq.transforms import Transformed
 
 log = logging.getLogger("dfq")
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
-_CHUNK = 64  # images per forward pass outside the optimisation
+_CHUNK = 32  # images per forward pass outside the optimisation (bounds peak memory)
 
 
 @dataclass
