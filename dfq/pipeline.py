@@ -32,6 +32,7 @@ from dfq.quant.activations import (
 from dfq.quant.mixed import layer_bits, set_input_bits_
 from dfq.quant.weights import quantize_weights
 from dfq.reconstruct import reconstruct
+from dfq.saved import restore_
 from dfq.stats import Stats
 from dfq.targets.base import Profile
 from dfq.transforms import Transformed
@@ -163,14 +164,16 @@ def quantize_model(
     config: PipelineConfig = PipelineConfig(),
     calib_data: Iterable[torch.Tensor] | None = None,
     progress: bool = False,
+    restore: dict[str, Any] | None = None,
 ) -> QuantizationResult:
     """Run the DFQ pipeline on a copy of `model`.
 
     `calib_data` (input batches, distilled or real) is needed only when config.needs_data:
     data-driven activation ranges (calib, distill_range), empirical bias correction or
-    reconstruction (whose progress bars `progress` shows).
+    reconstruction (whose progress bars `progress` shows). `restore` (dfq.saved.load_quantized)
+    puts a saved result in place of those data-driven steps: no data is needed then.
     """
-    if config.needs_data and calib_data is None:
+    if config.needs_data and calib_data is None and restore is None:
         raise ValueError(
             "this config uses data (calib / distill_range / correction='data' / reconstruct): "
             "pass calib_data"
@@ -209,7 +212,7 @@ def quantize_model(
                 t = steps.run(
                     "bias_correction", correct_bias, t.gm, prepared.gm, prepared.stats, moments
                 )
-            ranged_on_data = bool(config.calib or config.distill_range)
+            ranged_on_data = bool(config.calib or config.distill_range) and restore is None
             t = steps.run(
                 "activation_ranges",
                 quantize_activations,
@@ -224,7 +227,7 @@ def quantize_model(
                 steps.layers,
                 into=result.activations,
             )
-            if config.correction == "data":
+            if config.correction == "data" and restore is None:
                 t = steps.run(
                     "bias_correction",
                     on_copy,
@@ -234,7 +237,9 @@ def quantize_model(
                     prepared.gm,
                     calib_data,
                 )
-            if config.reconstruct:
+            if restore is not None:
+                t = steps.run("restore", on_copy, restore_, t.gm, t.stats, restore)
+            elif config.reconstruct:
                 with single_threaded(n_threads):  # big convolutions: the caller's threads
                     t = steps.run(
                         "reconstruct",

@@ -38,6 +38,7 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         args, inputs, **({"quantize": True} if backend != "torch" else {})
     )
     model, device = spec.load(), args.device
+    cfg, restore = _restored(args, cfg, backend != "torch" or args.ablation)
     check_layer_bits(model, cfg.quant)
     progress = not args.quiet
     data = task.load(options.data_options(args, device), inputs, progress)
@@ -53,9 +54,12 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     reference = None
     if args.compare or args.ablation:
         reference = task.evaluate(copy.deepcopy(model).to(device), data.batches, progress, "fp32")
-    calib, calib_info = pipeline_data(
-        model, cfg, data.batches, options.data_spec(args, cfg), progress, device=device
-    )
+    if restore is not None:
+        calib, calib_info = None, {"source": f"restored from {args.load_quantized}"}
+    else:
+        calib, calib_info = pipeline_data(
+            model, cfg, data.batches, options.data_spec(args, cfg), progress, device=device
+        )
     common["quantization_data"] = calib_info
     if backend != "torch":
         return _print_runtime(
@@ -93,9 +97,13 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
             "dfq" if cfg.quantize else "float",
             calib,
             device,
+            restore,
+            getattr(args, "save_quantized", None),
         ),
         **common,
     }
+    if getattr(args, "save_quantized", None):
+        print(f"saved the quantized model to {args.save_quantized}")
     if getattr(args, "plot", None):
         from dfq.report import plot_weight_ranges
 
@@ -135,6 +143,25 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _restored(args: argparse.Namespace, cfg, unsupported: bool = False):
+    """--load-quantized: the saved config (the pipeline switches are ignored) and the state."""
+    path = getattr(args, "load_quantized", None)
+    if path is None:
+        return cfg, None
+    if unsupported:
+        raise DfqError(
+            "--load-quantized evaluates one saved model with --backend torch.",
+            "drop --ablation / --backend, or quantize again",
+        )
+    from dfq.saved import load_quantized
+
+    saved, restore = load_quantized(path)
+    print(
+        f"dfq: restored the quantized model of {path} (its own config; pipeline switches ignored)"
+    )
+    return saved, restore
+
+
 def _print_runtime(task: Task, res: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
     metric = task.metrics[0]
     rows = [["simulation", res[f"sim_{metric}"]], [f"{res['backend']} int8", res[metric]]]
@@ -169,11 +196,18 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     cfg = options.pipeline_config(args, inputs, quantize=True)
     cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, target=profile.name))
     model = spec.load()
+    cfg, restore = _restored(args, cfg)
+    if restore is not None and cfg.quant.target != profile.name:
+        raise DfqError(
+            f"{args.load_quantized} was quantized for --target {cfg.quant.target}, "
+            f"not {profile.name} (--format {args.format}).",
+            f"quantize and save it again with --target {profile.name}",
+        )
     check_layer_bits(model, cfg.quant)
     shape = options.export_shape(args, inputs)
     batches = None
     real = cfg.calib or cfg.true_data
-    if real and args.data:
+    if real and args.data and restore is None:
         from dfq.tasks.base import DataOptions
         from dfq.tasks.classification import load
 
@@ -189,16 +223,22 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             ),
             inputs,
         ).batches
-    calib, _ = pipeline_data(
-        model,
-        cfg,
-        batches,
-        options.data_spec(args, cfg),
-        progress=True,
-        input_shape=shape[1:],
-        device=args.device,
-    )
-    result = quantize_model(model, cfg, calib_data=calib, progress=True)
+    calib = None
+    if restore is None:
+        calib, _ = pipeline_data(
+            model,
+            cfg,
+            batches,
+            options.data_spec(args, cfg),
+            progress=True,
+            input_shape=shape[1:],
+            device=args.device,
+        )
+    result = quantize_model(model, cfg, calib_data=calib, progress=True, restore=restore)
+    if getattr(args, "save_quantized", None):
+        from dfq.saved import save_quantized
+
+        save_quantized(args.save_quantized, result.model, result.config)
     files = write(result, Path(args.output), shape)
     described = profile.describe(result.config.quant)
     print(f"dfq: exported {spec.name} ({described})")

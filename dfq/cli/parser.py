@@ -119,6 +119,21 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help="share of block-input elements taken from FP32 instead of the quantized model "
         "(QDrop; default 0)",
     )
+    r.add_argument(
+        "--save-quantized",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the quantized model (state and config) here, e.g. after --reconstruct",
+    )
+    r.add_argument(
+        "--load-quantized",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="evaluate / export a model saved with --save-quantized (its config replaces the "
+        "pipeline switches; no data or reconstruction is needed)",
+    )
     d = p.add_argument_group("distilled data (ZeroQ)")
     d.add_argument(
         "--distill_range", action="store_true", help="activation ranges from distilled data"
