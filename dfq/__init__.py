@@ -8,7 +8,8 @@
 Each step is public too: trace, fold_batchnorm, replace_relu6, equalize, absorb_high_bias,
 clip_weights, quantize_weights, correct_bias. Importing dfq never imports onnx/onnxruntime/ncnn.
 """
-from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig
+
+from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructConfig
 from dfq.errors import DfqError
 from dfq.graph.layers import find_pairs
 from dfq.graph.trace import trace
@@ -24,7 +25,23 @@ from dfq.transforms.equalize import equalize
 from dfq.transforms.relu6 import replace_relu6
 
 __all__ = [
-    "BNStats", "DfqError", "EqualizeConfig", "PipelineConfig", "QuantConfig", "QuantizationResult",
-    "absorb_high_bias", "clip_weights", "correct_bias", "equalize", "find_pairs", "fold_batchnorm",
-    "input_moments", "propagate", "quantize_model", "quantize_weights", "replace_relu6", "trace",
+    "BNStats",
+    "DfqError",
+    "EqualizeConfig",
+    "PipelineConfig",
+    "QuantConfig",
+    "QuantizationResult",
+    "ReconstructConfig",
+    "absorb_high_bias",
+    "clip_weights",
+    "correct_bias",
+    "equalize",
+    "find_pairs",
+    "fold_batchnorm",
+    "input_moments",
+    "propagate",
+    "quantize_model",
+    "quantize_weights",
+    "replace_relu6",
+    "trace",
 ]

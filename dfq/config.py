@@ -40,11 +40,31 @@ class QuantConfig:
     reduce_range: bool | None = (
         None  # fewer weight bits where the runtime needs them; None = by CPU
     )
+    # Mixed precision (dfq.quant.mixed): the first and last weighted layers' weights and inputs
+    # at this many bits (None: as the rest), then per-layer overrides (fnmatch pattern on the
+    # module name, weight bits, input-activation bits or None), later ones winning.
+    keep_first_last: int | None = None
+    layer_bits: tuple[tuple[str, int, int | None], ...] = ()
 
     def __post_init__(self):
         for name in ("bits_weight", "bits_activation"):
             if not 2 <= getattr(self, name) <= 16:
                 raise DfqError(f"--{name} {getattr(self, name)} is out of range.", "use 2..16 bits")
+        if self.keep_first_last is not None and not 2 <= self.keep_first_last <= 16:
+            raise DfqError(
+                f"--keep_first_last {self.keep_first_last} is out of range.", "use 2..16 bits"
+            )
+        # lists (from JSON) become tuples, so the config stays hashable and comparable
+        rules = tuple(
+            (str(p), int(w), None if a is None else int(a)) for p, w, a in self.layer_bits
+        )
+        object.__setattr__(self, "layer_bits", rules)
+        for pattern, w, a in rules:
+            if not all(2 <= b <= 16 for b in (w, a) if b is not None):
+                raise DfqError(
+                    f"--layer_bits {pattern}={w}{'' if a is None else f',{a}'}: bits out of range.",
+                    "use 2..16 bits",
+                )
         if self.bits_bias not in (8, 16, 32):
             raise DfqError(f"--bits_bias {self.bits_bias} is not supported.", "use 8, 16 or 32")
         if self.rounding not in ("half_even", "half_away"):
@@ -79,6 +99,44 @@ class EqualizeConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructConfig:
+    """Post-training reconstruction (dfq.reconstruct): per block, `iterations` Adam steps on
+    batches of `batch_size` images decide the result; `seconds` (all blocks together) is only
+    a cap, which warns when it cuts. AdaRound's soft rounding (`round_lr`, regulariser weight
+    `round_weight`, beta annealed `beta` over the steps after `warmup`) and LSQ activation step
+    sizes (`scale_lr`, on log scale). `fp_input_mix`: the share of input elements taken from the
+    FP32 model instead of the quantized one (QDrop); `images`: at most this many images."""
+
+    iterations: int = 200
+    batch_size: int = 32
+    seconds: float | None = None
+    round_lr: float = 1e-2
+    round_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    scale_lr: float = 1e-3
+    bias_lr: float = 1e-3
+    learn_rounding: bool = True
+    learn_scales: bool = True
+    init_scales: bool = True  # start weight and activation scales at their least-MSE multiple
+    fp_input_mix: float = 0.5
+    images: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta", tuple(float(b) for b in self.beta))
+        if self.iterations < 0 or self.batch_size < 1:
+            raise DfqError(
+                f"--reconstruct-iters {self.iterations} / batch size {self.batch_size}: "
+                "iterations must be >= 0 and the batch size >= 1."
+            )
+        if self.seconds is not None and not self.seconds > 0:
+            raise DfqError(f"--reconstruct-seconds {self.seconds} must be positive.")
+        if not 0 <= self.fp_input_mix <= 1 or not 0 <= self.warmup < 1:
+            raise DfqError("reconstruction: fp_input_mix must be in [0, 1] and warmup in [0, 1).")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The DFQ pipeline, with the original experiments' switches as field names."""
 
@@ -100,6 +158,9 @@ class PipelineConfig:
     # data ranges at this percentile instead of min/max (None); "auto": DISTILLED_PERCENTILE for
     # distilled images, min/max for real ones
     range_percentile: float | None | str = AUTO
+    # learn weight rounding and activation step sizes block by block on the data (dfq.reconstruct)
+    reconstruct: bool = False
+    reconstruction: ReconstructConfig = field(default_factory=ReconstructConfig)
     input_mean: tuple[float, ...] = IMAGENET_MEAN
     input_std: tuple[float, ...] = IMAGENET_STD
     # refuse (DfqError) a result with any BN left unfolded, layer left unquantized or activation
@@ -149,7 +210,12 @@ class PipelineConfig:
     @property
     def needs_data(self) -> bool:
         """Whether the pipeline must be given input batches (distilled or real)."""
-        return bool(self.calib or self.distill_range or self.correction == "data")
+        return bool(
+            self.calib
+            or self.distill_range
+            or self.correction == "data"
+            or (self.reconstruct and self.quantize)
+        )
 
     @property
     def absorb(self) -> bool:
@@ -163,6 +229,7 @@ class PipelineConfig:
         d = dict(d)
         d["quant"] = QuantConfig(**d.get("quant", {}))
         d["equalization"] = EqualizeConfig(**d.get("equalization", {}))
+        d["reconstruction"] = ReconstructConfig(**d.get("reconstruction", {}))
         for k in ("input_mean", "input_std", "input_size"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])

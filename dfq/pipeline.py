@@ -26,10 +26,14 @@ from dfq.moments import Moments, input_moments, propagate
 from dfq.quant.activations import (
     calibrate_,
     insert_quantizers,
+    quantizer_nodes,
     set_ranges_from_moments_,
     snap_clips_to_grid_,
 )
+from dfq.quant.mixed import layer_bits, set_input_bits_
 from dfq.quant.weights import quantize_weights
+from dfq.reconstruct import reconstruct
+from dfq.saved import restore_
 from dfq.stats import Stats
 from dfq.targets.base import Profile
 from dfq.transforms import Transformed
@@ -55,14 +59,15 @@ class QuantizationResult:
     timings: dict[str, float] = field(default_factory=dict)
     # what was folded / quantized / ranged / equalized of the whole graph (dfq.coverage)
     coverage: dict[str, Any] = field(default_factory=dict)
+    reconstruction: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block
 
 
 @contextlib.contextmanager
-def single_threaded():
+def single_threaded(n_threads: int = 1):
     """The transforms are thousands of tiny tensor ops: extra threads only add overhead
     (and stall badly when the cores are shared). Restores the caller's setting."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n_threads)
     try:
         yield
     finally:
@@ -126,13 +131,20 @@ def quantize_activations(
     moments: dict[str, Moments],
     data: Iterable[torch.Tensor] | None = None,
     percentile: float | None = None,
+    input_bits: dict[str, int] | None = None,
+    layer_notes: dict[str, dict] | None = None,
 ) -> Transformed:
     """A copy of `gm` with the profile's activation quantizers, ranged from the data-free
     `moments`, or from `data` when given (the network input's range then still comes from the
-    normalisation constants, which give it exactly). Info: per quantized node."""
+    normalisation constants, which give it exactly). `input_bits`: other widths for the
+    quantizers some layers read (dfq.quant.mixed), whose `bits_input` go into `layer_notes`.
+    Info: per quantized node."""
     gm = insert_quantizers(
         gm, profile.quantization_points(gm), qc, profile.reciprocal_scales, profile.reads_quantized
     )
+    for layer, notes in set_input_bits_(gm, input_bits or {}).items():
+        if layer_notes is not None:
+            layer_notes.setdefault(layer, {}).update(notes)
     if data is not None:
         info = calibrate_(gm, data, percentile)
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
@@ -140,6 +152,8 @@ def quantize_activations(
     else:
         info = set_ranges_from_moments_(gm, moments)
     snap_clips_to_grid_(gm)
+    for src, qnode in quantizer_nodes(gm).items():
+        info.setdefault(src, {})["bits"] = gm.get_submodule(qnode.target).grid.bits
     return Transformed(gm, stats, info)
 
 
@@ -154,15 +168,20 @@ def quantize_model(
     model: nn.Module,
     config: PipelineConfig = PipelineConfig(),
     calib_data: Iterable[torch.Tensor] | None = None,
+    progress: bool = False,
+    restore: dict[str, Any] | None = None,
 ) -> QuantizationResult:
     """Run the DFQ pipeline on a copy of `model`.
 
     `calib_data` (input batches, distilled or real) is needed only when config.needs_data:
-    data-driven activation ranges (calib, distill_range) or empirical bias correction.
+    data-driven activation ranges (calib, distill_range), empirical bias correction or
+    reconstruction (whose progress bars `progress` shows). `restore` (dfq.saved.load_quantized)
+    puts a saved result in place of those data-driven steps: no data is needed then.
     """
-    if config.needs_data and calib_data is None:
+    if config.needs_data and calib_data is None and restore is None:
         raise ValueError(
-            "this config uses data (calib / distill_range / correction='data'): pass calib_data"
+            "this config uses data (calib / distill_range / correction='data' / reconstruct): "
+            "pass calib_data"
         )
     profile = targets.profile(config.quant.target)
     # the runtime profile becomes concrete grids; result.config records them
@@ -170,6 +189,7 @@ def quantize_model(
     qc = config.quant
     steps = _Steps({}, {})
     t_start = time.perf_counter()
+    n_threads = torch.get_num_threads()
     with single_threaded():
         prepared = prepare(model, config, steps)
         result = QuantizationResult(
@@ -183,6 +203,7 @@ def quantize_model(
                     input_moments(config.input_mean, config.input_std),
                     config.range_std,
                 )
+            mixed = layer_bits(prepared.gm, qc)
             t = steps.run(
                 "quantize_weights",
                 quantize_weights,
@@ -190,12 +211,13 @@ def quantize_model(
                 prepared.stats,
                 qc,
                 profile.weight_bits,
+                {k: w for k, (w, _) in mixed.items() if w is not None},
             )
             if config.correction == "bn":
                 t = steps.run(
                     "bias_correction", correct_bias, t.gm, prepared.gm, prepared.stats, moments
                 )
-            ranged_on_data = bool(config.calib or config.distill_range)
+            ranged_on_data = bool(config.calib or config.distill_range) and restore is None
             t = steps.run(
                 "activation_ranges",
                 quantize_activations,
@@ -206,9 +228,11 @@ def quantize_model(
                 moments,
                 calib_data if ranged_on_data else None,
                 config.range_percentile,
+                {k: a for k, (_, a) in mixed.items() if a is not None},
+                steps.layers,
                 into=result.activations,
             )
-            if config.correction == "data":
+            if config.correction == "data" and restore is None:
                 t = steps.run(
                     "bias_correction",
                     on_copy,
@@ -218,6 +242,22 @@ def quantize_model(
                     prepared.gm,
                     calib_data,
                 )
+            if restore is not None:
+                t = steps.run("restore", on_copy, restore_, t.gm, t.stats, restore)
+            elif config.reconstruct:
+                with single_threaded(n_threads):  # big convolutions: the caller's threads
+                    t = steps.run(
+                        "reconstruct",
+                        reconstruct,
+                        t.gm,
+                        t.stats,
+                        prepared.gm,
+                        calib_data,
+                        config.reconstruction,
+                        progress,
+                        qc.bits_bias == 32 and profile.int32_bias_at_input_scale,
+                        into=result.reconstruction,
+                    )
             t = steps.run("quantize_bias", on_copy, profile.quantize_biases_, t.gm, t.stats, qc)
             t = steps.run(
                 "simulation",

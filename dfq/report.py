@@ -1,4 +1,5 @@
 """Readable tables of what was done to which layer, and of accuracy runs (Markdown)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,16 +15,29 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
         return str(v)
 
     cells = [[fmt(v) for v in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+    return "\n".join(
+        [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]
+    )
 
 
 LAYER_COLUMNS = [
-    ("layer", None), ("kind", "kind"), ("BN", "bn_folded"), ("equalized with", "equalized_with"),
-    ("spread before", "range_spread_before"), ("spread after", "range_spread_after"),
-    ("absorbed", "absorbed_max"), ("clipped", "clipped_weights"), ("W SQNR dB", "weight_sqnr_db"),
-    ("bias corr", "bias_correction_max"), ("note", "equalize_note"),
+    ("layer", None),
+    ("kind", "kind"),
+    ("BN", "bn_folded"),
+    ("equalized with", "equalized_with"),
+    ("spread before", "range_spread_before"),
+    ("spread after", "range_spread_after"),
+    ("absorbed", "absorbed_max"),
+    ("clipped", "clipped_weights"),
+    ("W bits", "bits_weight"),
+    ("in bits", "bits_input"),
+    ("W SQNR dB", "weight_sqnr_db"),
+    ("bias corr", "bias_correction_max"),
+    ("note", "equalize_note"),
 ]
 
 
@@ -44,17 +58,24 @@ def layer_table(layers: dict[str, dict[str, Any]]) -> str:
 def plot_weight_ranges(layers: dict[str, dict[str, Any]], out_dir: str | Path) -> Path | None:
     """Per-channel weight ranges of the worst-conditioned equalized layer, before and after
     (the DFQ paper's Figure 2), as a PNG; None if nothing was equalized."""
-    worst = max((name for name, info in layers.items() if "channel_ranges_before" in info),
-                key=lambda n: layers[n]["range_spread_before"], default=None)
+    worst = max(
+        (name for name, info in layers.items() if "channel_ranges_before" in info),
+        key=lambda n: layers[n]["range_spread_before"],
+        default=None,
+    )
     if worst is None:
         return None
     from dfq.deps import require
 
     require("matplotlib", "--plot").use("Agg")
     import matplotlib.pyplot as plt
+
     info = layers[worst]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for ax, key, title in ((axes[0], "channel_ranges_before", "before"), (axes[1], "channel_ranges_after", "after")):
+    for ax, key, title in (
+        (axes[0], "channel_ranges_before", "before"),
+        (axes[1], "channel_ranges_after", "after"),
+    ):
         r = info[key]
         ax.bar(range(len(r)), r, width=1.0, color="tab:blue" if title == "before" else "tab:green")
         spread = info["range_spread_" + title]

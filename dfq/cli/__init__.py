@@ -5,6 +5,7 @@ This package alone reads argparse Namespaces (nothing in dfq imports it): dfq.cl
 declares the switches, dfq.cli.options turns them into library objects, dfq.cli.commands calls
 the library. Errors a user can fix print one line and exit 2 (a traceback only with --debug).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dfq.cli import commands
 
-        run = {"cls": commands.run_task, "seg": commands.run_task, "det": commands.run_task,
-               "export": commands.export, "archs": commands.archs}[args.command]
+        run = {
+            "cls": commands.run_task,
+            "seg": commands.run_task,
+            "det": commands.run_task,
+            "export": commands.export,
+            "archs": commands.archs,
+        }[args.command]
         with contextlib.ExitStack() as stack:
             if hasattr(args, "device"):
                 args.device = resolve_device(args.device)

@@ -14,6 +14,7 @@ from dfq.cli import options
 from dfq.coverage import summary
 from dfq.distributed import world
 from dfq.errors import DfqError
+from dfq.quant.mixed import check_layer_bits
 from dfq.quantization_data import pipeline_data
 from dfq.report import layer_table, markdown_table
 from dfq.seed import seed_everything
@@ -40,6 +41,8 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         args, inputs, **({"quantize": True} if backend != "torch" else {})
     )
     model, device = spec.load(), args.device
+    cfg, restore = _restored(args, cfg, backend != "torch" or args.ablation)
+    check_layer_bits(model, cfg.quant)
     progress = not args.quiet
     data = task.load(options.data_options(args, device), inputs, progress)
     print(f"dfq {task.name}: {spec.name} on {data.description}")
@@ -56,9 +59,12 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     reference = None
     if args.compare or args.ablation:
         reference = task.evaluate(copy.deepcopy(model).to(device), data.batches, progress, "fp32")
-    calib, calib_info = pipeline_data(
-        model, cfg, data.batches, options.data_spec(args, cfg), progress, device=device
-    )
+    if restore is not None:
+        calib, calib_info = None, {"source": f"restored from {args.load_quantized}"}
+    else:
+        calib, calib_info = pipeline_data(
+            model, cfg, data.batches, options.data_spec(args, cfg), progress, device=device
+        )
     common["quantization_data"] = calib_info
     if backend != "torch":
         return _print_runtime(
@@ -98,9 +104,13 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
             "dfq" if cfg.quantize else "float",
             calib,
             device,
+            restore,
+            getattr(args, "save_quantized", None),
         ),
         **common,
     }
+    if getattr(args, "save_quantized", None):
+        print(f"saved the quantized model to {args.save_quantized}")
     if getattr(args, "plot", None):
         from dfq.report import plot_weight_ranges
 
@@ -114,6 +124,16 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
             f"equalization: {eq['pairs']} pairs; left alone: "
             + ", ".join(f"{c} x {why}" for why, c in eq["left_alone"].items())
         )
+    if res.get("reconstruction"):
+        blocks = res["reconstruction"]
+        print(
+            f"reconstruction: {len(blocks)} blocks, "
+            f"{sum(b['learned'] for b in blocks.values())} improved on round-to-nearest; "
+            "output MSE per block: "
+            + ", ".join(
+                f"{k} {b['mse_before']:.3g}->{b['mse_after']:.3g}" for k, b in blocks.items()
+            )
+        )
     keys = [
         *task.metrics,
         *("top5",) * (task.name == "cls"),
@@ -121,6 +141,7 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         *(f"fp32_{k}" for k in task.metrics),
         *(f"delta_{k}" for k in task.metrics),
         *task.table_columns,
+        "weight_bytes",
     ]
     print(
         markdown_table(["metric", "value"], [[k, res[k]] for k in dict.fromkeys(keys) if k in res])
@@ -128,6 +149,25 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     print(f"pipeline: {res['timings']['total']} s, evaluation: {res['timings']['evaluate']} s")
     print(summary(res["coverage"]))
     return res
+
+
+def _restored(args: argparse.Namespace, cfg, unsupported: bool = False):
+    """--load-quantized: the saved config (the pipeline switches are ignored) and the state."""
+    path = getattr(args, "load_quantized", None)
+    if path is None:
+        return cfg, None
+    if unsupported:
+        raise DfqError(
+            "--load-quantized evaluates one saved model with --backend torch.",
+            "drop --ablation / --backend, or quantize again",
+        )
+    from dfq.saved import load_quantized
+
+    saved, restore = load_quantized(path)
+    print(
+        f"dfq: restored the quantized model of {path} (its own config; pipeline switches ignored)"
+    )
+    return saved, restore
 
 
 def _print_runtime(task: Task, res: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
@@ -165,10 +205,18 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     cfg = options.pipeline_config(args, inputs, quantize=True)
     cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, target=profile.name))
     model = spec.load()
+    cfg, restore = _restored(args, cfg)
+    if restore is not None and cfg.quant.target != profile.name:
+        raise DfqError(
+            f"{args.load_quantized} was quantized for --target {cfg.quant.target}, "
+            f"not {profile.name} (--format {args.format}).",
+            f"quantize and save it again with --target {profile.name}",
+        )
+    check_layer_bits(model, cfg.quant)
     shape = options.export_shape(args, inputs)
     batches = None
     real = cfg.calib or cfg.true_data
-    if real and args.data:
+    if real and args.data and restore is None:
         from dfq.tasks.base import DataOptions
         from dfq.tasks.classification import load
 
@@ -184,16 +232,22 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             ),
             inputs,
         ).batches
-    calib, _ = pipeline_data(
-        model,
-        cfg,
-        batches,
-        options.data_spec(args, cfg),
-        progress=True,
-        input_shape=shape[1:],
-        device=args.device,
-    )
-    result = quantize_model(model, cfg, calib_data=calib)
+    calib = None
+    if restore is None:
+        calib, _ = pipeline_data(
+            model,
+            cfg,
+            batches,
+            options.data_spec(args, cfg),
+            progress=True,
+            input_shape=shape[1:],
+            device=args.device,
+        )
+    result = quantize_model(model, cfg, calib_data=calib, progress=True, restore=restore)
+    if getattr(args, "save_quantized", None):
+        from dfq.saved import save_quantized
+
+        save_quantized(args.save_quantized, result.model, result.config)
     files = write(result, Path(args.output), shape)
     described = profile.describe(result.config.quant)
     print(f"dfq: exported {spec.name} ({described})")

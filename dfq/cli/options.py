@@ -8,8 +8,9 @@ import dataclasses
 
 import torch
 
-from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig
+from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructConfig
 from dfq.distill import DistillConfig
+from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, input_config
 from dfq.models.spec import ModelSpec
 from dfq.quantization_data import DataSpec
@@ -40,6 +41,21 @@ def data_options(args: argparse.Namespace, device: torch.device | None = None) -
     return DataOptions(**opt)
 
 
+def parse_layer_bits(specs: list[str]) -> tuple[tuple[str, int, int | None], ...]:
+    """--layer_bits PATTERN=W[,A] (repeatable) as QuantConfig.layer_bits."""
+    rules = []
+    for spec in specs:
+        pattern, sep, bits = spec.rpartition("=")
+        parts = bits.split(",")
+        if not sep or not pattern or len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+            raise DfqError(
+                f"--layer_bits '{spec}' is not PATTERN=W or PATTERN=W,A.",
+                "e.g. --layer_bits 'features.0.*=8' or --layer_bits 'classifier.1=8,8'",
+            )
+        rules.append((pattern, int(parts[0]), int(parts[1]) if len(parts) == 2 else None))
+    return tuple(rules)
+
+
 def pipeline_config(
     args: argparse.Namespace, inputs: InputConfig | None = None, **overrides
 ) -> PipelineConfig:
@@ -54,6 +70,8 @@ def pipeline_config(
         activation_symmetric=args.symmetric_activation,
         target=getattr(args, "target", None) or "generic",
         reduce_range=getattr(args, "reduce_range", None),
+        keep_first_last=args.keep_first_last,
+        layer_bits=parse_layer_bits(args.layer_bits),
     )
     fields = dict(
         quantize=args.quantize,
@@ -74,6 +92,16 @@ def pipeline_config(
         input_mean=tuple(args.mean or inputs.mean),
         input_std=tuple(args.std or inputs.std),
         input_size=input_size(args, inputs),
+    )
+    rec = {
+        "iterations": getattr(args, "reconstruct_iters", None),
+        "seconds": getattr(args, "reconstruct_seconds", None),
+        "batch_size": getattr(args, "reconstruct_batch", None),
+        "fp_input_mix": getattr(args, "reconstruct_fp_mix", None),
+    }
+    fields["reconstruct"] = getattr(args, "reconstruct", False)
+    fields["reconstruction"] = ReconstructConfig(
+        seed=getattr(args, "seed", 0), **{k: v for k, v in rec.items() if v is not None}
     )
     if args.range_percentile is not None:
         fields["range_percentile"] = args.range_percentile

@@ -70,6 +70,22 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--per_channel", action="store_true", help="per-output-channel weight scales")
     g.add_argument(
+        "--keep_first_last",
+        type=int,
+        default=None,
+        metavar="BITS",
+        help="first and last conv/linear layers (weights and inputs) at BITS bits",
+    )
+    g.add_argument(
+        "--layer_bits",
+        action="append",
+        default=[],
+        metavar="PATTERN=W[,A]",
+        help="weight (and input-activation) bits of the layers whose module name matches "
+        "the fnmatch PATTERN, e.g. 'features.0.*=8' or 'classifier.1=8,8'; repeatable, "
+        "later ones win",
+    )
+    g.add_argument(
         "--asymmetric_weight", action="store_true", help="asymmetric weight grid (uint8-style)"
     )
     g.add_argument(
@@ -88,6 +104,47 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="activation ranges from N real images of --data (for comparison; not data-free)",
+    )
+    r = p.add_argument_group("reconstruction (learned rounding and step sizes, on the data)")
+    r.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="learn weight rounding (AdaRound) and activation step sizes (LSQ) block by block "
+        "against FP32 on distilled (or --true_data) images",
+    )
+    r.add_argument(
+        "--reconstruct-iters", type=int, default=None, help="Adam steps per block (default 200)"
+    )
+    r.add_argument(
+        "--reconstruct-seconds",
+        type=float,
+        default=None,
+        help="time cap for all blocks (it warns when it cuts; default none)",
+    )
+    r.add_argument(
+        "--reconstruct-batch", type=int, default=None, help="images per step (default 32)"
+    )
+    r.add_argument(
+        "--reconstruct-fp-mix",
+        type=float,
+        default=None,
+        help="share of block-input elements taken from FP32 instead of the quantized model "
+        "(QDrop; default 0)",
+    )
+    r.add_argument(
+        "--save-quantized",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the quantized model (state and config) here, e.g. after --reconstruct",
+    )
+    r.add_argument(
+        "--load-quantized",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="evaluate / export a model saved with --save-quantized (its config replaces the "
+        "pipeline switches; no data or reconstruction is needed)",
     )
     d = p.add_argument_group("distilled data (ZeroQ)")
     d.add_argument(

@@ -5,6 +5,7 @@ hold their *dequantized* integer values, so the forward is the float op on exact
 values an int8 runtime uses, and exporters recover the integers with `int_weight()`.
 `ActQuant` rounds an activation onto its grid (a QuantizeLinear/DequantizeLinear pair).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.quant.primitives import Grid, ROUNDING, dequantize, quantize
-
+from dfq.quant.primitives import ROUNDING, Grid, dequantize, fake_quantize_ste, quantize
 
 QUANTIZE, OBSERVE, FLOAT = "quantize", "observe", "float"
 
@@ -36,6 +36,8 @@ class ActQuant(nn.Module):
         self.register_buffer("observed_min", torch.tensor(float("inf")))
         self.register_buffer("observed_max", torch.tensor(float("-inf")))
         self.mode = QUANTIZE
+        # set by dfq.reconstruct while it learns `scale`: gradients then reach the scale (LSQ)
+        self.learn_scale = False
 
     @property
     def mode(self) -> str:
@@ -61,12 +63,15 @@ class ActQuant(nn.Module):
                 self.observed_min.copy_(torch.minimum(self.observed_min, x.detach().min()))
                 self.observed_max.copy_(torch.maximum(self.observed_max, x.detach().max()))
             return x
+        if self.learn_scale:
+            return fake_quantize_ste(x, self.scale, self.zero_point, self.grid)
         if self.reciprocal:
             q = ROUNDING[self.rounding](x * self.inv_scale().to(x.dtype)) + self.zero_point
             return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
         if self.rounding == "half_even" and x.dtype == torch.float32:
             return torch.fake_quantize_per_tensor_affine(
-                x, self.scale, self.zero_point.int(), self.grid.qmin, self.grid.qmax)
+                x, self.scale, self.zero_point.int(), self.grid.qmin, self.grid.qmax
+            )
         q = ROUNDING[self.rounding](x / self.scale) + self.zero_point
         return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
 
@@ -85,8 +90,14 @@ class QuantizedLayer:
     weight_axis: int | None  # None = per-tensor, 0 = per output channel
     bias_grid: Grid | None
 
-    def init_quant(self, weight_q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
-                   grid: Grid, axis: int | None) -> None:
+    def init_quant(
+        self,
+        weight_q: torch.Tensor,
+        scale: torch.Tensor,
+        zp: torch.Tensor,
+        grid: Grid,
+        axis: int | None,
+    ) -> None:
         self.weight_grid, self.weight_axis, self.bias_grid = grid, axis, None
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zp)
@@ -95,8 +106,13 @@ class QuantizedLayer:
             self.weight.copy_(dequantize(weight_q, scale, zp, axis, self.weight.dtype))
 
     def int_weight(self) -> torch.Tensor:
-        return quantize(self.weight.detach(), self.weight_scale, self.weight_zero_point,
-                        self.weight_grid, self.weight_axis)
+        return quantize(
+            self.weight.detach(),
+            self.weight_scale,
+            self.weight_zero_point,
+            self.weight_grid,
+            self.weight_axis,
+        )
 
     def set_bias_quant(self, scale: torch.Tensor, grid: Grid) -> None:
         """Put the bias on `grid` at `scale` (per-tensor or per output channel)."""
@@ -133,7 +149,7 @@ class Dequant(NamedTuple):
     fused: bool
 
 
-FLOAT32_EXACT = 2 ** 24  # every integer of magnitude up to this is a float32
+FLOAT32_EXACT = 2**24  # every integer of magnitude up to this is a float32
 
 
 def exact_integer_op(op, xi: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
@@ -153,7 +169,7 @@ def exact_integer_op(op, xi: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
         if xmax * wsum < FLOAT32_EXACT:
             return op(xi.float(), wi.float()).double()
         k = int(math.floor(math.log2(FLOAT32_EXACT / wsum))) if wsum >= 1 else 24
-        step = 2.0 ** k
+        step = 2.0**k
         if k >= 1 and (math.floor(xmax / step) + 1) * wsum < FLOAT32_EXACT:
             hi = torch.floor(xi / step)
             lo = xi - hi * step
@@ -168,13 +184,17 @@ def _integer_forward(layer, x: torch.Tensor, op) -> torch.Tensor | None:
     r, d = layer.requant, layer.dequant
     if r is None and d is None:
         return None
-    xi = torch.round(x.float() / (r or d).in_scale.float())  # the input's integers (q - zp), exact in float32
+    xi = torch.round(
+        x.float() / (r or d).in_scale.float()
+    )  # the input's integers (q - zp), exact in float32
     acc = exact_integer_op(op, xi, layer.int_weight().float())
     shape = (1, -1) + (1,) * (acc.dim() - 2)
     if r is not None:
         if layer.bias is not None:
             acc = acc + layer.int_bias().double().reshape(shape)
-        m = (r.in_scale.float() * layer.weight_scale.float()) / r.out_scale.float()  # float32, as the runtime
+        m = (
+            r.in_scale.float() * layer.weight_scale.float()
+        ) / r.out_scale.float()  # float32, as the runtime
         y = acc.float() * m.to(acc.device).reshape(shape)
         zp = float(r.out_zero_point)
         return (torch.round(y.clamp(r.qmin - zp, r.qmax - zp)) * r.out_scale.float()).to(x.dtype)
@@ -192,8 +212,13 @@ class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
     dequant: Dequant | None = None  # set: compute like ncnn's int8 convolution, exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _integer_forward(self, x, lambda xi, w: F.conv2d(xi, w, None, self.stride, self.padding,
-                                                             self.dilation, self.groups))
+        y = _integer_forward(
+            self,
+            x,
+            lambda xi, w: F.conv2d(
+                xi, w, None, self.stride, self.padding, self.dilation, self.groups
+            ),
+        )
         return super().forward(x) if y is None else y
 
 
@@ -211,8 +236,17 @@ def quantized_copy(m: nn.Module) -> nn.Module:
     if isinstance(m, nn.Linear):
         q = QuantizedLinear(m.in_features, m.out_features, bias=m.bias is not None)
     else:
-        q = QuantizedConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                            m.dilation, m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+        q = QuantizedConv2d(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+        )
     q = q.to(dtype=m.weight.dtype, device=m.weight.device)
     q.load_state_dict(m.state_dict())
     q.requires_grad_(False)

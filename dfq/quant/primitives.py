@@ -3,6 +3,7 @@
 Zero points are integers, so 0.0 is always exactly representable (zero padding, ReLU
 zeros). Symmetric grids are narrow ([-127, 127] at 8 bits), as int8 runtimes use them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class Grid:
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
 def round_half_even(x: torch.Tensor) -> torch.Tensor:
@@ -69,23 +70,50 @@ def _shape(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return p.reshape(shape)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid,
-             axis: int | None = None, rounding: str = "half_even") -> torch.Tensor:
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor,
+    grid: Grid,
+    axis: int | None = None,
+    rounding: str = "half_even",
+) -> torch.Tensor:
     """Integer values (as int64) of x on the grid; per-channel along `axis` when given."""
     s, z = _shape(scale, x, axis), _shape(zp, x, axis)
     q = ROUNDING[rounding](x.double() / s.double()) + z
     return q.clamp(grid.qmin, grid.qmax).to(torch.int64)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, axis: int | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor,
+    axis: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     s, z = _shape(scale, q, axis), _shape(zp, q, axis)
     return ((q - z).to(torch.float64) * s.double()).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid,
-                  axis: int | None = None, rounding: str = "half_even") -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor,
+    grid: Grid,
+    axis: int | None = None,
+    rounding: str = "half_even",
+) -> torch.Tensor:
     return dequantize(quantize(x, scale, zp, grid, axis, rounding), scale, zp, axis, x.dtype)
+
+
+def fake_quantize_ste(
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """Per-tensor fake quantization differentiable in x and in `scale` (LSQ, Esser et al. 2020):
+    rounding passes the gradient straight through, clamping stops it."""
+    v = x / scale
+    q = (torch.round(v) - v).detach() + v + zp
+    return (q.clamp(grid.qmin, grid.qmax) - zp) * scale
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:

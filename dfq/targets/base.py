@@ -6,6 +6,7 @@ the quantized value, how biases are stored, and which layers the simulation must
 integer-exactly. The pipeline asks the profile; nothing below the pipeline knows profiles exist,
 so a new runtime is one new module in this package.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,9 +22,10 @@ class Profile:
     """The generic profile: exactly what the QuantConfig says, no runtime behind it."""
 
     name = "generic"
-    format: str | None = None                 # the file format its runtime reads (`dfq export --format`)
-    runtime_modules: tuple[str, ...] = ()     # Python modules its exporter and runtime need
-    reciprocal_scales = False                 # quantizers multiply by float32 1/scale (ncnn)
+    format: str | None = None  # the file format its runtime reads (`dfq export --format`)
+    runtime_modules: tuple[str, ...] = ()  # Python modules its exporter and runtime need
+    reciprocal_scales = False  # quantizers multiply by float32 1/scale (ncnn)
+    int32_bias_at_input_scale = True  # --bits_bias 32 puts biases on s_weight * s_input
 
     def resolve(self, q: QuantConfig) -> QuantConfig:
         """The concrete config this runtime computes with (idempotent)."""

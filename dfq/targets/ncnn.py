@@ -16,6 +16,7 @@ approximate reciprocal that only ncnn itself can tell us (`ncnn_depthwise_multip
 Simulating that takes MobileNetV2 (1300 images) from 95.5 % to 100 % argmax agreement with ncnn,
 with identical logits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,13 @@ INT8_TAG = 0x000D4B38  # ncnn ModelBin / ncnn2int8.cpp fwrite_weight_tag_data: "
 
 def is_ncnn_winograd(m: nn.Module) -> bool:
     """ncnn2table.cpp: kernel 3x3, dilation 1, stride 1 Convolution (not depthwise) -> 31/absmax."""
-    return (isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.kernel_size) == (3, 3)
-            and tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1))
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.groups == 1
+        and tuple(m.kernel_size) == (3, 3)
+        and tuple(m.stride) == (1, 1)
+        and tuple(m.dilation) == (1, 1)
+    )
 
 
 def ncnn_weight_scales(m: QuantizedLayer) -> torch.Tensor:
@@ -66,16 +72,25 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> np.ndarray:
 
     ws = np.asarray(weight_scales, np.float32).reshape(-1)
     g = ws.size
-    param = ("7767517\n2 2\n"
-             f"Input in0 0 1 in0 0=1 1=1 2={g}\n"
-             f"ConvolutionDepthWise dw 1 1 in0 out0 0={g} 1=1 11=1 2=1 12=1 3=1 13=1 4=0 14=0 5=0 6={g} 7={g} 8=1\n")
-    blob = (struct.pack("<I", INT8_TAG) + np.ones(g, np.int8).tobytes() + b"\0" * (-g % 4)
-            + ws.tobytes() + np.array([in_scale], np.float32).tobytes())
+    param = (
+        "7767517\n2 2\n"
+        f"Input in0 0 1 in0 0=1 1=1 2={g}\n"
+        f"ConvolutionDepthWise dw 1 1 in0 out0 0={g} 1=1 11=1 2=1 12=1 3=1 13=1 4=0 14=0 5=0 6={g} 7={g} 8=1\n"
+    )
+    blob = (
+        struct.pack("<I", INT8_TAG)
+        + np.ones(g, np.int8).tobytes()
+        + b"\0" * (-g % 4)
+        + ws.tobytes()
+        + np.array([in_scale], np.float32).tobytes()
+    )
     with tempfile.TemporaryDirectory(prefix="dfq_ncnn_probe_") as tmp:
         Path(tmp, "p.param").write_text(param)
         Path(tmp, "p.bin").write_bytes(blob)
         run = NcnnRunner(Path(tmp, "p.param"), Path(tmp, "p.bin"), threads=1)
-        x = torch.full((1, g, 1, 1), float(np.float32(1.0) / np.float32(in_scale)))  # quantizes to 1
+        x = torch.full(
+            (1, g, 1, 1), float(np.float32(1.0) / np.float32(in_scale))
+        )  # quantizes to 1
         return run(x)[0].numpy().astype(np.float32).reshape(-1)
 
 
@@ -84,11 +99,14 @@ class NcnnProfile(Profile):
     format = "ncnn"
     runtime_modules = ("ncnn", "pnnx")
     reciprocal_scales = True
+    int32_bias_at_input_scale = False  # fp32 biases
 
     def resolve(self, q: QuantConfig) -> QuantConfig:
         require_int8(q)
         reduce = (not is_x86()) if q.reduce_range is None else q.reduce_range
-        return dataclasses.replace(q, activation_symmetric=True, rounding="half_away", reduce_range=reduce)
+        return dataclasses.replace(
+            q, activation_symmetric=True, rounding="half_away", reduce_range=reduce
+        )
 
     def weight_bits(self, q: QuantConfig, module: nn.Module) -> int:
         """ncnn2table's 6-bit rule for winograd-eligible convolutions (with reduce_range).
@@ -109,8 +127,12 @@ class NcnnProfile(Profile):
 
     def quantize_biases_(self, gm: fx.GraphModule, q: QuantConfig) -> dict[str, dict]:
         """ncnn adds the fp32 bias after dequantizing the int32 sum."""
-        return {n.target: {"bias": "fp32 (ncnn)"} for n in gm.graph.nodes
-                if isinstance(weighted_module(gm, n), QuantizedLayer) and weighted_module(gm, n).bias is not None}
+        return {
+            n.target: {"bias": "fp32 (ncnn)"}
+            for n in gm.graph.nodes
+            if isinstance(weighted_module(gm, n), QuantizedLayer)
+            and weighted_module(gm, n).bias is not None
+        }
 
     def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:
         """Every int8 layer with a quantized input computes its float32 output as ncnn does."""
@@ -123,11 +145,16 @@ class NcnnProfile(Profile):
             if in_q is None:
                 continue
             w_inv = ncnn_weight_scales(m)
-            mult, how = 1.0 / (in_q.inv_scale().float() * w_inv), "exact reciprocal"  # float32, as ncnn
+            mult, how = (
+                1.0 / (in_q.inv_scale().float() * w_inv),
+                "exact reciprocal",
+            )  # float32, as ncnn
             depthwise = is_depthwise(m)
             if depthwise and m.out_channels % 8 == 0:
                 if importlib.util.find_spec("ncnn") is not None:
-                    mult = torch.from_numpy(ncnn_depthwise_multipliers(float(in_q.inv_scale()), w_inv.numpy()))
+                    mult = torch.from_numpy(
+                        ncnn_depthwise_multipliers(float(in_q.inv_scale()), w_inv.numpy())
+                    )
                     how = "read off ncnn (approximate reciprocal of the packed depthwise kernel)"
                 else:
                     how = "exact reciprocal (ncnn not installed: its packed depthwise kernel rounds differently)"
@@ -138,10 +165,16 @@ class NcnnProfile(Profile):
         return done
 
     def describe(self, q: QuantConfig) -> dict:
-        return {"target": "ncnn", "reduce_range": q.reduce_range,
-                "note": "symmetric int8, scale 127/absmax, round half away, float adds/pools/bias"
-                        + (", 6-bit weights for 3x3 stride-1 convolutions (ncnn2table, winograd)"
-                           if q.reduce_range else "")}
+        return {
+            "target": "ncnn",
+            "reduce_range": q.reduce_range,
+            "note": "symmetric int8, scale 127/absmax, round half away, float adds/pools/bias"
+            + (
+                ", 6-bit weights for 3x3 stride-1 convolutions (ncnn2table, winograd)"
+                if q.reduce_range
+                else ""
+            ),
+        }
 
 
 NCNN = NcnnProfile()

@@ -21,6 +21,7 @@ from torch import nn
 from dfq.config import CLIP_WEIGHT, PipelineConfig
 from dfq.distributed import check_identical, world
 from dfq.pipeline import quantize_model
+from dfq.quant.mixed import weight_size
 from dfq.quantization_data import pipeline_data
 from dfq.tasks.base import EvalData, Score, Task
 
@@ -54,14 +55,25 @@ def run_one(
     label: str = "dfq",
     calib_data: list[torch.Tensor] | None = None,
     device: torch.device | None = None,
+    restore: dict[str, Any] | None = None,
+    save: str | Path | None = None,
 ) -> dict[str, Any]:
     """Quantize per `config` (with `calib_data` if it needs any), score it on `data`, pair it
     with `reference` (FP32). The pipeline runs on the CPU (where its float transforms are exact
-    and deterministic); the fake-quant model is evaluated on `device`."""
-    if calib_data is None and config.needs_data:
+    and deterministic); the fake-quant model is evaluated on `device`. `restore`: a saved result
+    (dfq.saved.load_quantized) instead of the data-driven steps; `save`: write the result."""
+    if calib_data is None and config.needs_data and restore is None:
         calib_data, _ = pipeline_data(model, config, data.batches, progress=progress, device=device)
-    result = quantize_model(model, config, calib_data=calib_data)
+    result = quantize_model(
+        model, config, calib_data=calib_data, progress=progress, restore=restore
+    )
     check_identical(result.model, "the quantized model")
+    if restore is not None and not result.reconstruction:
+        result.reconstruction = restore["meta"].get("reconstruction", {})
+    if save is not None and world()[0] == 0:
+        from dfq.saved import save_quantized
+
+        save_quantized(save, result.model, result.config, {"reconstruction": result.reconstruction})
     t = time.perf_counter()
     score = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, label)
     out = {
@@ -72,6 +84,8 @@ def run_one(
         "activations": result.activations,
         "coverage": result.coverage,
         "equalization": equalization_summary(result.layers) if config.equalize else None,
+        **(weight_size(result.layers) if config.quantize else {}),
+        **({"reconstruction": result.reconstruction} if result.reconstruction else {}),
         "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)},
     }
     if reference is not None:
@@ -141,7 +155,7 @@ def runtime_run(
     config = dataclasses.replace(
         config, quantize=True, quant=dataclasses.replace(config.quant, target=backend)
     )
-    result = quantize_model(model, config, calib_data=calib_data)
+    result = quantize_model(model, config, calib_data=calib_data, progress=progress)
     check_identical(result.model, "the quantized model")
     out_dir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="dfq_export_"))
     rank, size = world()

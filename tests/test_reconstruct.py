@@ -1,0 +1,206 @@
+"""Reconstruction (AdaRound + LSQ, block by block): weights stay on their integer grids, the
+output error falls below round-to-nearest's, the same seed gives the same model, and blocks
+follow the graph."""
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import CatNet, SmallNet, randomize_bn, shared
+
+from dfq import PipelineConfig, QuantConfig, quantize_model
+from dfq.cli import main
+from dfq.config import ReconstructConfig
+from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.reconstruct import find_blocks
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: a second thread only costs (and stalls on busy cores)
+    yield
+    torch.set_num_threads(n)
+
+
+def _setup(net=SmallNet, bits=(3, 4)):
+    torch.manual_seed(0)
+    model = randomize_bn(net())
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(32, 3, 12, 12, generator=g) for _ in range(2)]
+    held_out = torch.randn(64, 3, 12, 12, generator=g)
+    base = PipelineConfig(
+        correction=True,
+        quant=QuantConfig(bits_weight=bits[0], bits_activation=bits[1], per_channel=True),
+    )
+    return model, data, held_out, base
+
+
+def _rec(base, **kw):
+    return dataclasses.replace(
+        base, reconstruct=True, reconstruction=ReconstructConfig(**{"iterations": 60, **kw})
+    )
+
+
+def _mse(gm, model, x):
+    with torch.no_grad():
+        return float((gm(x) - model(x)).pow(2).mean())
+
+
+def _on_grid(m) -> bool:
+    q = m.int_weight()
+    s = m.weight_scale.reshape(-1, *([1] * (q.dim() - 1))).double()
+    z = m.weight_zero_point.reshape(s.shape)
+    g = m.weight_grid
+    inside = g.qmin <= int(q.min()) and int(q.max()) <= g.qmax
+    return inside and torch.equal(m.weight, ((q - z).double() * s).float())
+
+
+def test_toy_net_blocks_improve_and_weights_stay_on_the_grid():
+    model, data, _, base = _setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rtn = quantize_model(model, base)
+    rec = quantize_model(model, _rec(base), calib_data=data)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model untouched
+    blocks = rec.reconstruction
+    assert all(b["mse_after"] <= b["mse_before"] for b in blocks.values())
+    assert (
+        sum(b["learned"] and b["mse_after"] < 0.95 * b["mse_before"] for b in blocks.values()) >= 2
+    )
+    changed = 0
+    for name, m in rec.model.named_modules():
+        if isinstance(m, QuantizedLayer):
+            assert _on_grid(m)
+            changed += int((m.int_weight() != rtn.model.get_submodule(name).int_weight()).sum())
+    assert changed > 0  # some weights were rounded the other way
+    scales = {n: float(m.scale) for n, m in rec.model.named_modules() if isinstance(m, ActQuant)}
+    rtn_scales = {
+        n: float(m.scale) for n, m in rtn.model.named_modules() if isinstance(m, ActQuant)
+    }
+    assert scales.keys() == rtn_scales.keys() and scales != rtn_scales  # LSQ moved step sizes
+    assert rec.timings["reconstruct"] > 0
+
+
+@pytest.mark.slow
+def test_resnet20_w4a4_logits_closer_to_fp32_than_round_to_nearest():
+    """On a real network and real images, held-out logits move towards FP32."""
+    from conftest import load_cifar_resnet
+
+    from dfq.models import input_config
+    from dfq.tasks.base import DataOptions
+    from dfq.tasks.classification import load
+
+    model = load_cifar_resnet(20)
+    inputs = input_config("cifar_resnet20")
+    batches = load(
+        DataOptions(str(shared("cifar10_test10k_jpeg.npz")), limit=96, batch_size=32), inputs
+    ).batches
+    calib, held_out = [batches[0][0]], torch.cat([x for x, _ in batches[1:]])
+    base = PipelineConfig(
+        equalize=True,
+        correction=True,
+        input_mean=inputs.mean,
+        input_std=inputs.std,
+        quant=QuantConfig(bits_weight=4, bits_activation=4, per_channel=True),
+    )
+    rtn = quantize_model(model, base)
+    rec = quantize_model(model, _rec(base, iterations=30, batch_size=16), calib_data=calib)
+    assert _mse(rec.model, model, held_out) < 0.8 * _mse(rtn.model, model, held_out)
+    assert all(_on_grid(m) for m in rec.model.modules() if isinstance(m, QuantizedLayer))
+
+
+def test_same_seed_same_model_other_seed_other_model():
+    model, data, _, base = _setup()
+    a = quantize_model(model, _rec(base, iterations=30, fp_input_mix=0.5), calib_data=data)
+    b = quantize_model(model, _rec(base, iterations=30, fp_input_mix=0.5), calib_data=data)
+    c = quantize_model(model, _rec(base, iterations=30, fp_input_mix=0.5, seed=1), calib_data=data)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.reconstruction == {
+        k: {**v, "seconds": a.reconstruction[k]["seconds"]} for k, v in b.reconstruction.items()
+    }
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_blocks_follow_the_graph():
+    model, _, _, base = _setup()
+    gm = quantize_model(model, base).model
+    blocks = find_blocks(gm)
+    # the residual block (dw, pw, add) is one block; the others are single layers
+    assert [b.layers for b in blocks] == [["stem.0"], ["dw.0", "pw.0"], ["head.0"], ["fc"]]
+    seen = [n for b in blocks for n in b.nodes]
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    assert sorted(n.name for n in seen) == sorted(n.name for n in body)
+    assert blocks[1].input.name == "stem_0" or blocks[1].input.name.startswith("act_quant")
+    # concatenations with several live branches stay inside one block
+    cat_gm = quantize_model(randomize_bn(CatNet()), base).model
+    cat_blocks = find_blocks(cat_gm)
+    assert ["a.0", "b.0", "c.0"] == sorted(l for b in cat_blocks for l in b.layers if l[0] in "abc")
+    assert any({"a.0", "b.0", "c.0"} <= set(b.layers) for b in cat_blocks)
+
+
+def test_time_cap_warns_and_reports_the_cut():
+    model, data, _, base = _setup()
+    with pytest.warns(UserWarning, match="reconstruct-seconds .* cut"):
+        r = quantize_model(model, _rec(base, iterations=100000, seconds=0.5), calib_data=data)
+    assert any(b["cut_by_time"] for b in r.reconstruction.values())
+    for m in r.model.modules():
+        if isinstance(m, QuantizedLayer):  # cut or not, the weights are on their grid
+            assert torch.equal(
+                m.weight,
+                m.int_weight()
+                .double()
+                .mul(m.weight_scale.reshape(-1, *([1] * (m.weight.dim() - 1))).double())
+                .float(),
+            )
+
+
+def test_without_iterations_nothing_changes():
+    model, data, held_out, base = _setup()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = quantize_model(model, _rec(base, iterations=0), calib_data=data)
+    rtn = quantize_model(model, base)
+    sr, s0 = r.model.state_dict(), rtn.model.state_dict()
+    assert all(torch.equal(sr[k], s0[k]) for k in s0)
+    assert not any(b["learned"] for b in r.reconstruction.values())
+
+
+def test_cli_reconstruct_reports_blocks(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(
+        [
+            "cls",
+            "--arch",
+            "cifar_resnet20",
+            "--weights",
+            str(shared("cifar10_resnet20-12fca82f.th")),
+            "--data",
+            str(shared("cifar10_foolbox20.npz")),
+            "--quantize",
+            "--per_channel",
+            "--bits_weight",
+            "4",
+            "--bits_activation",
+            "4",
+            "--true_data",
+            "16",
+            "--reconstruct",
+            "--reconstruct-iters",
+            "4",
+            "--limit",
+            "8",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert "reconstruction: 11 blocks" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert list(r["reconstruction"])[:3] == ["conv1", "layer1.0", "layer1.1"]
+    assert r["reconstruction"]["layer1.0"]["layers"] == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert r["config"]["reconstruct"] and r["config"]["reconstruction"]["iterations"] == 4
+    assert "reconstruct" in r["timings"]
