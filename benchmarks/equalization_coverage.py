@@ -4,6 +4,7 @@ replaced (--relu) and kept. Random BN statistics (coverage depends on the graph,
 
     .venv/bin/python benchmarks/equalization_coverage.py     # table + results/equalization_coverage.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def main(argv=None) -> dict:
     rows, res = [], {}
     for name, make in MODELS.items():
         t = fold_batchnorm(trace(randomize_bn(make().eval(), seed=1)))
-        layers = {n.target for n in t.gm.graph.nodes if n.op == "call_module"
-                  and isinstance(t.gm.get_submodule(n.target), (torch.nn.Conv2d, torch.nn.Linear))}
+        layers = {
+            n.target
+            for n in t.gm.graph.nodes
+            if n.op == "call_module"
+            and isinstance(t.gm.get_submodule(n.target), (torch.nn.Conv2d, torch.nn.Linear))
+        }
         res[name] = {"layers": len(layers)}
         row = [name, len(layers)]
         for relu in (True, False):
@@ -53,11 +58,24 @@ def main(argv=None) -> dict:
             for regions in (False, True):
                 eq = equalize(base.gm, base.stats, EqualizeConfig(residual_regions=regions))
                 left = left_alone(eq.info, layers)
-                res[name][f"{'relu' if relu else 'relu6_kept'}_{'regions' if regions else 'chains'}"] = left
+                res[name][
+                    f"{'relu' if relu else 'relu6_kept'}_{'regions' if regions else 'chains'}"
+                ] = left
                 row.append(len(left))
         rows.append(row)
-    print(markdown_table(["model", "weighted layers", "--relu chains", "--relu regions", "ReLU6 kept chains",
-                          "ReLU6 kept regions"], rows))
+    print(
+        markdown_table(
+            [
+                "model",
+                "weighted layers",
+                "--relu chains",
+                "--relu regions",
+                "ReLU6 kept chains",
+                "ReLU6 kept regions",
+            ],
+            rows,
+        )
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

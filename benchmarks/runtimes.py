@@ -10,6 +10,7 @@ runtime with its own simulation. Speed: fp32 vs int8 for onnxruntime and ncnn at
 median of repeated runs, all in one process (ratios from one run; the CPU is shared, so
 absolute times are noisy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,57 +69,135 @@ def main(argv=None) -> dict:
     shape = (1, 3, 224, 224)
     config = PipelineConfig(relu=True, equalize=True, correction=True)
     if args.per_channel:
-        config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, per_channel=True))
-    res = {"model": "mobilenet_v2 (torchvision V1)", "pipeline": "W8A8 --relu --equalize --correction",
-           "per_channel": args.per_channel, "threads": args.threads}
-    batches = materialize(load_images(args.data, Preprocess(resize=256, crop=224)), args.limit, 50, progress=False)
+        config = dataclasses.replace(
+            config, quant=dataclasses.replace(config.quant, per_channel=True)
+        )
+    res = {
+        "model": "mobilenet_v2 (torchvision V1)",
+        "pipeline": "W8A8 --relu --equalize --correction",
+        "per_channel": args.per_channel,
+        "threads": args.threads,
+    }
+    batches = materialize(
+        load_images(args.data, Preprocess(resize=256, crop=224)), args.limit, 50, progress=False
+    )
     data = EvalData(batches, sum(len(y) for _, y in batches), "imagenet_val1300")
     fp32 = evaluate(model, batches)
     print(f"fp32 top1 {fp32.summary()['top1']} on {data.n} images", flush=True)
     rows = [["FP32 (PyTorch)", fp32.summary()["top1"], None, None]]
     runs = {}
     for backend, label in (("ort", "onnxruntime int8 (QDQ)"), ("ncnn", "ncnn int8")):
-        r = runs[backend] = runtime_run(TASK, model, config, data, backend, export_dir=out / backend,
-                                        name="mobilenet_v2", reference=fp32, progress=False)
+        r = runs[backend] = runtime_run(
+            TASK,
+            model,
+            config,
+            data,
+            backend,
+            export_dir=out / backend,
+            name="mobilenet_v2",
+            reference=fp32,
+            progress=False,
+        )
         rows.append([f"simulation --target {backend}", r["sim_top1"], None, None])
         rows.append([label, r["top1"], r["agreement_with_sim"], r["agreement"]])
-        res[backend] = {k: r[k] for k in ("sim_top1", "top1", "agreement_with_sim", "max_abs_logit_diff", "profile",
-                                          "files", "agreement")}
-        print(f"{backend}: simulation top1 {r['sim_top1']}, runtime top1 {r['top1']}, "
-              f"agreement {r['agreement_with_sim']}%", flush=True)
+        res[backend] = {
+            k: r[k]
+            for k in (
+                "sim_top1",
+                "top1",
+                "agreement_with_sim",
+                "max_abs_logit_diff",
+                "profile",
+                "files",
+                "agreement",
+            )
+        }
+        print(
+            f"{backend}: simulation top1 {r['sim_top1']}, runtime top1 {r['top1']}, "
+            f"agreement {r['agreement_with_sim']}%",
+            flush=True,
+        )
     res["ort_integer_ops"] = runs["ort"]["integer_ops"]
     res["fp32_top1"], res["n"] = fp32.summary()["top1"], data.n
     res["accuracy_table"] = rows
-    print(f"\nMobileNetV2 on {res['n']} images of imagenet_val1300 (Resize 256, CenterCrop 224), DFQ W8A8:")
-    print(markdown_table(["model", "top1", "argmax agreement with its simulation %", "agreement with FP32 %"], rows))
+    print(
+        f"\nMobileNetV2 on {res['n']} images of imagenet_val1300 (Resize 256, CenterCrop 224), DFQ W8A8:"
+    )
+    print(
+        markdown_table(
+            ["model", "top1", "argmax agreement with its simulation %", "agreement with FP32 %"],
+            rows,
+        )
+    )
 
     if not args.skip_speed:
         onnx_fp32 = out / "mobilenet_v2_fp32.onnx"
-        torch.onnx.export(model, (torch.zeros(shape),), str(onnx_fp32), dynamo=True,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                          input_names=["input"], output_names=["logits"])
+        torch.onnx.export(
+            model,
+            (torch.zeros(shape),),
+            str(onnx_fp32),
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            input_names=["input"],
+            output_names=["logits"],
+        )
         from dfq.runners import NcnnRunner, OrtRunner
 
         ort_fp32 = OrtRunner(onnx_fp32, args.threads)
         ncnn_files = runs["ncnn"]["files"]
         ncnn_fp32 = NcnnRunner(ncnn_files["fp32_param"], ncnn_files["fp32_bin"], args.threads)
-        ort_int8, ncnn_int8 = (export.runner(targets.profile(b), runs[b]["files"], args.threads) for b in ("ort", "ncnn"))
+        ort_int8, ncnn_int8 = (
+            export.runner(targets.profile(b), runs[b]["files"], args.threads)
+            for b in ("ort", "ncnn")
+        )
         speed = []
         for batch in (1, 32):
             x = torch.randn(batch, *shape[1:])
             reps = args.repeats if batch == 1 else max(3, args.repeats // 4)
             with torch.no_grad():
                 t_torch = timeit(model, x, reps)
-            t = {name: timeit(fn, x, reps) for name, fn in
-                 (("ort_fp32", ort_fp32), ("ort_int8", ort_int8), ("ncnn_fp32", ncnn_fp32), ("ncnn_int8", ncnn_int8))}
-            speed.append([batch, round(1000 * t_torch, 1), round(1000 * t["ort_fp32"], 1), round(1000 * t["ort_int8"], 1),
-                          round(t["ort_fp32"] / t["ort_int8"], 2), round(t_torch / t["ort_int8"], 2),
-                          round(1000 * t["ncnn_fp32"], 1), round(1000 * t["ncnn_int8"], 1),
-                          round(t["ncnn_fp32"] / t["ncnn_int8"], 2)])
+            t = {
+                name: timeit(fn, x, reps)
+                for name, fn in (
+                    ("ort_fp32", ort_fp32),
+                    ("ort_int8", ort_int8),
+                    ("ncnn_fp32", ncnn_fp32),
+                    ("ncnn_int8", ncnn_int8),
+                )
+            }
+            speed.append(
+                [
+                    batch,
+                    round(1000 * t_torch, 1),
+                    round(1000 * t["ort_fp32"], 1),
+                    round(1000 * t["ort_int8"], 1),
+                    round(t["ort_fp32"] / t["ort_int8"], 2),
+                    round(t_torch / t["ort_int8"], 2),
+                    round(1000 * t["ncnn_fp32"], 1),
+                    round(1000 * t["ncnn_int8"], 1),
+                    round(t["ncnn_fp32"] / t["ncnn_int8"], 2),
+                ]
+            )
         res["speed_table"] = speed
-        print(f"\nSpeed ({args.threads} threads, median ms per batch; shared CPU, ratios from one run):")
-        print(markdown_table(["batch", "torch fp32", "ort fp32", "ort int8", "ort fp32/int8", "torch fp32/ort int8",
-                              "ncnn fp32", "ncnn int8", "ncnn fp32/int8"], speed))
+        print(
+            f"\nSpeed ({args.threads} threads, median ms per batch; shared CPU, ratios from one run):"
+        )
+        print(
+            markdown_table(
+                [
+                    "batch",
+                    "torch fp32",
+                    "ort fp32",
+                    "ort int8",
+                    "ort fp32/int8",
+                    "torch fp32/ort int8",
+                    "ncnn fp32",
+                    "ncnn int8",
+                    "ncnn fp32/int8",
+                ],
+                speed,
+            )
+        )
     path = out / "runtimes.json"
     path.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {path}")

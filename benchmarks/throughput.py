@@ -7,6 +7,7 @@ MobileNetV2 (torchvision V1 weights) on imagenet_val1300 (Resize 256, CenterCrop
 (--relu --equalize --correction). One process uses every core; under torchrun each process
 gets cores / processes threads. Prints a table and writes results/throughput.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,12 @@ from dfq.report import markdown_table  # noqa: E402
 from dfq.tasks.classification import TASK, Preprocess, load_images, materialize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "imagenet_val1300.npz"
-MODELS = ("fp32", "fake-quant (generic)", "integer-exact --target ort", "integer-exact --target ncnn")
+MODELS = (
+    "fp32",
+    "fake-quant (generic)",
+    "integer-exact --target ort",
+    "integer-exact --target ncnn",
+)
 
 
 def worker(limit: int, device_spec: str, out: Path) -> None:
@@ -47,7 +53,9 @@ def worker(limit: int, device_spec: str, out: Path) -> None:
     pipe = dict(relu=True, equalize=True, correction=True)
     models = {"fp32": model}
     for name, target in zip(MODELS[1:], ("generic", "ort", "ncnn")):
-        models[name] = quantize_model(model, PipelineConfig(**pipe, quant=QuantConfig(target=target))).model
+        models[name] = quantize_model(
+            model, PipelineConfig(**pipe, quant=QuantConfig(target=target))
+        ).model
     rows = {}
     for name, m in models.items():
         m = m.to(device)
@@ -57,7 +65,10 @@ def worker(limit: int, device_spec: str, out: Path) -> None:
         t = time.perf_counter()
         ev = TASK.evaluate(m, batches)
         seconds = time.perf_counter() - t
-        rows[name] = {"images_per_s": round(len(ev.labels) / seconds, 2), "top1": ev.summary()["top1"]}
+        rows[name] = {
+            "images_per_s": round(len(ev.labels) / seconds, 2),
+            "top1": ev.summary()["top1"],
+        }
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     peaks = [peak]
     if size > 1:
@@ -65,10 +76,20 @@ def worker(limit: int, device_spec: str, out: Path) -> None:
         dist.all_gather_object(peaks, peak)
     if rank == 0:
         gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        out.write_text(json.dumps({"processes": size, "threads": torch.get_num_threads(), "device": str(device),
-                                   "images": sum(len(y) for _, y in batches), "models": rows,
-                                   "peak_rss_mib_per_process": [round(p) for p in peaks],
-                                   "peak_gpu_mib": gpu}, indent=1))
+        out.write_text(
+            json.dumps(
+                {
+                    "processes": size,
+                    "threads": torch.get_num_threads(),
+                    "device": str(device),
+                    "images": sum(len(y) for _, y in batches),
+                    "models": rows,
+                    "peak_rss_mib_per_process": [round(p) for p in peaks],
+                    "peak_gpu_mib": gpu,
+                },
+                indent=1,
+            )
+        )
     if size > 1:
         dist.destroy_process_group()
 
@@ -88,21 +109,58 @@ def main() -> None:
     for n in (1, 2):
         part = args.out.with_suffix(f".{n}.json")
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-                    if n > 1 else [sys.executable])
-        subprocess.run([*launcher, __file__, "--worker", str(part), "--limit", str(args.limit),
-                        "--device", args.device], check=True, env=env)
+        launcher = (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+            if n > 1
+            else [sys.executable]
+        )
+        subprocess.run(
+            [
+                *launcher,
+                __file__,
+                "--worker",
+                str(part),
+                "--limit",
+                str(args.limit),
+                "--device",
+                args.device,
+            ],
+            check=True,
+            env=env,
+        )
         runs.append(json.loads(part.read_text()))
     table = []
     for name in MODELS:
         one, two = (r["models"][name]["images_per_s"] for r in runs)
         base = runs[0]["models"]["fake-quant (generic)"]["images_per_s"]
-        table.append([name, one, two, round(two / one, 2), round(base / one, 2), runs[0]["models"][name]["top1"]])
+        table.append(
+            [
+                name,
+                one,
+                two,
+                round(two / one, 2),
+                round(base / one, 2),
+                runs[0]["models"][name]["top1"],
+            ]
+        )
     print(f"\nMobileNetV2, {runs[0]['images']} images, batch 32, {args.device}, {cores} cores:")
-    print(markdown_table(["model", "img/s 1 process", "img/s 2 processes", "speed-up",
-                          "cost vs fake-quant (1 process)", "top1"], table))
-    print(f"peak RSS per process: 1 process {runs[0]['peak_rss_mib_per_process']} MiB, "
-          f"2 processes {runs[1]['peak_rss_mib_per_process']} MiB")
+    print(
+        markdown_table(
+            [
+                "model",
+                "img/s 1 process",
+                "img/s 2 processes",
+                "speed-up",
+                "cost vs fake-quant (1 process)",
+                "top1",
+            ],
+            table,
+        )
+    )
+    print(
+        f"peak RSS per process: 1 process {runs[0]['peak_rss_mib_per_process']} MiB, "
+        f"2 processes {runs[1]['peak_rss_mib_per_process']} MiB"
+    )
     args.out.write_text(json.dumps({"runs": runs, "table": table}, indent=1))
     print(f"wrote {args.out}")
 

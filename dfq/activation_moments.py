@@ -11,6 +11,7 @@ sigma = 100); here the window shrinks with the piece instead. The variance is ta
 mean, E[(f - m)^2] rather than E[f^2] - m^2, and everything runs in float64, so that a channel
 with a tiny sigma keeps its digits; sigma = 0 gives f(mu) and 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 INF = math.inf
-_L = 40.0   # beyond |x| = 40 each smooth activation equals its asymptote to ~1e-16
-_Z = 10.0   # quadrature windows stop at 10 sigma (the normal's mass beyond: 1e-23)
+_L = 40.0  # beyond |x| = 40 each smooth activation equals its asymptote to ~1e-16
+_Z = 10.0  # quadrature windows stop at 10 sigma (the normal's mass beyond: 1e-23)
 _NODES, _WEIGHTS = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(128))
 
 Poly = tuple[float, ...]  # coefficients c_0, c_1, ... of sum c_j x^j
@@ -38,15 +39,26 @@ _ZERO, _IDENTITY = (0.0,), (0.0, 1.0)
 # parameter (negative_slope, alpha, GELU's approximate). Minima: f'(x) = 0, Newton in float64.
 SHAPES: dict[str, Callable[[object], tuple[tuple[Piece, ...], float | None]]] = {
     "silu": lambda p: (_smooth(F.silu, _ZERO, _IDENTITY), -1.278464542761074),
-    "gelu": lambda p: (_smooth(lambda x: F.gelu(x, approximate=p or "none"), _ZERO, _IDENTITY),
-                       -0.7524614220710163 if p == "tanh" else -0.7517915246935644),
+    "gelu": lambda p: (
+        _smooth(lambda x: F.gelu(x, approximate=p or "none"), _ZERO, _IDENTITY),
+        -0.7524614220710163 if p == "tanh" else -0.7517915246935644,
+    ),
     "mish": lambda p: (_smooth(F.mish, _ZERO, _IDENTITY), -1.1924312145154954),
     "sigmoid": lambda p: (_smooth(torch.sigmoid, _ZERO, (1.0,)), None),
     "tanh": lambda p: (_smooth(torch.tanh, (-1.0,), (1.0,)), None),
-    "elu": lambda a: (((-INF, -_L, (-a,)), (-_L, 0.0, lambda x: a * torch.expm1(x)), (0.0, INF, _IDENTITY)), 0.0),
+    "elu": lambda a: (
+        ((-INF, -_L, (-a,)), (-_L, 0.0, lambda x: a * torch.expm1(x)), (0.0, INF, _IDENTITY)),
+        0.0,
+    ),
     "leaky_relu": lambda k: (((-INF, 0.0, (0.0, k)), (0.0, INF, _IDENTITY)), 0.0),
-    "hardsigmoid": lambda p: (((-INF, -3.0, _ZERO), (-3.0, 3.0, (0.5, 1 / 6)), (3.0, INF, (1.0,))), None),
-    "hardswish": lambda p: (((-INF, -3.0, _ZERO), (-3.0, 3.0, (0.0, 0.5, 1 / 6)), (3.0, INF, _IDENTITY)), -1.5),
+    "hardsigmoid": lambda p: (
+        ((-INF, -3.0, _ZERO), (-3.0, 3.0, (0.5, 1 / 6)), (3.0, INF, (1.0,))),
+        None,
+    ),
+    "hardswish": lambda p: (
+        ((-INF, -3.0, _ZERO), (-3.0, 3.0, (0.0, 0.5, 1 / 6)), (3.0, INF, _IDENTITY)),
+        -1.5,
+    ),
 }
 
 
@@ -57,10 +69,14 @@ def normal_pdf(z: torch.Tensor) -> torch.Tensor:
 def _partial_moments(alpha: torch.Tensor, beta: torch.Tensor, k_max: int) -> list[torch.Tensor]:
     """I_k = E[Z^k; alpha < Z < beta], Z ~ N(0, 1), k = 0..k_max, by
     I_k = (k - 1) I_{k-2} + alpha^{k-1} phi(alpha) - beta^{k-1} phi(beta)."""
+
     def edge(t, k):  # t^(k-1) phi(t), 0 far out (and at +-inf, where it would be inf * 0)
         return torch.where(t.abs() < 40, t.pow(k - 1) * normal_pdf(t), 0.0)
+
     ndtr = torch.special.ndtr
-    mass = torch.where(alpha > 0, ndtr(-alpha) - ndtr(-beta), ndtr(beta) - ndtr(alpha))  # tails without cancelling
+    mass = torch.where(
+        alpha > 0, ndtr(-alpha) - ndtr(-beta), ndtr(beta) - ndtr(alpha)
+    )  # tails without cancelling
     moments = [mass, edge(alpha, 1) - edge(beta, 1)]
     for k in range(2, k_max + 1):
         moments.append((k - 1) * moments[k - 2] + edge(alpha, k) - edge(beta, k))
@@ -85,7 +101,9 @@ def _in_z(c: Poly, mu: torch.Tensor, s: torch.Tensor, shift: torch.Tensor) -> li
     return out
 
 
-def _expect(pieces, mu: torch.Tensor, s: torch.Tensor, power: int, shift: torch.Tensor) -> torch.Tensor:
+def _expect(
+    pieces, mu: torch.Tensor, s: torch.Tensor, power: int, shift: torch.Tensor
+) -> torch.Tensor:
     """E[(f(X) - shift)^power], power 1 or 2, summed over the pieces of f."""
     total = torch.zeros_like(mu)
     for a, b, f in pieces:
@@ -105,7 +123,9 @@ def _expect(pieces, mu: torch.Tensor, s: torch.Tensor, power: int, shift: torch.
     return total
 
 
-def activation_moments(kind: str, param, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_moments(
+    kind: str, param, mean: torch.Tensor, var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """E[f(X)] and Var[f(X)] per channel for X ~ N(mean, var), in mean's dtype."""
     pieces, _ = SHAPES[kind](param)
     mu = mean.detach().double()
@@ -126,12 +146,14 @@ def evaluate(kind: str, param, x: torch.Tensor) -> torch.Tensor:
         if callable(f):
             y = f(x)
         else:  # only the nonzero terms: 0 * inf would be NaN
-            y = sum((cj * x ** j for j, cj in enumerate(f) if cj), torch.zeros_like(x))
+            y = sum((cj * x**j for j, cj in enumerate(f) if cj), torch.zeros_like(x))
         out = torch.where((x >= a) & (x < b) | ((b == INF) & (x == INF)), y, out)
     return out
 
 
-def activation_range(kind: str, param, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_range(
+    kind: str, param, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[min f, max f] over [lo, hi] per channel: the ends, and the interior minimum where f has one."""
     _, x_min = SHAPES[kind](param)
     points = [lo, hi]

@@ -10,6 +10,7 @@ Two refinements of the original DFQ code matter on a CPU: the start is spread ov
 input range (uniform pixels 0..255 through the normalisation) rather than Gaussian noise, and
 each batch stops early once the loss is below `threshold_factor * (BN layers + 1)`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -115,7 +116,9 @@ def _stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return ((mu - mean).square().sum() + (sigma - std).square().sum()) / x.shape[0]
 
 
-def _initial_batch(shape: tuple[int, ...], mean: torch.Tensor, std: torch.Tensor, gen) -> torch.Tensor:
+def _initial_batch(
+    shape: tuple[int, ...], mean: torch.Tensor, std: torch.Tensor, gen
+) -> torch.Tensor:
     """Uniform pixels 0..255 through the normalisation: spread over the whole valid input range."""
     pixels = torch.randint(0, 256, shape, generator=gen, dtype=torch.int64).to(torch.float32)
     return (pixels / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
@@ -126,7 +129,9 @@ def _frozen_copy(model: nn.Module) -> tuple[nn.Module, list[nn.BatchNorm2d]]:
     frozen = copy.deepcopy(model).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    bns = [m for m in frozen.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+    bns = [
+        m for m in frozen.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
+    ]
     if not bns:
         raise DfqError(
             "The model has no BatchNorm2d layer with running statistics, so there is nothing to "
@@ -168,7 +173,10 @@ def distill(
         frozen.to(device)
     ref = next(frozen.parameters(), bns[0].running_mean)
     device, dtype = ref.device, ref.dtype
-    targets = {bn: (bn.running_mean.detach().clone(), torch.sqrt(bn.running_var + bn.eps).detach()) for bn in bns}
+    targets = {
+        bn: (bn.running_mean.detach().clone(), torch.sqrt(bn.running_var + bn.eps).detach())
+        for bn in bns
+    }
     terms: list[torch.Tensor] = []
 
     def hook(bn, inputs):
@@ -187,13 +195,21 @@ def distill(
     bar = tqdm(total=len(owned) * config.iterations, desc="distill", disable=not progress)
     try:
         for b in range(config.num_batches):
-            deadline = None if config.seconds is None else start + config.seconds * (b + 1) / config.num_batches
-            x = _initial_batch(shape, mean.cpu(), std.cpu(), gen)  # drawn by every process: same seeds
+            deadline = (
+                None
+                if config.seconds is None
+                else start + config.seconds * (b + 1) / config.num_batches
+            )
+            x = _initial_batch(
+                shape, mean.cpu(), std.cpu(), gen
+            )  # drawn by every process: same seeds
             if b not in owned:
                 continue
             x = x.to(device, dtype).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=config.lr)
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=config.patience, min_lr=1e-4)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, patience=config.patience, min_lr=1e-4
+            )
             loss_value, steps = math.nan, 0
             while steps < config.iterations:
                 terms.clear()
@@ -207,7 +223,9 @@ def distill(
                 steps += 1
                 bar.update(1)
                 bar.set_postfix(batch=f"{b + 1}/{config.num_batches}", loss=f"{loss_value:.3g}")
-                if loss_value <= threshold or (deadline is not None and time.perf_counter() >= deadline):
+                if loss_value <= threshold or (
+                    deadline is not None and time.perf_counter() >= deadline
+                ):
                     bar.total -= config.iterations - steps
                     bar.refresh()
                     break
@@ -242,9 +260,13 @@ def load_distilled(
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DfqError(f"Distilled data file '{path}' does not exist.", "check the path, or distil first") from None
+        raise DfqError(
+            f"Distilled data file '{path}' does not exist.", "check the path, or distil first"
+        ) from None
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise DfqError(f"'{path}' is not a readable distilled-data file ({type(e).__name__}).", fix) from None
+        raise DfqError(
+            f"'{path}' is not a readable distilled-data file ({type(e).__name__}).", fix
+        ) from None
     if (
         not isinstance(blob, dict)
         or blob.get("format") != _FORMAT
@@ -264,7 +286,11 @@ def load_distilled(
 
 
 def _check_shape(data: torch.Tensor, config: DistillConfig, where: str) -> None:
-    expected = (config.batch_size * config.num_batches, len(config.mean), *(config.resolution or data.shape[2:]))
+    expected = (
+        config.batch_size * config.num_batches,
+        len(config.mean),
+        *(config.resolution or data.shape[2:]),
+    )
     if data.dim() != 4 or tuple(data.shape) != expected or not data.is_floating_point():
         raise DfqError(
             f"Distilled data for '{where}' has shape {tuple(data.shape)} ({data.dtype}), "

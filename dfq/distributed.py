@@ -6,6 +6,7 @@ no randomness; `check_identical` proves every rank holds the same model), evalua
 batch of the same batches a single process would see, and gathers the per-batch results in batch
 order, so every figure equals the single-process one. Only rank 0 prints and writes files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,18 @@ def resolve_device(spec: str = "auto") -> torch.device:
         spec = f"cuda:{local}"
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DfqError(f"--device {spec}: this machine has no CUDA device.", "use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DfqError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s).", "use --device cuda:0")
+        raise DfqError(
+            f"--device {spec}: this machine has no CUDA device.", "use --device cpu (or auto)"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise DfqError(
+            f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s).",
+            "use --device cuda:0",
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DfqError("--device mps: MPS is not available here.", "use --device cpu (or auto)")
     if device.type == "cuda":
@@ -77,9 +87,14 @@ def shard_batches(batches):
         n, bs = len(batches.dataset), batches.batch_size
         owned = mine(len(batches))
         items = [i for b in owned for i in range(b * bs, min((b + 1) * bs, n))]
-        loader = DataLoader(Subset(batches.dataset, items), batch_size=bs, shuffle=False,
-                            num_workers=batches.num_workers, collate_fn=batches.collate_fn,
-                            pin_memory=batches.pin_memory)
+        loader = DataLoader(
+            Subset(batches.dataset, items),
+            batch_size=bs,
+            shuffle=False,
+            num_workers=batches.num_workers,
+            collate_fn=batches.collate_fn,
+            pin_memory=batches.pin_memory,
+        )
         return loader, owned
     batches = list(batches)
     owned = mine(len(batches))
@@ -111,5 +126,7 @@ def check_identical(model: torch.nn.Module, what: str) -> None:
     digests: list = [None] * size
     dist.all_gather_object(digests, h.hexdigest())
     if len(set(digests)) != 1:
-        raise DfqError(f"{what} differs between the {size} processes (a non-deterministic step).",
-                       "run in one process, and report this as a bug")
+        raise DfqError(
+            f"{what} differs between the {size} processes (a non-deterministic step).",
+            "run in one process, and report this as a bug",
+        )

@@ -1,4 +1,5 @@
 """Small modules that dfq's transforms insert into graphs."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Data-free configs need none. `calib` / `true_data` take the first images of the evaluation
 batches; otherwise images are distilled from the model's BN statistics (or loaded from --load).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,9 +38,15 @@ def first_images(batches: Iterable, n: int) -> list[torch.Tensor]:
     return out
 
 
-def pipeline_data(model: nn.Module, config: PipelineConfig, batches: Iterable | None, spec: DataSpec = DataSpec(),
-                  progress: bool = True, input_shape: tuple[int, ...] | None = None,
-                  device: torch.device | None = None) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
+def pipeline_data(
+    model: nn.Module,
+    config: PipelineConfig,
+    batches: Iterable | None,
+    spec: DataSpec = DataSpec(),
+    progress: bool = True,
+    input_shape: tuple[int, ...] | None = None,
+    device: torch.device | None = None,
+) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
     """The input batches `config` needs (None if it is data-free), on the CPU where the pipeline
     runs, and where they came from.
 
@@ -52,21 +59,31 @@ def pipeline_data(model: nn.Module, config: PipelineConfig, batches: Iterable | 
     if real:
         images = first_images(batches or [], real)
         if not images:
-            raise DfqError(f"{real} real images were asked for (--calib / --true_data), but none were given.",
-                           "pass --data")
+            raise DfqError(
+                f"{real} real images were asked for (--calib / --true_data), but none were given.",
+                "pass --data",
+            )
         return images, {"source": "real", "images": real}
     from dfq.distill import distill, load_distilled, save_distilled
 
     if spec.load:
         data, dcfg = load_distilled(spec.load)
-        return list(data.split(dcfg.batch_size)), {"source": "distilled", "loaded": str(spec.load),
-                                                   "images": len(data), "config": dcfg.to_dict()}
+        return list(data.split(dcfg.batch_size)), {
+            "source": "distilled",
+            "loaded": str(spec.load),
+            "images": len(data),
+            "config": dcfg.to_dict(),
+        }
     dcfg = spec.distill or DistillConfig(mean=config.input_mean, std=config.input_std)
     shape = tuple(input_shape or next(iter(batches))[0].shape[1:])
     res = distill(model, dcfg, input_shape=shape, progress=progress, device=device)
     if spec.save:
         save_distilled(spec.save, res.data, res.config)
     return list(res.data.split(dcfg.batch_size)), {
-        "source": "distilled", "images": len(res.data), "seconds": round(res.seconds, 2),
-        "iterations": list(res.iterations), "final_losses": [round(v, 3) for v in res.losses],
-        "config": res.config.to_dict()}
+        "source": "distilled",
+        "images": len(res.data),
+        "seconds": round(res.seconds, 2),
+        "iterations": list(res.iterations),
+        "final_losses": [round(v, 3) for v in res.losses],
+        "config": res.config.to_dict(),
+    }

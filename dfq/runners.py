@@ -3,6 +3,7 @@
 Both runners take and return torch tensors (NCHW float in, logits out), so
 `dfq.tasks.classification.evaluate` works on them unchanged.
 """
+
 from __future__ import annotations
 
 import collections
@@ -15,15 +16,32 @@ from dfq.deps import require
 from dfq.errors import DfqError
 
 # onnxruntime's integer kernels (what QDQ groups become after graph optimization)
-INTEGER_OPS = {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
-               "QLinearConcat", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "QLinearSigmoid",
-               "QLinearLeakyRelu", "QLinearReduceMean", "QLinearSoftmax", "QLinearWhere", "NhwcQLinearConv"}
+INTEGER_OPS = {
+    "QLinearConv",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "QLinearConcat",
+    "QLinearMatMul",
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearReduceMean",
+    "QLinearSoftmax",
+    "QLinearWhere",
+    "NhwcQLinearConv",
+}
 
 
 class OrtRunner(torch.nn.Module):
     """An onnxruntime CPU session with full graph optimization (QDQ -> integer kernels)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
+    def __init__(
+        self, path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None
+    ):
         super().__init__()
         ort = require("onnxruntime", "--backend ort")
         opts = ort.SessionOptions()
@@ -39,8 +57,14 @@ class OrtRunner(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The model's output, or the tuple of its outputs (e.g. an SSD's scores and boxes)."""
-        outs = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})
-        return torch.from_numpy(outs[0]) if len(outs) == 1 else tuple(torch.from_numpy(o) for o in outs)
+        outs = self.session.run(
+            None, {self.input_name: x.detach().cpu().float().contiguous().numpy()}
+        )
+        return (
+            torch.from_numpy(outs[0])
+            if len(outs) == 1
+            else tuple(torch.from_numpy(o) for o in outs)
+        )
 
 
 def op_counts(onnx_path: str | Path) -> collections.Counter:
@@ -56,8 +80,11 @@ def integer_ops(optimized_path: str | Path) -> dict[str, int]:
 
 def is_int8_param(param: str | Path) -> bool:
     """Does an ncnn .param carry int8 weights (int8_scale_term 8=N on some layer)?"""
-    return any(tok.startswith("8=") and tok != "8=0" for line in Path(param).read_text().splitlines()[2:]
-               for tok in line.split()[4:])
+    return any(
+        tok.startswith("8=") and tok != "8=0"
+        for line in Path(param).read_text().splitlines()[2:]
+        for tok in line.split()[4:]
+    )
 
 
 class NcnnRunner(torch.nn.Module):
@@ -67,8 +94,14 @@ class NcnnRunner(torch.nn.Module):
     with use_int8_inference off, so an int8 .param always gets it on. fp16/bf16 storage and
     arithmetic are off, so the float parts compute in fp32 as the simulation does."""
 
-    def __init__(self, param: str | Path, binf: str | Path | None = None, threads: int = 1,
-                 input_name: str = "in0", output_name: str = "out0"):
+    def __init__(
+        self,
+        param: str | Path,
+        binf: str | Path | None = None,
+        threads: int = 1,
+        input_name: str = "in0",
+        output_name: str = "out0",
+    ):
         super().__init__()
         ncnn = require("ncnn", "--backend ncnn")
         param = Path(param)
@@ -82,7 +115,12 @@ class NcnnRunner(torch.nn.Module):
         opt.num_threads = threads
         if net.load_param(str(param)) != 0 or net.load_model(str(binf)) != 0:
             raise DfqError(f"ncnn could not load {param} / {binf}.")
-        self.net, self.input_name, self.output_name, self.threads = net, input_name, output_name, threads
+        self.net, self.input_name, self.output_name, self.threads = (
+            net,
+            input_name,
+            output_name,
+            threads,
+        )
         self._ncnn = ncnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

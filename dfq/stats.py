@@ -5,6 +5,7 @@ remembered as N(beta, gamma^2) per channel. Equalization rescales it, high-bias 
 shifts it, and bias correction and BN-based activation ranges read it. Keys are module names
 (never module objects) so the table survives deepcopy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

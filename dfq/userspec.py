@@ -1,4 +1,5 @@
 """`--model module.or.file.py:callable`: build a user's own model without editing dfq."""
+
 from __future__ import annotations
 
 import importlib
@@ -12,13 +13,17 @@ from dfq.errors import DfqError
 def load_callable(spec: str) -> Callable:
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
-        raise DfqError(f"--model '{spec}' is not of the form module.or.file.py:callable.",
-                       "e.g. --model my_nets.py:build_net")
+        raise DfqError(
+            f"--model '{spec}' is not of the form module.or.file.py:callable.",
+            "e.g. --model my_nets.py:build_net",
+        )
     try:
         if where.endswith(".py"):
             path = Path(where)
             if not path.exists():
-                raise DfqError(f"--model file {path} does not exist.", "check the path before the colon")
+                raise DfqError(
+                    f"--model file {path} does not exist.", "check the path before the colon"
+                )
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -30,5 +35,8 @@ def load_callable(spec: str) -> Callable:
         raise DfqError(f"--model: importing {where} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise DfqError(f"--model: {where} has no callable '{name}'.", "name a function that returns the nn.Module")
+        raise DfqError(
+            f"--model: {where} has no callable '{name}'.",
+            "name a function that returns the nn.Module",
+        )
     return fn

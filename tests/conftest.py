@@ -1,5 +1,6 @@
 """Shared fixtures: small models with randomised BatchNorm (a fresh BN is nearly the identity
 and proves nothing), and the real artefacts of ../shared/data."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,12 @@ class SmallNet(nn.Module):
 
     def __init__(self, relu=nn.ReLU6):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), relu())
-        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), relu())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), relu()
+        )
+        self.dw = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), relu()
+        )
         self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
         self.head = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), relu())
         self.fc = nn.Linear(16, 5)

@@ -24,6 +24,7 @@ exception out of dfq is a crash.
    finite and of the float model's shape (no accuracy bound: random BN statistics do not
    describe random inputs, so data-free ranges clip arbitrarily; that is not a bug).
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,11 +32,11 @@ import json
 from typing import Any
 
 import torch
+from strategies import build, example_input
 from torch import nn
 
 from dfq import EqualizeConfig, PipelineConfig, QuantConfig, quantize_model
 from dfq.quant.primitives import sqnr_db
-from strategies import build, example_input
 
 FLOAT_TOL = 1e-6
 QUANT_SLACK_DB = 40.0
@@ -63,17 +64,25 @@ def bound_applies(spec: dict, bits: int) -> bool:
 
 
 def snapshot(model: nn.Module) -> tuple[dict, list[bool]]:
-    return ({k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-            [m.training for m in model.modules()])
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        [m.training for m in model.modules()],
+    )
 
 
 def check_unchanged(model: nn.Module, before: tuple[dict, list[bool]], what: str) -> None:
     state, modes = before
     now = model.state_dict(keep_vars=True)
     if now.keys() != state.keys():
-        raise InvariantError(f"{what}: the user's model gained/lost tensors: {set(now) ^ set(state)}")
+        raise InvariantError(
+            f"{what}: the user's model gained/lost tensors: {set(now) ^ set(state)}"
+        )
     for k, v in state.items():
-        if now[k].dtype != v.dtype or now[k].shape != v.shape or not torch.equal(now[k].detach(), v):
+        if (
+            now[k].dtype != v.dtype
+            or now[k].shape != v.shape
+            or not torch.equal(now[k].detach(), v)
+        ):
             raise InvariantError(f"{what}: the user's model tensor {k} changed")
     if [m.training for m in model.modules()] != modes:
         raise InvariantError(f"{what}: the user's model training flags changed")
@@ -100,9 +109,14 @@ def _absorption_premise_holds(res_abs, res_plain, x: torch.Tensor) -> bool:
         return True
     ok = [True]
     gm = res_abs.float_model
-    hooks = [gm.get_submodule(n).register_forward_hook(
-        lambda mod, inp, out, mask=mask: ok.__setitem__(0, ok[0] and bool(
-            (out.transpose(0, 1)[mask] >= 0).all()))) for n, mask in shifts.items()]
+    hooks = [
+        gm.get_submodule(n).register_forward_hook(
+            lambda mod, inp, out, mask=mask: ok.__setitem__(
+                0, ok[0] and bool((out.transpose(0, 1)[mask] >= 0).all())
+            )
+        )
+        for n, mask in shifts.items()
+    ]
     try:
         with torch.no_grad():
             gm(x)
@@ -118,17 +132,31 @@ def random_quant_config(r) -> PipelineConfig:
     bits_w = r.choice([2, 4, 6, 8, 8, 8, 16]) if target == "generic" else r.choice([4, 8])
     bits_a = r.choice([4, 8, 8, 16]) if target == "generic" else 8
     eq = r.choice([False, True])
-    q = QuantConfig(bits_weight=bits_w, bits_activation=bits_a, per_channel=r.choice([False, True]),
-                    bits_bias=r.choice([8, 16, 32, 32]) if target == "generic" else 32,
-                    weight_symmetric=True if target != "generic" else r.choice([True, True, False]),
-                    activation_symmetric=r.choice([False, True]), target=target, reduce_range=False)
-    return PipelineConfig(quantize=True, relu=r.choice([False, True]), equalize=eq,
-                          absorption=r.choice([None, False]) if eq else None,
-                          correction=r.choice([False, "bn"]), clip_weight=r.choice([None, None, 15.0]),
-                          range_std=r.choice([6.0, 3.0]), quant=q)
+    q = QuantConfig(
+        bits_weight=bits_w,
+        bits_activation=bits_a,
+        per_channel=r.choice([False, True]),
+        bits_bias=r.choice([8, 16, 32, 32]) if target == "generic" else 32,
+        weight_symmetric=True if target != "generic" else r.choice([True, True, False]),
+        activation_symmetric=r.choice([False, True]),
+        target=target,
+        reduce_range=False,
+    )
+    return PipelineConfig(
+        quantize=True,
+        relu=r.choice([False, True]),
+        equalize=eq,
+        absorption=r.choice([None, False]) if eq else None,
+        correction=r.choice([False, "bn"]),
+        clip_weight=r.choice([None, None, 15.0]),
+        range_std=r.choice([6.0, 3.0]),
+        quant=q,
+    )
 
 
-def check_architecture(spec: dict, config: PipelineConfig, bits: int = 8, train_mode: bool = False) -> dict[str, Any]:
+def check_architecture(
+    spec: dict, config: PipelineConfig, bits: int = 8, train_mode: bool = False
+) -> dict[str, Any]:
     """Run every invariant on the architecture `spec`; return figures (errors, SQNR)."""
     out: dict[str, Any] = {}
     model = build(spec)
@@ -151,13 +179,17 @@ def check_architecture(spec: dict, config: PipelineConfig, bits: int = 8, train_
     # every equalization option at once: pairs (ReLU6 kept exactly), activation-aware scales,
     # and the streams around residual adds
     every = EqualizeConfig(activation_aware=True, residual_regions=True)
-    plain = quantize_model(m64, PipelineConfig(quantize=False, equalize=True, absorption=False, equalization=every))
+    plain = quantize_model(
+        m64, PipelineConfig(quantize=False, equalize=True, absorption=False, equalization=every)
+    )
     with torch.no_grad():
         y = plain.model(x64)
     _finite(y, "fold+equalize")
     out["float_err"] = _max_err(y, ref64)
     if out["float_err"] > FLOAT_TOL:
-        raise InvariantError(f"fold+equalize changed the float64 output by {out['float_err']:.3g} (> {FLOAT_TOL})")
+        raise InvariantError(
+            f"fold+equalize changed the float64 output by {out['float_err']:.3g} (> {FLOAT_TOL})"
+        )
 
     # 3: absorption, exact where its premise holds
     absorbed = quantize_model(m64, PipelineConfig(quantize=False, equalize=True, absorption=True))
@@ -167,12 +199,19 @@ def check_architecture(spec: dict, config: PipelineConfig, bits: int = 8, train_
     out["absorb_err"] = _max_err(y, ref64)
     out["absorb_exact"] = _absorption_premise_holds(absorbed, plain, x64)
     if out["absorb_exact"] and out["absorb_err"] > FLOAT_TOL:
-        raise InvariantError(f"absorption changed the float64 output by {out['absorb_err']:.3g} although "
-                             "every absorbed channel stayed above its shift")
+        raise InvariantError(
+            f"absorption changed the float64 output by {out['absorb_err']:.3g} although "
+            "every absorbed channel stayed above its shift"
+        )
 
     # 4: quantized with calibrated ranges: bound from the bit width
-    qc = PipelineConfig(quantize=True, equalize=True, correction="bn", calib=len(x),
-                        quant=QuantConfig(bits_weight=bits, bits_activation=bits))
+    qc = PipelineConfig(
+        quantize=True,
+        equalize=True,
+        correction="bn",
+        calib=len(x),
+        quant=QuantConfig(bits_weight=bits, bits_activation=bits),
+    )
     res = quantize_model(model, qc, calib_data=[x])
     with torch.no_grad():
         yq = res.model(x)
@@ -182,8 +221,10 @@ def check_architecture(spec: dict, config: PipelineConfig, bits: int = 8, train_
     out["sqnr_db"] = sqnr_db(ref, yq)
     out["bounded"] = bound_applies(spec, bits)
     if out["bounded"] and out["sqnr_db"] < quant_bound_db(bits):
-        raise InvariantError(f"W{bits}A{bits} (calibrated ranges) SQNR {out['sqnr_db']:.1f} dB < "
-                             f"bound {quant_bound_db(bits):.1f} dB")
+        raise InvariantError(
+            f"W{bits}A{bits} (calibrated ranges) SQNR {out['sqnr_db']:.1f} dB < "
+            f"bound {quant_bound_db(bits):.1f} dB"
+        )
 
     # 5: data-free, random switches
     res = quantize_model(model, config)
@@ -191,7 +232,9 @@ def check_architecture(spec: dict, config: PipelineConfig, bits: int = 8, train_
         yq = res.model(x)
     _finite(yq, "data-free quantized")
     if yq.shape != ref.shape:
-        raise InvariantError(f"data-free quantized output shape {tuple(yq.shape)} != {tuple(ref.shape)}")
+        raise InvariantError(
+            f"data-free quantized output shape {tuple(yq.shape)} != {tuple(ref.shape)}"
+        )
     out["datafree_sqnr_db"] = sqnr_db(ref, yq)
 
     check_unchanged(model, before, "after the pipeline")

@@ -21,6 +21,7 @@ linear (optionally linear-BN1d-act-linear), flatten + linear, or a 1x1 conv. Par
 The modern-CNN features (smooth activations beyond the first five, gates, functional BN, drops)
 are drawn last, by `_modern`, so that every earlier seed keeps the layers it had.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,10 +33,32 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-ACTIVATIONS = ("relu", "relu_inplace", "relu_fn", "relu_method", "relu6", "relu6_fn", "hardtanh06",
-               "identity", "leaky", "hardswish", "silu", "sigmoid", "tanh")
-SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "mish", "elu", "hardsigmoid", "silu_fn", "sigmoid_method", "leaky_fn",
-                      "hardswish_fn")
+ACTIVATIONS = (
+    "relu",
+    "relu_inplace",
+    "relu_fn",
+    "relu_method",
+    "relu6",
+    "relu6_fn",
+    "hardtanh06",
+    "identity",
+    "leaky",
+    "hardswish",
+    "silu",
+    "sigmoid",
+    "tanh",
+)
+SMOOTH_ACTIVATIONS = (
+    "gelu",
+    "gelu_tanh",
+    "mish",
+    "elu",
+    "hardsigmoid",
+    "silu_fn",
+    "sigmoid_method",
+    "leaky_fn",
+    "hardswish_fn",
+)
 DROPS = ("StochasticDepth", "drop_path", "dropout2d")
 GAMMA_KINDS = ("normal", "normal", "normal", "tiny", "huge", "zero", "negative")
 
@@ -103,13 +126,27 @@ def _conv(d: Draw, cin: int, hw: int, cout: int | None = None, keep_size: bool =
         stride, padding = 1, d.choice(["same", k // 2 * dilation])
     else:
         stride = 2 if hw >= 4 and d.boolean(0.3) else 1
-        padding = d.choice([0, k // 2 * dilation]) if hw > (k - 1) * dilation + 1 else k // 2 * dilation
+        padding = (
+            d.choice([0, k // 2 * dilation]) if hw > (k - 1) * dilation + 1 else k // 2 * dilation
+        )
         if stride == 1 and d.boolean(0.1):
             padding = "same"
-    padding_mode = "reflect" if padding not in (0, "same") and padding < hw and d.boolean(0.1) else "zeros"
-    return {"kind": kind, "cin": cin, "cout": cout, "k": k, "stride": stride, "padding": padding,
-            "dilation": dilation, "groups": groups, "bias": d.boolean(0.4), "padding_mode": padding_mode,
-            "dead": d.integer(1, cout) if cout > 1 and d.boolean(0.15) else 0}
+    padding_mode = (
+        "reflect" if padding not in (0, "same") and padding < hw and d.boolean(0.1) else "zeros"
+    )
+    return {
+        "kind": kind,
+        "cin": cin,
+        "cout": cout,
+        "k": k,
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "groups": groups,
+        "bias": d.boolean(0.4),
+        "padding_mode": padding_mode,
+        "dead": d.integer(1, cout) if cout > 1 and d.boolean(0.15) else 0,
+    }
 
 
 def _out_hw(c: dict, hw: int) -> int:
@@ -122,14 +159,23 @@ def _out_hw(c: dict, hw: int) -> int:
 def _bn(d: Draw, channels: int) -> dict | None:
     if not d.boolean(0.7):
         return None
-    return {"affine": d.boolean(0.9), "track": d.boolean(0.95),
-            "gammas": [d.choice(GAMMA_KINDS) for _ in range(min(channels, 3))]}
+    return {
+        "affine": d.boolean(0.9),
+        "track": d.boolean(0.95),
+        "gammas": [d.choice(GAMMA_KINDS) for _ in range(min(channels, 3))],
+    }
 
 
-def _unit(d: Draw, cin: int, hw: int, cout: int | None = None, keep_size: bool = False) -> tuple[dict, int, int]:
+def _unit(
+    d: Draw, cin: int, hw: int, cout: int | None = None, keep_size: bool = False
+) -> tuple[dict, int, int]:
     """conv [+ BN] [+ activation]: the basic layer of every block."""
     c = _conv(d, cin, hw, cout, keep_size)
-    return ({"conv": c, "bn": _bn(d, c["cout"]), "act": d.choice(ACTIVATIONS)}, c["cout"], _out_hw(c, hw))
+    return (
+        {"conv": c, "bn": _bn(d, c["cout"]), "act": d.choice(ACTIVATIONS)},
+        c["cout"],
+        _out_hw(c, hw),
+    )
 
 
 def spec_from(d: Draw, max_blocks: int = 5) -> dict:
@@ -158,7 +204,14 @@ def spec_from(d: Draw, max_blocks: int = 5) -> dict:
                     cc = u["conv"]["cout"]
                     u["conv"]["dead"] = min(u["conv"]["dead"], cc)
                 body.append(u)
-            blocks.append({"kind": "residual", "body": body, "post": d.choice(ACTIVATIONS), "method": d.boolean(0.2)})
+            blocks.append(
+                {
+                    "kind": "residual",
+                    "body": body,
+                    "post": d.choice(ACTIVATIONS),
+                    "method": d.boolean(0.2),
+                }
+            )
         elif kind == "concat":
             a, ca, _ = _unit(d, c, h, keep_size=True)
             b = _unit(d, c, h, keep_size=True)[0] if d.boolean(0.6) else None
@@ -185,15 +238,27 @@ def spec_from(d: Draw, max_blocks: int = 5) -> dict:
     head = {"kind": d.choice(heads), "out": d.integer(1, 10)}
     if head["kind"] == "gap_linear" and d.boolean(0.3):
         head["hidden"] = {"n": d.integer(2, 12), "bn": _bn(d, 3), "act": d.choice(ACTIVATIONS)}
-    return {"hw": hw, "stem": stem, "blocks": blocks, "head": head, "channels": c, "out_hw": h,
-            "seed": d.integer(0, 2 ** 31 - 1)}
+    return {
+        "hw": hw,
+        "stem": stem,
+        "blocks": blocks,
+        "head": head,
+        "channels": c,
+        "out_hw": h,
+        "seed": d.integer(0, 2**31 - 1),
+    }
 
 
 def _units(spec: dict) -> list[dict]:
     units = [spec["stem"]]
     for b in spec["blocks"]:
-        units += [b["unit"]] if b["kind"] == "unit" else b["body"] if b["kind"] == "residual" else (
-            [u for u in (b["a"], b["b"]) if u] if b["kind"] == "concat" else [])
+        units += (
+            [b["unit"]]
+            if b["kind"] == "unit"
+            else b["body"]
+            if b["kind"] == "residual"
+            else ([u for u in (b["a"], b["b"]) if u] if b["kind"] == "concat" else [])
+        )
     return units
 
 
@@ -208,8 +273,12 @@ def _modern(d: Draw, spec: dict) -> dict:
             u["bn"]["functional"] = True
     for b in spec["blocks"]:
         if b["kind"] == "unit" and d.boolean(0.25):
-            b["unit"]["se"] = {"squeeze": d.integer(1, 4), "act": d.choice(["relu", "silu"]),
-                               "gate": d.choice(["sigmoid", "hardsigmoid"]), "gate_first": d.boolean()}
+            b["unit"]["se"] = {
+                "squeeze": d.integer(1, 4),
+                "act": d.choice(["relu", "silu"]),
+                "gate": d.choice(["sigmoid", "hardsigmoid"]),
+                "gate_first": d.boolean(),
+            }
         if b["kind"] == "residual" and d.boolean(0.4):
             b["drop"] = d.choice(DROPS)
     return spec
@@ -235,10 +304,16 @@ def architectures():
 
 
 # --------------------------------------------------------------------------- building
-FUNCTIONAL_ACTS = {"relu_fn": F.relu, "relu_method": lambda x: x.relu(), "relu6_fn": F.relu6,
-                   "hardtanh06": lambda x: F.hardtanh(x, 0.0, 6.0), "silu_fn": F.silu,
-                   "sigmoid_method": lambda x: x.sigmoid(), "leaky_fn": lambda x: F.leaky_relu(x, 0.2),
-                   "hardswish_fn": F.hardswish}
+FUNCTIONAL_ACTS = {
+    "relu_fn": F.relu,
+    "relu_method": lambda x: x.relu(),
+    "relu6_fn": F.relu6,
+    "hardtanh06": lambda x: F.hardtanh(x, 0.0, 6.0),
+    "silu_fn": F.silu,
+    "sigmoid_method": lambda x: x.sigmoid(),
+    "leaky_fn": lambda x: F.leaky_relu(x, 0.2),
+    "hardswish_fn": F.hardswish,
+}
 
 
 class Act(nn.Module):
@@ -253,13 +328,26 @@ class Act(nn.Module):
 
 
 def make_act(kind: str) -> nn.Module:
-    simple = {"relu": nn.ReLU, "relu6": nn.ReLU6, "identity": nn.Identity, "hardswish": nn.Hardswish,
-              "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU, "mish": nn.Mish,
-              "hardsigmoid": nn.Hardsigmoid}
+    simple = {
+        "relu": nn.ReLU,
+        "relu6": nn.ReLU6,
+        "identity": nn.Identity,
+        "hardswish": nn.Hardswish,
+        "silu": nn.SiLU,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "gelu": nn.GELU,
+        "mish": nn.Mish,
+        "hardsigmoid": nn.Hardsigmoid,
+    }
     if kind in simple:
         return simple[kind]()
-    special = {"relu_inplace": lambda: nn.ReLU(inplace=True), "leaky": lambda: nn.LeakyReLU(0.1),
-               "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "elu": lambda: nn.ELU(0.7)}
+    special = {
+        "relu_inplace": lambda: nn.ReLU(inplace=True),
+        "leaky": lambda: nn.LeakyReLU(0.1),
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "elu": lambda: nn.ELU(0.7),
+    }
     return special[kind]() if kind in special else Act(kind)
 
 
@@ -282,8 +370,10 @@ class Drop(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
         self.kind = kind
-        self.module = {"StochasticDepth": lambda: StochasticDepth(0.2, "row"),
-                       "dropout2d": lambda: nn.Dropout2d(0.2)}.get(kind, nn.Identity)()
+        self.module = {
+            "StochasticDepth": lambda: StochasticDepth(0.2, "row"),
+            "dropout2d": lambda: nn.Dropout2d(0.2),
+        }.get(kind, nn.Identity)()
 
     def forward(self, x):
         if self.kind == "drop_path":
@@ -298,8 +388,16 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def forward(self, x):
         torch._assert(x.ndim == 4, "expected a 4D input")
         use_batch = self.training or self.running_mean is None
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch,
-                            0.1 if self.training else 0.0, self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_batch,
+            0.1 if self.training else 0.0,
+            self.eps,
+        )
 
 
 class SqueezeExcite(nn.Module):
@@ -329,7 +427,11 @@ def _gammas(g: torch.Generator, n: int, kinds: list[str]) -> torch.Tensor:
 def _build_bn(spec: dict | None, n: int, g: torch.Generator, dim: int = 2) -> nn.Module | None:
     if spec is None:
         return None
-    cls = (BatchNormAct2d if spec.get("functional") else nn.BatchNorm2d) if dim == 2 else nn.BatchNorm1d
+    cls = (
+        (BatchNormAct2d if spec.get("functional") else nn.BatchNorm2d)
+        if dim == 2
+        else nn.BatchNorm1d
+    )
     bn = cls(n, affine=spec["affine"], track_running_stats=spec["track"])
     with torch.no_grad():
         if spec["affine"]:
@@ -343,8 +445,17 @@ def _build_bn(spec: dict | None, n: int, g: torch.Generator, dim: int = 2) -> nn
 
 def _build_unit(u: dict, g: torch.Generator) -> nn.Sequential:
     c = u["conv"]
-    conv = nn.Conv2d(c["cin"], c["cout"], c["k"], c["stride"], c["padding"], c["dilation"], c["groups"],
-                     bias=c["bias"], padding_mode=c["padding_mode"])
+    conv = nn.Conv2d(
+        c["cin"],
+        c["cout"],
+        c["k"],
+        c["stride"],
+        c["padding"],
+        c["dilation"],
+        c["groups"],
+        bias=c["bias"],
+        padding_mode=c["padding_mode"],
+    )
     with torch.no_grad():
         fan_in = conv.weight[0].numel()
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
@@ -365,7 +476,9 @@ def _build_unit(u: dict, g: torch.Generator) -> nn.Sequential:
 
 
 class Residual(nn.Module):
-    def __init__(self, body: nn.Module, post: nn.Module, method: bool, drop: nn.Module | None = None):
+    def __init__(
+        self, body: nn.Module, post: nn.Module, method: bool, drop: nn.Module | None = None
+    ):
         super().__init__()
         self.body, self.post, self.method, self.drop = body, post, method, drop
 
@@ -407,7 +520,9 @@ class Head(nn.Module):
         if self.kind == "conv":
             self.out = nn.Conv2d(channels, spec["out"], 1)
         elif self.kind == "flatten_linear":
-            self.out = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(channels * hw * hw, spec["out"]))
+            self.out = nn.Sequential(
+                nn.Flatten(), nn.Dropout(0.2), nn.Linear(channels * hw * hw, spec["out"])
+            )
         else:
             self.pool = nn.AdaptiveAvgPool2d(1)
             layers: list[nn.Module] = []
@@ -450,12 +565,19 @@ class RandomNet(nn.Module):
                 drop = Drop(b["drop"]) if "drop" in b else None
                 blocks.append(Residual(body, make_act(b["post"]), b["method"], drop))
             elif k == "concat":
-                blocks.append(Concat(_build_unit(b["a"], g), _build_unit(b["b"], g) if b["b"] else None))
+                blocks.append(
+                    Concat(_build_unit(b["a"], g), _build_unit(b["b"], g) if b["b"] else None)
+                )
             elif k == "pool":
-                blocks.append({"max": lambda: nn.MaxPool2d(2), "avg": lambda: nn.AvgPool2d(2)}.get(
-                    b["op"], lambda: Functional(b["op"]))())
+                blocks.append(
+                    {"max": lambda: nn.MaxPool2d(2), "avg": lambda: nn.AvgPool2d(2)}.get(
+                        b["op"], lambda: Functional(b["op"])
+                    )()
+                )
             elif k == "pad":
-                blocks.append(nn.ZeroPad2d(b["p"]) if b["op"] == "module" else Functional("pad", b["p"]))
+                blocks.append(
+                    nn.ZeroPad2d(b["p"]) if b["op"] == "module" else Functional("pad", b["p"])
+                )
             elif k == "upsample":
                 blocks.append(Functional("upsample", b["mode"]))
             elif k == "dropout":

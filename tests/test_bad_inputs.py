@@ -1,14 +1,15 @@
 """Every input a user can get wrong: a one-line error naming the problem and the fix, exit 2,
 no traceback (unless --debug). Images that fail to decode FAIL the run (dfq never silently
 skips images: an accuracy on a silently different set is garbage)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
-from conftest import randomize_bn
 from dfq import DfqError, PipelineConfig, QuantConfig, quantize_model
 from dfq.cli import main
 
@@ -47,8 +48,11 @@ def env(tmp_path):
     """A user model file and a tiny decoded-image .npz (4 CIFAR-sized images)."""
     (tmp_path / "net.py").write_text(NET)
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "imgs.npz", images=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
-             labels=np.arange(4))
+    np.savez(
+        tmp_path / "imgs.npz",
+        images=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
+        labels=np.arange(4),
+    )
     return tmp_path
 
 
@@ -59,8 +63,17 @@ def _cls(capsys, *argv):
 
 
 def _model(env, fn):
-    return ["--model", f"{env / 'net.py'}:{fn}", "--data", str(env / "imgs.npz"), "--resize", "0",
-            "--crop", "0", "--quiet"]
+    return [
+        "--model",
+        f"{env / 'net.py'}:{fn}",
+        "--data",
+        str(env / "imgs.npz"),
+        "--resize",
+        "0",
+        "--crop",
+        "0",
+        "--quiet",
+    ]
 
 
 def _one_line_error(code, err, *needles):
@@ -81,8 +94,10 @@ def test_debug_shows_the_traceback(env):
         main(["--debug", "cls", *_model(env, "untraceable"), "--quantize"])
 
 
-@pytest.mark.parametrize("fn,needle", [("nan_weights", "0.weight has 1 NaN/Inf"),
-                                       ("inf_bn", "1.running_var has 1 NaN/Inf")])
+@pytest.mark.parametrize(
+    "fn,needle",
+    [("nan_weights", "0.weight has 1 NaN/Inf"), ("inf_bn", "1.running_var has 1 NaN/Inf")],
+)
 def test_nan_inf_in_weights_or_bn_statistics(env, capsys, fn, needle):
     code, _, err = _cls(capsys, *_model(env, fn), "--quantize")
     _one_line_error(code, err, needle, "checkpoint")
@@ -103,25 +118,38 @@ def test_training_mode_model_is_evaluated_in_eval_mode_and_says_so(env, capsys, 
 
 def test_training_mode_via_the_api_is_reported_and_left_alone(caplog):
     torch.manual_seed(0)
-    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5))).train()
+    m = randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5))
+    ).train()
     res = quantize_model(m, PipelineConfig(quantize=False))
     assert m.training and all(x.training for x in m.modules())
     assert "training mode" in caplog.text
     x = torch.randn(2, 3, 8, 8)
     m.eval()
-    assert torch.allclose(res.model(x), m(x), atol=1e-5)  # the eval-mode function (BN stats, no dropout)
+    assert torch.allclose(
+        res.model(x), m(x), atol=1e-5
+    )  # the eval-mode function (BN stats, no dropout)
 
 
-@pytest.mark.parametrize("extra,needles", [
-    (["--bits_weight", "1"], ["--bits_weight 1 is out of range", "2..16"]),
-    (["--bits_activation", "17"], ["--bits_activation 17 is out of range"]),
-    (["--bits_bias", "12"], ["--bits_bias 12 is not supported", "8, 16 or 32"]),
-    (["--absorption"], ["--absorption needs --equalize", "add --equalize"]),
-    (["--clip_weight", "-1"], ["--clip_weight -1.0 must be positive"]),
-    (["--range_percentile", "30"], ["--range_percentile 30.0 must be in (50, 100]"]),
-    (["--target", "ort", "--bits_activation", "16"], ["--target ort runs int8", "--bits_activation 8"]),
-    (["--target", "ncnn", "--asymmetric_weight"], ["symmetric int8 weights", "drop --asymmetric_weight"]),
-])
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        (["--bits_weight", "1"], ["--bits_weight 1 is out of range", "2..16"]),
+        (["--bits_activation", "17"], ["--bits_activation 17 is out of range"]),
+        (["--bits_bias", "12"], ["--bits_bias 12 is not supported", "8, 16 or 32"]),
+        (["--absorption"], ["--absorption needs --equalize", "add --equalize"]),
+        (["--clip_weight", "-1"], ["--clip_weight -1.0 must be positive"]),
+        (["--range_percentile", "30"], ["--range_percentile 30.0 must be in (50, 100]"]),
+        (
+            ["--target", "ort", "--bits_activation", "16"],
+            ["--target ort runs int8", "--bits_activation 8"],
+        ),
+        (
+            ["--target", "ncnn", "--asymmetric_weight"],
+            ["symmetric int8 weights", "drop --asymmetric_weight"],
+        ),
+    ],
+)
 def test_out_of_range_and_contradictory_switches(env, capsys, extra, needles):
     code, _, err = _cls(capsys, *_model(env, "build"), "--quantize", *extra)
     _one_line_error(code, err, *needles)
@@ -145,13 +173,25 @@ def test_weights_missing_corrupt_or_for_another_architecture(env, capsys):
     (env / "bad.pth").write_bytes(b"\x00garbage")
     code, _, err = _cls(capsys, *base, "--weights", str(env / "bad.pth"))
     _one_line_error(code, err, "corrupt or not a torch checkpoint", "re-download")
-    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10),
-                          nn.Linear(10, 2))
+    other = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+        nn.Linear(10, 2),
+    )
     torch.save(other.state_dict(), env / "other.pth")
     code, _, err = _cls(capsys, *base, "--weights", str(env / "other.pth"))
     # the first mismatched keys are named
-    _one_line_error(code, err, "does not fit", "unexpected ['4.weight', '4.bias']",
-                    "shape differs for ['0.weight', '0.bias', '1.weight']", "--arch matches")
+    _one_line_error(
+        code,
+        err,
+        "does not fit",
+        "unexpected ['4.weight', '4.bias']",
+        "shape differs for ['0.weight', '0.bias', '1.weight']",
+        "--arch matches",
+    )
     torch.save({"epoch": 3}, env / "nosd.pth")
     code, _, err = _cls(capsys, *base, "--weights", str(env / "nosd.pth"))
     _one_line_error(code, err, "holds no state dict")
@@ -195,7 +235,11 @@ def test_undecodable_images_fail_the_run(env, capsys):
 def test_model_spec_errors(env, capsys):
     code, _, err = _cls(capsys, "--model", "no_colon", "--data", str(env / "imgs.npz"))
     _one_line_error(code, err, "is not of the form")
-    code, _, err = _cls(capsys, "--model", f"{env / 'net.py'}:missing", "--data", str(env / "imgs.npz"))
+    code, _, err = _cls(
+        capsys, "--model", f"{env / 'net.py'}:missing", "--data", str(env / "imgs.npz")
+    )
     _one_line_error(code, err, "has no callable 'missing'")
-    code, _, err = _cls(capsys, "--arch", "cifar_resnet20", "--model", "a.py:b", "--data", str(env / "imgs.npz"))
+    code, _, err = _cls(
+        capsys, "--arch", "cifar_resnet20", "--model", "a.py:b", "--data", str(env / "imgs.npz")
+    )
     _one_line_error(code, err, "exactly one of --arch and --model")

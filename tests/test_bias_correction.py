@@ -1,11 +1,12 @@
 """Clipped-normal moments against Monte Carlo, and data-free bias correction on a small net."""
+
 import math
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
-from conftest import randomize_bn
 from dfq import PipelineConfig, QuantConfig, fold_batchnorm, propagate, trace
 from dfq.moments import Moments, clipped_normal_moments
 from dfq.quant.weights import quantize_weights
@@ -40,8 +41,11 @@ def test_bias_correction_removes_the_mean_shift_monte_carlo():
         net[1].weight.copy_(torch.rand(16) + 0.5)
         net[1].bias.copy_(torch.randn(16))
     folded = fold_batchnorm(trace(net))
-    moments = propagate(folded.gm, folded.stats, Moments(*(torch.zeros(3), torch.ones(3),
-                                                           -4 * torch.ones(3), 4 * torch.ones(3))))
+    moments = propagate(
+        folded.gm,
+        folded.stats,
+        Moments(*(torch.zeros(3), torch.ones(3), -4 * torch.ones(3), 4 * torch.ones(3))),
+    )
     q = quantize_weights(folded.gm, folded.stats, QuantConfig(bits_weight=4))
     fixed = correct_bias(q.gm, folded.gm, folded.stats, moments)
     with torch.no_grad():

@@ -1,10 +1,11 @@
 """The `dfq cls` contract end to end on a real model, and its one-line errors."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import shared
+
 from dfq import PipelineConfig
 from dfq.cli import main
 
@@ -17,9 +18,23 @@ def _run(capsys, *argv):
 
 def test_cls_resnet20_cifar_end_to_end(tmp_path, capsys):
     out_json = tmp_path / "r.json"
-    code, out, _ = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th")),
-                        "--data", str(shared("cifar10_foolbox20.npz")), "--quantize", "--equalize", "--correction",
-                        "--compare", "--quiet", "--json", str(out_json))
+    code, out, _ = _run(
+        capsys,
+        "cls",
+        "--arch",
+        "cifar_resnet20",
+        "--weights",
+        str(shared("cifar10_resnet20-12fca82f.th")),
+        "--data",
+        str(shared("cifar10_foolbox20.npz")),
+        "--quantize",
+        "--equalize",
+        "--correction",
+        "--compare",
+        "--quiet",
+        "--json",
+        str(out_json),
+    )
     assert code == 0
     r = json.loads(out_json.read_text())
     assert r["n"] == 20 and r["fp32_top1"] == 100.0
@@ -31,23 +46,52 @@ def test_cls_resnet20_cifar_end_to_end(tmp_path, capsys):
 
 
 def test_cls_ablation_prints_the_table(tmp_path, capsys):
-    code, out, _ = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th")),
-                        "--data", str(shared("cifar10_foolbox20.npz")), "--ablation", "--quiet", "--limit", "8",
-                        "--json", str(tmp_path / "a.json"))
+    code, out, _ = _run(
+        capsys,
+        "cls",
+        "--arch",
+        "cifar_resnet20",
+        "--weights",
+        str(shared("cifar10_resnet20-12fca82f.th")),
+        "--data",
+        str(shared("cifar10_foolbox20.npz")),
+        "--ablation",
+        "--quiet",
+        "--limit",
+        "8",
+        "--json",
+        str(tmp_path / "a.json"),
+    )
     assert code == 0
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["FP32", "Original", "+ReLU", "+ReLU+LE", "+BC", "+BC+clip_15", "+ReLU+LE+BC"]
+    assert [r["name"] for r in rows] == [
+        "FP32",
+        "Original",
+        "+ReLU",
+        "+ReLU+LE",
+        "+BC",
+        "+BC+clip_15",
+        "+ReLU+LE+BC",
+    ]
     assert "| +ReLU+LE+BC" in out
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--arch", "no_such_net"], "Unknown architecture"),
-    (["--arch", "cifar_resnet20", "--weights", "/nonexistent.pth"], "does not exist"),
-    (["--arch", "cifar_resnet20", "--equalize", "--absorption", "--bits_weight", "1"], "out of range"),
-    (["--arch", "cifar_resnet20", "--absorption"], "--absorption needs --equalize"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--arch", "no_such_net"], "Unknown architecture"),
+        (["--arch", "cifar_resnet20", "--weights", "/nonexistent.pth"], "does not exist"),
+        (
+            ["--arch", "cifar_resnet20", "--equalize", "--absorption", "--bits_weight", "1"],
+            "out of range",
+        ),
+        (["--arch", "cifar_resnet20", "--absorption"], "--absorption needs --equalize"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
-    code, _, err = _run(capsys, "cls", *argv, "--data", str(shared("cifar10_foolbox20.npz")), "--quantize")
+    code, _, err = _run(
+        capsys, "cls", *argv, "--data", str(shared("cifar10_foolbox20.npz")), "--quantize"
+    )
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -55,11 +99,27 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
 def test_corrupt_and_mismatched_weights(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    code, _, err = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(bad), "--data",
-                        str(shared("cifar10_foolbox20.npz")))
+    code, _, err = _run(
+        capsys,
+        "cls",
+        "--arch",
+        "cifar_resnet20",
+        "--weights",
+        str(bad),
+        "--data",
+        str(shared("cifar10_foolbox20.npz")),
+    )
     assert code == 2 and "corrupt" in err
-    code, _, err = _run(capsys, "cls", "--arch", "cifar_resnet56", "--weights",
-                        str(shared("cifar10_resnet20-12fca82f.th")), "--data", str(shared("cifar10_foolbox20.npz")))
+    code, _, err = _run(
+        capsys,
+        "cls",
+        "--arch",
+        "cifar_resnet56",
+        "--weights",
+        str(shared("cifar10_resnet20-12fca82f.th")),
+        "--data",
+        str(shared("cifar10_foolbox20.npz")),
+    )
     assert code == 2 and "missing" in err and "layer1.3" in err
 
 
@@ -74,21 +134,49 @@ def test_unknown_data_format(tmp_path, capsys):
 
 def test_user_model_spec(tmp_path, capsys):
     src = tmp_path / "mynet.py"
-    src.write_text("import torch\n"
-                   "def build():\n"
-                   "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
-                   "        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))\n")
-    code, out, _ = _run(capsys, "cls", "--model", f"{src}:build", "--data", str(shared("cifar10_foolbox20.npz")),
-                        "--resize", "0", "--crop", "0", "--quantize", "--quiet")
+    src.write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
+        "        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))\n"
+    )
+    code, out, _ = _run(
+        capsys,
+        "cls",
+        "--model",
+        f"{src}:build",
+        "--data",
+        str(shared("cifar10_foolbox20.npz")),
+        "--resize",
+        "0",
+        "--crop",
+        "0",
+        "--quantize",
+        "--quiet",
+    )
     assert code == 0 and "top1" in out
     assert torch.__version__
 
 
 def test_plot_writes_the_worst_layers_ranges(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    code, out, _ = _run(capsys, "cls", "--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th")),
-                        "--data", str(shared("cifar10_foolbox20.npz")), "--quantize", "--equalize", "--quiet",
-                        "--limit", "4", "--plot", str(tmp_path / "plots"))
+    code, out, _ = _run(
+        capsys,
+        "cls",
+        "--arch",
+        "cifar_resnet20",
+        "--weights",
+        str(shared("cifar10_resnet20-12fca82f.th")),
+        "--data",
+        str(shared("cifar10_foolbox20.npz")),
+        "--quantize",
+        "--equalize",
+        "--quiet",
+        "--limit",
+        "4",
+        "--plot",
+        str(tmp_path / "plots"),
+    )
     pngs = list((tmp_path / "plots").glob("weight_ranges_*.png"))
     assert code == 0 and len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"
 
@@ -98,7 +186,9 @@ def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
     from dfq.cli.parser import build_parser
 
     def cfg(*extra):
-        return pipeline_config(build_parser().parse_args(["cls", "--arch", "x", "--data", "d", "--quantize", *extra]))
+        return pipeline_config(
+            build_parser().parse_args(["cls", "--arch", "x", "--data", "d", "--quantize", *extra])
+        )
 
     assert cfg("--distill_range").range_percentile == 99.99
     assert cfg("--distill_range", "--true_data", "64").range_percentile is None
@@ -115,10 +205,38 @@ def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):
     --data, and real ones without --data are a one-line error."""
     pytest.importorskip("onnx")
     w = str(shared("cifar10_resnet20-12fca82f.th"))
-    code, _, err = _run(capsys, "export", "--format", "onnx", "--arch", "cifar_resnet20", "--weights", w,
-                        "-o", str(tmp_path / "a.onnx"), "--calib", "8")
+    code, _, err = _run(
+        capsys,
+        "export",
+        "--format",
+        "onnx",
+        "--arch",
+        "cifar_resnet20",
+        "--weights",
+        w,
+        "-o",
+        str(tmp_path / "a.onnx"),
+        "--calib",
+        "8",
+    )
     assert code == 2 and "pass --data" in err
-    code, out, _ = _run(capsys, "export", "--format", "onnx", "--arch", "cifar_resnet20", "--weights", w,
-                        "-o", str(tmp_path / "b.onnx"), "--distill_range", "--dis_batch_size", "4",
-                        "--dis_num_batch", "1", "--dis_iterations", "2")
+    code, out, _ = _run(
+        capsys,
+        "export",
+        "--format",
+        "onnx",
+        "--arch",
+        "cifar_resnet20",
+        "--weights",
+        w,
+        "-o",
+        str(tmp_path / "b.onnx"),
+        "--distill_range",
+        "--dis_batch_size",
+        "4",
+        "--dis_num_batch",
+        "1",
+        "--dis_iterations",
+        "2",
+    )
     assert code == 0 and (tmp_path / "b.onnx").exists()

@@ -1,16 +1,17 @@
 """The same command twice gives bit-identical quantized weights and JSON figures (timings aside),
 whatever the global RNG state in between."""
+
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
+from fuzz_checks import random_quant_config
+from strategies import build, example_input, random_spec
 
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.cli import main
-from fuzz_checks import random_quant_config
-from strategies import build, example_input, random_spec
 
 VOLATILE = {"timings", "seconds", "seconds_per_arch"}
 
@@ -47,11 +48,18 @@ def test_pipeline_twice_is_bit_identical_on_random_architectures(seed):
 def test_data_driven_pipeline_twice_is_bit_identical():
     spec = random_spec(7)
     m, x = build(spec), example_input(spec)
-    cfg = PipelineConfig(equalize=True, correction="distill", calib=len(x), range_percentile=99.0,
-                         quant=QuantConfig(bits_weight=6, per_channel=True))
+    cfg = PipelineConfig(
+        equalize=True,
+        correction="distill",
+        calib=len(x),
+        range_percentile=99.0,
+        quant=QuantConfig(bits_weight=6, per_channel=True),
+    )
     a = quantize_model(m, cfg, calib_data=[x])
     b = quantize_model(m, cfg, calib_data=[x])
-    assert _state_equal(a.model.state_dict(), b.model.state_dict()) and a.activations == b.activations
+    assert (
+        _state_equal(a.model.state_dict(), b.model.state_dict()) and a.activations == b.activations
+    )
 
 
 NET = """import torch
@@ -67,20 +75,55 @@ def build():
 """
 
 
-@pytest.mark.parametrize("extra", [
-    ["--relu", "--equalize", "--correction", "--compare"],
-    ["--equalize", "--distill_range", "--correction", "distill", "--dis_batch_size", "2", "--dis_num_batch", "1",
-     "--dis_iterations", "3", "--distill-seconds", "1000"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--relu", "--equalize", "--correction", "--compare"],
+        [
+            "--equalize",
+            "--distill_range",
+            "--correction",
+            "distill",
+            "--dis_batch_size",
+            "2",
+            "--dis_num_batch",
+            "1",
+            "--dis_iterations",
+            "3",
+            "--distill-seconds",
+            "1000",
+        ],
+    ],
+)
 def test_same_command_twice_gives_identical_json(tmp_path, capsys, extra):
     (tmp_path / "net.py").write_text(NET)
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "imgs.npz", images=rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8), labels=np.arange(6))
+    np.savez(
+        tmp_path / "imgs.npz",
+        images=rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8),
+        labels=np.arange(6),
+    )
     outs = []
     for k in range(2):
-        torch.manual_seed(k)  # the command seeds itself (--seed): the caller's state must not leak in
-        argv = ["cls", "--model", f"{tmp_path / 'net.py'}:build", "--data", str(tmp_path / "imgs.npz"),
-                "--resize", "0", "--crop", "0", "--quantize", "--quiet", *extra, "--json", str(tmp_path / f"{k}.json")]
+        torch.manual_seed(
+            k
+        )  # the command seeds itself (--seed): the caller's state must not leak in
+        argv = [
+            "cls",
+            "--model",
+            f"{tmp_path / 'net.py'}:build",
+            "--data",
+            str(tmp_path / "imgs.npz"),
+            "--resize",
+            "0",
+            "--crop",
+            "0",
+            "--quantize",
+            "--quiet",
+            *extra,
+            "--json",
+            str(tmp_path / f"{k}.json"),
+        ]
         assert main(argv) == 0
         outs.append(json.loads((tmp_path / f"{k}.json").read_text()))
     capsys.readouterr()

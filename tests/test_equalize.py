@@ -1,11 +1,12 @@
 """Cross-layer equalization and high-bias absorption: invariance, equal ranges, convergence."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import CatNet, SmallNet, randomize_bn
 from torch import nn
 
-from conftest import CatNet, SmallNet, randomize_bn
 from dfq import absorb_high_bias, equalize, find_pairs, fold_batchnorm, replace_relu6, trace
 from dfq.transforms.equalize import equalization_scales, input_ranges, output_ranges
 
@@ -66,8 +67,12 @@ def test_zero_channel_gives_no_nan():
     t = _prepared(m)
     eq = equalize(t.gm, t.stats)
     assert all(torch.isfinite(p).all() for p in eq.gm.parameters())
-    assert all(torch.isfinite(s.mean).all() and torch.isfinite(s.std).all() for s in eq.stats.values())
-    assert torch.equal(equalization_scales(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])), torch.ones(2))
+    assert all(
+        torch.isfinite(s.mean).all() and torch.isfinite(s.std).all() for s in eq.stats.values()
+    )
+    assert torch.equal(
+        equalization_scales(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])), torch.ones(2)
+    )
 
 
 def test_relu6_kept_is_equalized_exactly_float64(small_net):
@@ -76,7 +81,9 @@ def test_relu6_kept_is_equalized_exactly_float64(small_net):
 
     t = _prepared(small_net.double(), relu=False)
     eq = equalize(t.gm, t.stats)
-    assert eq.info["dw.0"]["equalized_with"] == "pw.0" and "ReLU6 kept" in eq.info["dw.0"]["kept_clip"]
+    assert (
+        eq.info["dw.0"]["equalized_with"] == "pw.0" and "ReLU6 kept" in eq.info["dw.0"]["kept_clip"]
+    )
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 3
     assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-9
     clip = [m for m in eq.gm.modules() if isinstance(m, ChannelMin)][0]
@@ -94,8 +101,14 @@ def test_mobilenet_v2_relu6_kept_invariant_float64():
 
 
 def test_equalize_through_flatten_into_linear_float64():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(4 * 3 * 3, 6))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 6),
+    )
     net = randomize_bn(net).double()
     t = _prepared(net)
     eq = equalize(t.gm, t.stats)
@@ -132,11 +145,16 @@ def test_activation_aware_equalization_is_float_exact_and_balances_joint_ranges(
     aware = equalize(t.gm, t.stats, EqualizeConfig(activation_aware=True))
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     assert (aware.gm(x) - m(x)).abs().max() <= 1e-6
-    first, second = aware.gm.get_submodule("features.0.0"), aware.gm.get_submodule("features.1.conv.0.0")
+    first, second = (
+        aware.gm.get_submodule("features.0.0"),
+        aware.gm.get_submodule("features.1.conv.0.0"),
+    )
     clip = aware.gm.get_submodule("features_0_2_clip")
     assert isinstance(clip, ChannelMin)
     r1 = output_ranges(first)
-    j1, j2 = _joint_ranges(r1, input_ranges(second, r1.numel()), aware.stats["features.0.0"], [clip], 6.0)
+    j1, j2 = _joint_ranges(
+        r1, input_ranges(second, r1.numel()), aware.stats["features.0.0"], [clip], 6.0
+    )
     assert torch.allclose(j1, j2, rtol=0.05)
 
 
@@ -149,8 +167,11 @@ def test_residual_regions_equalize_mobilenet_resnet_and_regnet_exactly():
     from dfq.transforms.equalize import _region_ranges
 
     torch.manual_seed(0)  # the conv weights: region and pair sweeps meet within ~4 % on these
-    for net, n_regions in ((torchvision.models.mobilenet_v2(), 5), (torchvision.models.resnet18(), 4),
-                           (torchvision.models.regnet_x_400mf(), 5)):
+    for net, n_regions in (
+        (torchvision.models.mobilenet_v2(), 5),
+        (torchvision.models.resnet18(), 4),
+        (torchvision.models.regnet_x_400mf(), 5),
+    ):
         m = randomize_bn(net.eval(), seed=6).double()
         t = _prepared(m, relu=False)
         eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
@@ -194,7 +215,9 @@ def test_concatenation_regions_are_channel_sliced_and_exact(act):
     torch.manual_seed(0)
     m = randomize_bn(CatNet(act), seed=3).double().eval()
     with torch.no_grad():
-        m.a[0].weight.mul_(torch.linspace(0.01, 10, 6, dtype=torch.float64).reshape(-1, 1, 1, 1))  # wide spread
+        m.a[0].weight.mul_(
+            torch.linspace(0.01, 10, 6, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        )  # wide spread
     t = _prepared(m, relu=False)
     regions, skipped = find_regions(t.gm)
     assert not skipped
@@ -230,9 +253,16 @@ def test_deeplab_concatenations_and_fan_outs_are_equalized():
     assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
     left = [k for k, v in eq.info.items() if "equalize_note" in v]
     assert left == ["decoder.last_conv.6"]
-    cats = sorted(v["equalized_region"] for v in eq.info.values()
-                  if v.get("equalized_region", "").startswith("concatenation"))
-    assert len(cats) == 7 and any("5 producers" in c for c in cats) and any("2 producers" in c for c in cats)
+    cats = sorted(
+        v["equalized_region"]
+        for v in eq.info.values()
+        if v.get("equalized_region", "").startswith("concatenation")
+    )
+    assert (
+        len(cats) == 7
+        and any("5 producers" in c for c in cats)
+        and any("2 producers" in c for c in cats)
+    )
 
 
 class _AddConstant(nn.Module):
@@ -260,8 +290,16 @@ def test_add_with_a_constant_is_no_region():
     assert "add with a constant" in eq.info["add"]["equalize_note"]
 
 
-@pytest.mark.parametrize("layer", [nn.Conv2d(8, 6, 3), nn.Conv2d(8, 12, 3, groups=4), nn.Conv2d(8, 8, 3, groups=8),
-                                   nn.Conv2d(8, 16, 3, groups=8), nn.Conv2d(8, 4, 1, groups=2)])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(8, 6, 3),
+        nn.Conv2d(8, 12, 3, groups=4),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.Conv2d(8, 16, 3, groups=8),
+        nn.Conv2d(8, 4, 1, groups=2),
+    ],
+)
 def test_input_scaling_is_a_scale_of_the_input_channels(layer):
     """scale_inputs_(m, s) computes m(x * s) for every kind of conv (dense, grouped, depthwise,
     depthwise multiplier), and input_ranges are the max |w| that each input channel meets."""
@@ -274,7 +312,9 @@ def test_input_scaling_is_a_scale_of_the_input_channels(layer):
     w = layer.weight.detach()
     per_group = w.shape[0] // layer.groups
     group_of, local = [c // w.shape[1] for c in range(8)], [c % w.shape[1] for c in range(8)]
-    expected = torch.stack([w[g * per_group:(g + 1) * per_group, c].abs().max() for g, c in zip(group_of, local)])
+    expected = torch.stack(
+        [w[g * per_group : (g + 1) * per_group, c].abs().max() for g, c in zip(group_of, local)]
+    )
     assert torch.equal(input_ranges(layer, 8), expected)
     scale_inputs_(layer, s)
     assert torch.allclose(layer(x), ref, atol=1e-12)
@@ -285,9 +325,16 @@ class ResNeXtBlock(nn.Module):
 
     def __init__(self, c: int = 8, width: int = 16, groups: int = 4):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, width, 1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=1, groups=groups), nn.BatchNorm2d(width),
-                                  nn.ReLU(), nn.Conv2d(width, c, 1), nn.BatchNorm2d(c))
+        self.body = nn.Sequential(
+            nn.Conv2d(c, width, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, groups=groups),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, c, 1),
+            nn.BatchNorm2d(c),
+        )
 
     def forward(self, x):
         return F.relu(x + self.body(x))
@@ -295,20 +342,33 @@ class ResNeXtBlock(nn.Module):
 
 def test_grouped_convs_are_equalized_exactly_and_balanced():
     torch.manual_seed(0)
-    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), ResNeXtBlock(),
-                                   nn.Conv2d(8, 16, 3, groups=8), nn.BatchNorm2d(16), nn.ReLU6(),  # dw multiplier
-                                   nn.Conv2d(16, 4, 1)), seed=5).double()
+    m = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            ResNeXtBlock(),
+            nn.Conv2d(8, 16, 3, groups=8),
+            nn.BatchNorm2d(16),
+            nn.ReLU6(),  # dw multiplier
+            nn.Conv2d(16, 4, 1),
+        ),
+        seed=5,
+    ).double()
     t = _prepared(m, relu=False)
     eq = equalize(t.gm, t.stats)
     x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
     assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
     pairs, _ = find_pairs(eq.gm)
-    assert {(p.first, p.second) for p in pairs} == {("3.body.0", "3.body.3"), ("3.body.3", "3.body.6"), ("4", "7")}
+    assert {(p.first, p.second) for p in pairs} == {
+        ("3.body.0", "3.body.3"),
+        ("3.body.3", "3.body.6"),
+        ("4", "7"),
+    }
     for p in pairs:
         r1 = output_ranges(eq.gm.get_submodule(p.first))
         r2 = input_ranges(eq.gm.get_submodule(p.second), r1.numel())
         assert torch.allclose(r1, r2, rtol=2e-2), p
-
 
 
 def _near_dead_net(dead: bool) -> nn.Module:
@@ -316,8 +376,15 @@ def _near_dead_net(dead: bool) -> nn.Module:
     (their output is the constant beta) and channel 3 a dead input (zero filter, running variance
     far below eps, as after TF's dead ReLU6 channels: its output is beta too)."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU6(),
-                      nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1))
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8, eps=1e-3),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 4, 1),
+    )
     for bn in (m[1], m[4]):
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
@@ -342,11 +409,15 @@ def test_near_dead_channels_neither_blow_up_ranges_nor_outputs():
     for dead in (False, True):
         m = _near_dead_net(dead)
         r = quantize_model(m, PipelineConfig(equalize=True, correction=True))
-        ranges[dead] = max(v["activation_range"][1] for k, v in r.activations.items() if k != "input_1")
+        ranges[dead] = max(
+            v["activation_range"][1] for k, v in r.activations.items() if k != "input_1"
+        )
         with torch.no_grad():
             errors[dead] = float((r.model(x) - m(x)).pow(2).mean() / m(x).pow(2).mean())
         if dead:
-            assert r.layers["0"]["absorbed_max"] > 100  # the blown-up constants went to the next layer
+            assert (
+                r.layers["0"]["absorbed_max"] > 100
+            )  # the blown-up constants went to the next layer
     assert ranges[True] <= 2 * ranges[False] + 6
     assert errors[True] <= 3 * errors[False] + 1e-4
     # exact in float64: equalization and absorption of constant channels change nothing

@@ -1,19 +1,20 @@
 """Ops that are the identity in eval mode (stochastic depth, drop path, dropout variants) are
 pass-through: equalization regions and pairs look through them, moments flow through them, and
 they need no requantization."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
+from strategies import DROPS as STRATEGY_DROPS
+from strategies import Drop
 from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
-from conftest import randomize_bn
 from dfq import EqualizeConfig, PipelineConfig, equalize, fold_batchnorm, quantize_model, trace
 from dfq.graph.ops import is_eval_identity, is_pass_through
 from dfq.graph.regions import find_regions
 from dfq.transforms.equalize import _region_ranges
-from strategies import DROPS as STRATEGY_DROPS
-from strategies import Drop
 
 
 class AlphaDropout(nn.Module):
@@ -22,7 +23,10 @@ class AlphaDropout(nn.Module):
 
 
 # torchvision's StochasticDepth and stochastic_depth, timm's drop_path (one call in the graph), ...
-DROPS = {**{kind: (lambda kind=kind: Drop(kind)) for kind in STRATEGY_DROPS}, "alpha_dropout": AlphaDropout}
+DROPS = {
+    **{kind: (lambda kind=kind: Drop(kind)) for kind in STRATEGY_DROPS},
+    "alpha_dropout": AlphaDropout,
+}
 
 
 class Block(nn.Module):
@@ -30,8 +34,13 @@ class Block(nn.Module):
 
     def __init__(self, c: int, drop: nn.Module):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.ReLU(),
-                                  nn.Conv2d(2 * c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 2 * c, 1),
+            nn.BatchNorm2d(2 * c),
+            nn.ReLU(),
+            nn.Conv2d(2 * c, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+        )
         self.drop = drop
 
     def forward(self, x):
@@ -40,9 +49,21 @@ class Block(nn.Module):
 
 def net(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), Block(6, DROPS[kind]()),
-                                      Block(6, DROPS[kind]()), nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)), seed=4)
+    return randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            Block(6, DROPS[kind]()),
+            Block(6, DROPS[kind]()),
+            nn.Conv2d(6, 8, 1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        seed=4,
+    )
 
 
 @pytest.mark.parametrize("kind", list(DROPS))
@@ -69,10 +90,17 @@ def test_identities_get_moments_and_no_quantizer(kind):
     assert len(res.activations) == 10
 
 
-@pytest.mark.parametrize("fn,args,identity", [
-    (stochastic_depth, (0.5, "row", False), True), (stochastic_depth, (0.5, "row", True), False),
-    (F.dropout, (0.5, False), True), (F.dropout, (0.5,), False),  # F.dropout's training defaults to True
-    (F.dropout2d, (), False), (F.alpha_dropout, (), True)])
+@pytest.mark.parametrize(
+    "fn,args,identity",
+    [
+        (stochastic_depth, (0.5, "row", False), True),
+        (stochastic_depth, (0.5, "row", True), False),
+        (F.dropout, (0.5, False), True),
+        (F.dropout, (0.5,), False),  # F.dropout's training defaults to True
+        (F.dropout2d, (), False),
+        (F.alpha_dropout, (), True),
+    ],
+)
 def test_a_functional_drop_is_the_identity_only_outside_training(fn, args, identity):
     gm = fx.GraphModule(nn.Module(), fx.Graph())
     node = gm.graph.call_function(fn, (gm.graph.placeholder("x"), *args))

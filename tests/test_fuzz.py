@@ -4,24 +4,34 @@ its premise holds, a bit-width-derived SQNR bound, and the user's model untouche
 
 Derandomized (a fixed sequence of examples, so CI is deterministic) and modest in number;
 benchmarks/fuzz.py runs a thousand."""
+
 import random
 
 import pytest
 import torch
+from fuzz_checks import check_architecture, random_quant_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from dfq import PipelineConfig, QuantConfig, quantize_model
-from fuzz_checks import check_architecture, random_quant_config
 from strategies import DROPS, architectures, build, example_input, random_spec
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+from dfq import PipelineConfig, QuantConfig, quantize_model
+
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @FUZZ
-@given(spec=architectures(), bits=st.sampled_from([8, 16]), cfg_seed=st.integers(0, 2 ** 16),
-       train_mode=st.booleans())
+@given(
+    spec=architectures(),
+    bits=st.sampled_from([8, 16]),
+    cfg_seed=st.integers(0, 2**16),
+    train_mode=st.booleans(),
+)
 def test_random_architecture_invariants(spec, bits, cfg_seed, train_mode):
     torch.set_num_threads(1)
     check_architecture(spec, random_quant_config(random.Random(cfg_seed)), bits, train_mode)
@@ -33,8 +43,12 @@ def test_w16a16_int32_bias_does_not_overflow(seed):
     that scale was clamped silently (SQNR 1-20 dB at 16 bits). It now goes on its own range."""
     spec = random_spec(seed, modern=False)  # the architectures the fuzzer found it on
     m, x = build(spec), example_input(spec)
-    cfg = PipelineConfig(equalize=True, correction="bn", calib=len(x),
-                         quant=QuantConfig(bits_weight=16, bits_activation=16))
+    cfg = PipelineConfig(
+        equalize=True,
+        correction="bn",
+        calib=len(x),
+        quant=QuantConfig(bits_weight=16, bits_activation=16),
+    )
     res = quantize_model(m, cfg, calib_data=[x])
     from dfq.quant.primitives import sqnr_db
 
@@ -48,10 +62,32 @@ def test_strategy_covers_the_advertised_ops():
     import json
 
     text = json.dumps([random_spec(i) for i in range(200)])
-    for needle in ('"residual"', '"concat"', '"pad"', '"upsample"', '"dropout"', '"dw"', '"grouped"',
-                   '"dw_mult"', '"tiny"', '"huge"', '"zero"', '"flatten_linear"', '"relu6_fn"', '"silu"',
-                   '"same"', '"reflect"', '"gelu_tanh"', '"mish"', '"elu"', '"sigmoid_method"', '"se"',
-                   '"hardsigmoid"', '"functional": true', *(f'"{k}"' for k in DROPS)):
+    for needle in (
+        '"residual"',
+        '"concat"',
+        '"pad"',
+        '"upsample"',
+        '"dropout"',
+        '"dw"',
+        '"grouped"',
+        '"dw_mult"',
+        '"tiny"',
+        '"huge"',
+        '"zero"',
+        '"flatten_linear"',
+        '"relu6_fn"',
+        '"silu"',
+        '"same"',
+        '"reflect"',
+        '"gelu_tanh"',
+        '"mish"',
+        '"elu"',
+        '"sigmoid_method"',
+        '"se"',
+        '"hardsigmoid"',
+        '"functional": true',
+        *(f'"{k}"' for k in DROPS),
+    ):
         assert needle in text, needle
     assert '"dead": 0' in text and '"dead": 1' in text
 
@@ -61,7 +97,9 @@ class _PadBetween(torch.nn.Module):
         super().__init__()
         from conftest import randomize_bn
 
-        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        self.a = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()
+        )
         self.pad = torch.nn.ZeroPad2d(1)
         self.functional = functional
         self.b = torch.nn.Conv2d(4, 2, 1)

@@ -1,5 +1,6 @@
 """The library's import graph: nothing outside dfq.cli imports it, and no module imports itself
 back through others (lazy imports inside functions count too)."""
+
 from __future__ import annotations
 
 import ast
@@ -31,8 +32,12 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_nothing_outside_the_cli_imports_it():
-    offenders = {m: sorted(d) for m, deps in import_graph().items() if not m.startswith("dfq.cli")
-                 and (d := {x for x in deps if x == "dfq.cli" or x.startswith("dfq.cli.")})}
+    offenders = {
+        m: sorted(d)
+        for m, deps in import_graph().items()
+        if not m.startswith("dfq.cli")
+        and (d := {x for x in deps if x == "dfq.cli" or x.startswith("dfq.cli.")})
+    }
     assert offenders == {} or set(offenders) == {"dfq.__main__"}, offenders
 
 
@@ -46,7 +51,7 @@ def test_the_import_graph_has_no_cycle():
         path.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                return path[path.index(d):] + [d]
+                return path[path.index(d) :] + [d]
             if d not in state and (cycle := visit(d)):
                 return cycle
         state[m] = 2

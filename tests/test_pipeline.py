@@ -1,8 +1,9 @@
 """The whole pipeline on small models: quantized output quality, grids, determinism, no mutation."""
+
 import torch
+from conftest import SmallNet, randomize_bn
 from torch import fx
 
-from conftest import SmallNet, randomize_bn
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.quant.primitives import sqnr_db
@@ -15,7 +16,9 @@ def _snapshot(m):
 def test_pipeline_does_not_touch_the_users_model(small_net):
     small_net.train()
     before, mode = _snapshot(small_net)
-    quantize_model(small_net, PipelineConfig(relu=True, equalize=True, correction=True, clip_weight=15.0))
+    quantize_model(
+        small_net, PipelineConfig(relu=True, equalize=True, correction=True, clip_weight=15.0)
+    )
     after, mode_after = _snapshot(small_net)
     assert mode_after == mode and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -33,8 +36,12 @@ def test_w8a8_output_is_close_and_higher_bits_are_closer(small_net):
     ref = small_net(x)
     sq = {}
     for bits in (4, 8):
-        cfg = PipelineConfig(quantize=True, relu=False, correction=True,
-                             quant=QuantConfig(bits_weight=bits, bits_activation=bits))
+        cfg = PipelineConfig(
+            quantize=True,
+            relu=False,
+            correction=True,
+            quant=QuantConfig(bits_weight=bits, bits_activation=bits),
+        )
         sq[bits] = sqnr_db(ref, quantize_model(small_net, cfg).model(x))
     assert sq[8] > 25 and sq[8] > sq[4] + 10
 
@@ -46,7 +53,9 @@ def test_weights_and_activations_sit_on_their_grids(small_net):
         if isinstance(m, QuantizedLayer):
             q = m.int_weight()
             assert q.abs().max() <= 127
-            assert torch.allclose(q.double() * m.weight_scale.double(), m.weight.double(), atol=1e-6)
+            assert torch.allclose(
+                q.double() * m.weight_scale.double(), m.weight.double(), atol=1e-6
+            )
             b = m.int_bias()
             assert torch.allclose(b.double() * m.bias_scale, m.bias.double(), atol=1e-6)
     aqs = [m for m in gm.modules() if isinstance(m, ActQuant)]
@@ -82,7 +91,9 @@ def test_calibration_ranges_come_from_data(small_net):
 def test_percentile_ranges_are_inside_min_max(small_net):
     data = [torch.randn(8, 3, 16, 16)]
     full = quantize_model(small_net, PipelineConfig(calib=8), calib_data=data).activations
-    pct = quantize_model(small_net, PipelineConfig(calib=8, range_percentile=99.0), calib_data=data).activations
+    pct = quantize_model(
+        small_net, PipelineConfig(calib=8, range_percentile=99.0), calib_data=data
+    ).activations
     assert pct["stem_2"]["activation_range"][1] < full["stem_2"]["activation_range"][1]
 
 

@@ -1,8 +1,10 @@
 """Quantizer properties (hypothesis) and the torch fake-quant oracle."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dfq.quant.primitives import Grid, dequantize, fake_quantize, qparams, quantize, round_half_away
 
@@ -16,7 +18,9 @@ def test_round_trip_error_at_most_half_a_step(grid, lohi, seed):
     lo, hi = lohi
     scale, zp = qparams(torch.tensor(lo), torch.tensor(hi), grid)
     assert zp.dtype == torch.int64 and grid.qmin <= int(zp) <= grid.qmax
-    x = torch.empty(200, dtype=torch.float64).uniform_(lo, hi, generator=torch.Generator().manual_seed(seed))
+    x = torch.empty(200, dtype=torch.float64).uniform_(
+        lo, hi, generator=torch.Generator().manual_seed(seed)
+    )
     err = (fake_quantize(x, scale, zp, grid) - x).abs().max()
     assert err <= float(scale) / 2 * (1 + 1e-6) + 1e-12
 
@@ -61,7 +65,9 @@ def test_round_half_away_is_c_round():
     assert torch.round(x).tolist() == [-2, -2, -0, 0, 2, 2]
 
 
-@pytest.mark.parametrize("cin,x_bound", [(32, 255), (960, 255), (3000, 255), (960, 40000), (8, 2 ** 21)])
+@pytest.mark.parametrize(
+    "cin,x_bound", [(32, 255), (960, 255), (3000, 255), (960, 40000), (8, 2**21)]
+)
 def test_exact_integer_op_equals_float64(cin, x_bound):
     """The integer-exact simulation's float32 fast path (with the hi/lo split where one pass
     could overflow 2^24) gives the float64 result bit for bit."""

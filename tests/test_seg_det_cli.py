@@ -1,5 +1,6 @@
 """`dfq seg` and `dfq det` end to end on a tiny VOCdevkit the tests write (tests/voc_fixture.py),
 with checkpoints shaped like the public ones (jfzhang95's .pth.tar dict, qfgaohao's state dict)."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import randomize_bn
+from voc_fixture import make_voc
+
 from dfq.cli import main
 from dfq.models import build
-from voc_fixture import make_voc
 
 ROWS = ["FP32", "Original", "+ReLU", "+ReLU+LE", "+BC", "+BC+clip_15", "+ReLU+LE+BC"]
 
@@ -32,11 +33,26 @@ def checkpoints(tmp_path_factory):
     deeplab = randomize_bn(build("deeplabv3plus_mobilenetv2"), seed=1)
     opt = torch.optim.SGD(deeplab.parameters(), lr=0.01, momentum=0.9)
     # jfzhang95's Saver: a dict with the epoch, state_dict, optimizer and a numpy best_pred
-    torch.save({"epoch": 3, "state_dict": deeplab.state_dict(), "optimizer": opt.state_dict(),
-                "best_pred": np.float64(0.7081)}, d / "deeplab-mobilenet.pth.tar")
-    torch.save(randomize_bn(build("ssdlite_mobilenetv2"), seed=2).state_dict(), d / "mb2-ssd-lite.pth")
-    torch.save(randomize_bn(build("tf_ssdlite_mobilenetv2"), seed=3).state_dict(), d / "tf-ssdlite.pth")
-    return {"seg": d / "deeplab-mobilenet.pth.tar", "det": d / "mb2-ssd-lite.pth", "tf": d / "tf-ssdlite.pth"}
+    torch.save(
+        {
+            "epoch": 3,
+            "state_dict": deeplab.state_dict(),
+            "optimizer": opt.state_dict(),
+            "best_pred": np.float64(0.7081),
+        },
+        d / "deeplab-mobilenet.pth.tar",
+    )
+    torch.save(
+        randomize_bn(build("ssdlite_mobilenetv2"), seed=2).state_dict(), d / "mb2-ssd-lite.pth"
+    )
+    torch.save(
+        randomize_bn(build("tf_ssdlite_mobilenetv2"), seed=3).state_dict(), d / "tf-ssdlite.pth"
+    )
+    return {
+        "seg": d / "deeplab-mobilenet.pth.tar",
+        "det": d / "mb2-ssd-lite.pth",
+        "tf": d / "tf-ssdlite.pth",
+    }
 
 
 def _run(capsys, *argv):
@@ -51,8 +67,23 @@ def _finite(v) -> bool:
 
 def test_seg_end_to_end(voc, checkpoints, tmp_path, capsys):
     out_json = tmp_path / "seg.json"
-    code, out, _ = _run(capsys, "seg", "--weights", checkpoints["seg"], "--data", voc, "--size", 64,
-                        "--quantize", "--equalize", "--correction", "--compare", "--quiet", "--json", out_json)
+    code, out, _ = _run(
+        capsys,
+        "seg",
+        "--weights",
+        checkpoints["seg"],
+        "--data",
+        voc,
+        "--size",
+        64,
+        "--quantize",
+        "--equalize",
+        "--correction",
+        "--compare",
+        "--quiet",
+        "--json",
+        out_json,
+    )
     assert code == 0
     r = json.loads(out_json.read_text())
     assert r["task"] == "seg" and r["arch"] == "deeplabv3plus_mobilenetv2" and r["n"] == 3
@@ -61,15 +92,33 @@ def test_seg_end_to_end(voc, checkpoints, tmp_path, capsys):
     assert len(r["detail"]["per_class_iou"]) == 21
     assert r["config"]["equalize"] and r["config"]["correction"] == "bn"
     assert r["equalization"]["pairs"] >= 35 and r["equalization"]["left_alone"]
-    assert r["layers"]["decoder.last_conv.0"].get("bias_correction_max") is not None  # moments through the cat
+    assert (
+        r["layers"]["decoder.last_conv.0"].get("bias_correction_max") is not None
+    )  # moments through the cat
     assert "miou" in out and "left alone" in out
 
 
 def test_det_end_to_end(voc, checkpoints, tmp_path, capsys):
     out_json = tmp_path / "det.json"
-    code, out, _ = _run(capsys, "det", "--weights", checkpoints["det"], "--data", voc, "--limit", 2,
-                        "--quantize", "--relu", "--equalize", "--correction", "--per_channel", "--compare",
-                        "--quiet", "--json", out_json)
+    code, out, _ = _run(
+        capsys,
+        "det",
+        "--weights",
+        checkpoints["det"],
+        "--data",
+        voc,
+        "--limit",
+        2,
+        "--quantize",
+        "--relu",
+        "--equalize",
+        "--correction",
+        "--per_channel",
+        "--compare",
+        "--quiet",
+        "--json",
+        out_json,
+    )
     assert code == 0
     r = json.loads(out_json.read_text())
     assert r["task"] == "det" and r["arch"] == "ssdlite_mobilenetv2" and r["n"] == 2
@@ -89,9 +138,23 @@ def test_det_runs_a_tf_detector_with_its_own_processing(voc, checkpoints, tmp_pa
     xml = persons / "VOCdevkit" / "VOC2007" / "Annotations" / "2008_000001.xml"
     xml.write_text(xml.read_text().replace("<difficult>1</difficult>", "<difficult>0</difficult>"))
     out_json = tmp_path / "tf.json"
-    code, out, err = _run(capsys, "det", "--arch", "tf_ssdlite_mobilenetv2", "--weights", checkpoints["tf"],
-                          "--data", persons, "--quantize", "--equalize", "--correction", "--compare",
-                          "--quiet", "--json", out_json)
+    code, out, err = _run(
+        capsys,
+        "det",
+        "--arch",
+        "tf_ssdlite_mobilenetv2",
+        "--weights",
+        checkpoints["tf"],
+        "--data",
+        persons,
+        "--quantize",
+        "--equalize",
+        "--correction",
+        "--compare",
+        "--quiet",
+        "--json",
+        out_json,
+    )
     assert code == 0, err
     r = json.loads(out_json.read_text())
     assert r["arch"] == "tf_ssdlite_mobilenetv2" and r["classes"] == ["person"] and r["n"] == 3
@@ -103,8 +166,20 @@ def test_det_runs_a_tf_detector_with_its_own_processing(voc, checkpoints, tmp_pa
 
 
 def test_seg_ablation_rows(voc, tmp_path, capsys):
-    code, out, _ = _run(capsys, "seg", "--data", voc, "--size", 33, "--limit", 2, "--ablation", "--quiet",
-                        "--json", tmp_path / "a.json")
+    code, out, _ = _run(
+        capsys,
+        "seg",
+        "--data",
+        voc,
+        "--size",
+        33,
+        "--limit",
+        2,
+        "--ablation",
+        "--quiet",
+        "--json",
+        tmp_path / "a.json",
+    )
     assert code == 0
     r = json.loads((tmp_path / "a.json").read_text())
     assert [row["name"] for row in r["rows"]] == ROWS
@@ -114,8 +189,22 @@ def test_seg_ablation_rows(voc, tmp_path, capsys):
 
 
 def test_det_ablation_rows(voc, tmp_path, capsys):
-    code, out, _ = _run(capsys, "det", "--data", voc, "--year", "2012", "--split", "val", "--limit", 1,
-                        "--ablation", "--quiet", "--json", tmp_path / "a.json")
+    code, out, _ = _run(
+        capsys,
+        "det",
+        "--data",
+        voc,
+        "--year",
+        "2012",
+        "--split",
+        "val",
+        "--limit",
+        1,
+        "--ablation",
+        "--quiet",
+        "--json",
+        tmp_path / "a.json",
+    )
     assert code == 0
     r = json.loads((tmp_path / "a.json").read_text())
     assert [row["name"] for row in r["rows"]] == ROWS
@@ -123,12 +212,15 @@ def test_det_ablation_rows(voc, tmp_path, capsys):
     assert "Δmap12 vs FP32" in out
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["seg", "--data", "{voc}", "--year", "2010"], "No VOCdevkit/VOC2010"),
-    (["det", "--data", "{voc}", "--split", "train"], "does not exist"),
-    (["det", "--data", "{voc}", "--arch", "no_such_net"], "Unknown architecture"),
-    (["seg", "--data", "{voc}", "--weights", "{det_ckpt}"], "does not fit"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["seg", "--data", "{voc}", "--year", "2010"], "No VOCdevkit/VOC2010"),
+        (["det", "--data", "{voc}", "--split", "train"], "does not exist"),
+        (["det", "--data", "{voc}", "--arch", "no_such_net"], "Unknown architecture"),
+        (["seg", "--data", "{voc}", "--weights", "{det_ckpt}"], "does not fit"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(voc, checkpoints, capsys, argv, needle):
     argv = [a.format(voc=voc, det_ckpt=checkpoints["det"]) for a in argv]
     code, _, err = _run(capsys, *argv, "--quantize", "--quiet")
@@ -138,14 +230,34 @@ def test_bad_input_exits_2_with_one_line(voc, checkpoints, capsys, argv, needle)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task,backend", [("seg", "ort"), ("seg", "ncnn"), ("det", "ort")])
-def test_seg_det_int8_runtimes_equal_their_simulation(voc, checkpoints, tmp_path, capsys, task, backend):
+def test_seg_det_int8_runtimes_equal_their_simulation(
+    voc, checkpoints, tmp_path, capsys, task, backend
+):
     """`dfq seg|det --backend`: the exported int8 model in its runtime scores as its simulation."""
     pytest.importorskip("onnxruntime" if backend == "ort" else "ncnn")
     out_json = tmp_path / f"{task}_{backend}.json"
-    code, out, err = _run(capsys, task, "--weights", checkpoints[task], "--data", voc, "--limit", 2,
-                          *(["--size", 64] if task == "seg" else []), "--quantize", "--relu", "--equalize",
-                          "--correction", "--backend", backend, "--quiet", "--json", out_json,
-                          "--export-dir", tmp_path / "export")
+    code, out, err = _run(
+        capsys,
+        task,
+        "--weights",
+        checkpoints[task],
+        "--data",
+        voc,
+        "--limit",
+        2,
+        *(["--size", 64] if task == "seg" else []),
+        "--quantize",
+        "--relu",
+        "--equalize",
+        "--correction",
+        "--backend",
+        backend,
+        "--quiet",
+        "--json",
+        out_json,
+        "--export-dir",
+        tmp_path / "export",
+    )
     assert code == 0, err
     r = json.loads(out_json.read_text())
     metric = "miou" if task == "seg" else "map07"

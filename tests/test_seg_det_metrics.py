@@ -1,4 +1,5 @@
 """Segmentation and detection metrics against hand-computed cases, and evaluate() on a tiny VOC folder."""
+
 from __future__ import annotations
 
 import math
@@ -8,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from voc_fixture import OBJECTS, SEG_LABELS, SIZES, make_voc
 
 from dfq.errors import DfqError
 from dfq.tasks import detection as det
 from dfq.tasks import segmentation as seg
 from dfq.tasks.voc import VOC_CLASSES
-from voc_fixture import OBJECTS, SEG_LABELS, SIZES, make_voc
 
 # ---------------------------------------------------------------- segmentation
 
@@ -135,7 +136,10 @@ def test_matching_duplicates_difficult_and_threshold():
     assert recall.tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])  # one non-difficult class-1 box
     assert det.precision_recall(detections, targets, label=3) is None
     out = det.voc_map(detections, targets)
-    assert set(out["per_class_ap"]) == {"aeroplane", "bicycle"}  # classes 1 and 2, the only ones with boxes
+    assert set(out["per_class_ap"]) == {
+        "aeroplane",
+        "bicycle",
+    }  # classes 1 and 2, the only ones with boxes
     assert out["per_class_ap"]["bicycle"] == {"ap07": 0.0, "ap12": 0.0}  # a box, no detection
     assert out["per_class_ap"]["aeroplane"]["ap12"] == pytest.approx(50.0)
     assert out["map12"] == pytest.approx(25.0)
@@ -150,7 +154,12 @@ def test_priors_match_the_qfgaohao_config():
     assert priors.shape == (3000, 4)  # (19^2 + 10^2 + 5^2 + 3^2 + 2^2 + 1) * 6
     c = 0.5 / (300 / 16)
     small, large, r2 = 60 / 300, math.sqrt(60 * 105) / 300, math.sqrt(2)
-    expected = [[c, c, small, small], [c, c, large, large], [c, c, small * r2, small / r2], [c, c, small / r2, small * r2]]
+    expected = [
+        [c, c, small, small],
+        [c, c, large, large],
+        [c, c, small * r2, small / r2],
+        [c, c, small / r2, small * r2],
+    ]
     np.testing.assert_allclose(priors[:4], expected, rtol=1e-6)
     assert priors[6, 0].item() == pytest.approx(1.5 / (300 / 16))  # next cell to the right
     # the single 1x1 cell: tall box of ratio 3 clamped to the image
@@ -160,12 +169,16 @@ def test_priors_match_the_qfgaohao_config():
 def _encode(boxes: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
     """Corner boxes -> SSD locations for these priors (the inverse of decode_boxes)."""
     centers, sizes = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
-    return torch.cat([(centers - priors[:, :2]) / priors[:, 2:] / 0.1, torch.log(sizes / priors[:, 2:]) / 0.2], 1)
+    return torch.cat(
+        [(centers - priors[:, :2]) / priors[:, 2:] / 0.1, torch.log(sizes / priors[:, 2:]) / 0.2], 1
+    )
 
 
 def test_decode_boxes():
     priors = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
-    np.testing.assert_allclose(det.decode_boxes(torch.zeros(1, 4), priors), [[0.4, 0.3, 0.6, 0.7]], rtol=1e-6)
+    np.testing.assert_allclose(
+        det.decode_boxes(torch.zeros(1, 4), priors), [[0.4, 0.3, 0.6, 0.7]], rtol=1e-6
+    )
     # centre moves by loc * 0.1 * prior size, size scales by exp(loc * 0.2)
     loc = torch.tensor([[1.0, -2.0, 5 * math.log(2), 0.0]])
     np.testing.assert_allclose(det.decode_boxes(loc, priors), [[0.32, 0.22, 0.72, 0.62]], rtol=1e-6)
@@ -192,7 +205,11 @@ def _oracle_outputs(targets, priors, num_classes=21):
 
 def test_postprocess_recovers_boxes_and_suppresses_overlaps():
     priors = det.ssd_priors()
-    target = {"size": (200, 100), "boxes": np.array([[20, 10, 120, 90]], np.float32), "labels": np.array([7])}
+    target = {
+        "size": (200, 100),
+        "boxes": np.array([[20, 10, 120, 90]], np.float32),
+        "labels": np.array([7]),
+    }
     conf, loc = _oracle_outputs([target], priors)
     out = det.postprocess(conf, loc, priors, [target["size"]])[0]
     assert out["labels"].tolist() == [7]
@@ -205,9 +222,13 @@ def test_postprocess_recovers_boxes_and_suppresses_overlaps():
     out = det.postprocess(logits, torch.zeros(1, 3, 4), priors, [(100, 100)])[0]
     # class 7: prior 1 overlaps prior 0 (IoU 1 > 0.45) and goes; prior 2 stays. Class 3 is separate.
     assert out["labels"].tolist() == [3, 7, 7]
-    np.testing.assert_allclose(out["boxes"], [[10, 10, 60, 90], [10, 10, 60, 90], [75, 75, 85, 85]], rtol=1e-5)
+    np.testing.assert_allclose(
+        out["boxes"], [[10, 10, 60, 90], [10, 10, 60, 90], [75, 75, 85, 85]], rtol=1e-5
+    )
     assert out["scores"][1] > out["scores"][2]
-    capped = det.postprocess(logits, torch.zeros(1, 3, 4), priors, [(100, 100)], candidate_size=1)[0]
+    capped = det.postprocess(logits, torch.zeros(1, 3, 4), priors, [(100, 100)], candidate_size=1)[
+        0
+    ]
     assert capped["labels"].tolist() == [3, 7]
 
 
@@ -238,7 +259,9 @@ def test_detection_evaluate_on_tiny_voc(tmp_path, year, split):
     dataset = det.VOCDetectionEval(tmp_path, year=year, split=split)
     targets = [dataset[i][1] for i in range(len(dataset))]
     assert [t["id"] for t in targets] == list(SIZES)
-    assert [t["difficult"].tolist() for t in targets] == [[d == 1 for *_, d in OBJECTS[k]] for k in SIZES]
+    assert [t["difficult"].tolist() for t in targets] == [
+        [d == 1 for *_, d in OBJECTS[k]] for k in SIZES
+    ]
     loader = DataLoader(dataset, batch_size=2, collate_fn=det.collate)
     priors = det.ssd_priors()
     outputs = [_oracle_outputs(targets[:2], priors), _oracle_outputs(targets[2:], priors)]

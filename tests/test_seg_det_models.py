@@ -4,6 +4,7 @@ The expected state-dict layouts below are written out from the public sources
 (jfzhang95/pytorch-deeplab-xception modeling/, qfgaohao/pytorch-ssd vision/), not from our
 model code, so a renamed or reshaped layer fails here before it fails on a real checkpoint.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,14 +12,22 @@ import torch
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
+from voc_fixture import make_voc
 
 from dfq.models import available, build
 from dfq.tasks import detection as det
 from dfq.tasks import segmentation as seg
-from voc_fixture import make_voc
 
 # MobileNetV2: expansion t, channels c, repeats n, stride s
-STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+STAGES = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
 def bn(prefix, c):
@@ -52,26 +61,44 @@ def mobilenetv2_blocks(prefix_of):
 def deeplab_keys(num_classes=21):
     keys = mobilenetv2_blocks(lambda i: f"backbone.features.{i}")
     # the backbone's slices low_level_features = features[0:4], high_level_features = features[4:]
-    keys.update(mobilenetv2_blocks(lambda i: f"backbone.{'low' if i < 4 else 'high'}_level_features.{i}"))
+    keys.update(
+        mobilenetv2_blocks(lambda i: f"backbone.{'low' if i < 4 else 'high'}_level_features.{i}")
+    )
     for k, size in ((1, 1), (2, 3), (3, 3), (4, 3)):
-        keys.update({f"aspp.aspp{k}.atrous_conv.weight": (256, 320, size, size), **bn(f"aspp.aspp{k}.bn", 256)})
-    keys.update({"aspp.global_avg_pool.1.weight": (256, 320, 1, 1), **bn("aspp.global_avg_pool.2", 256)})
+        keys.update(
+            {
+                f"aspp.aspp{k}.atrous_conv.weight": (256, 320, size, size),
+                **bn(f"aspp.aspp{k}.bn", 256),
+            }
+        )
+    keys.update(
+        {"aspp.global_avg_pool.1.weight": (256, 320, 1, 1), **bn("aspp.global_avg_pool.2", 256)}
+    )
     keys.update({"aspp.conv1.weight": (256, 1280, 1, 1), **bn("aspp.bn1", 256)})
     keys.update({"decoder.conv1.weight": (48, 24, 1, 1), **bn("decoder.bn1", 48)})
     keys.update({"decoder.last_conv.0.weight": (256, 304, 3, 3), **bn("decoder.last_conv.1", 256)})
     keys.update({"decoder.last_conv.3.weight": (256, 256, 3, 3), **bn("decoder.last_conv.4", 256)})
-    keys.update({"decoder.last_conv.6.weight": (num_classes, 256, 1, 1), "decoder.last_conv.6.bias": (num_classes,)})
+    keys.update(
+        {
+            "decoder.last_conv.6.weight": (num_classes, 256, 1, 1),
+            "decoder.last_conv.6.bias": (num_classes,),
+        }
+    )
     return keys
 
 
 def ssdlite_keys(num_classes=21):
     keys = mobilenetv2_blocks(lambda i: f"base_net.{i}")
     keys.update({"base_net.18.0.weight": (1280, 320, 1, 1), **bn("base_net.18.1", 1280)})
-    for k, (inp, oup, t) in enumerate([(1280, 512, 0.2), (512, 256, 0.25), (256, 256, 0.5), (256, 64, 0.25)]):
+    for k, (inp, oup, t) in enumerate(
+        [(1280, 512, 0.2), (512, 256, 0.25), (256, 256, 0.5), (256, 64, 0.25)]
+    ):
         keys.update(inverted_residual(f"extras.{k}", inp, oup, t))
     for name, per_anchor in (("classification_headers", num_classes), ("regression_headers", 4)):
         out = 6 * per_anchor
-        for k, c in enumerate([576, 1280, 512, 256, 256]):  # SeperableConv2d: dw (bias), BN, ReLU6, pw (bias)
+        for k, c in enumerate(
+            [576, 1280, 512, 256, 256]
+        ):  # SeperableConv2d: dw (bias), BN, ReLU6, pw (bias)
             keys.update({f"{name}.{k}.0.weight": (c, 1, 3, 3), f"{name}.{k}.0.bias": (c,), **bn(f"{name}.{k}.1", c),
                          f"{name}.{k}.3.weight": (out, c, 1, 1), f"{name}.{k}.3.bias": (out,)})  # fmt: skip
         keys.update({f"{name}.5.weight": (out, 64, 1, 1), f"{name}.5.bias": (out,)})
@@ -127,7 +154,9 @@ def test_parameter_counts():
         return inp * hid + hid * bn2 + hid * 9 + hid * bn2 + hid * oup + oup * bn2
 
     extras = ir(1280, 512, 256) + ir(512, 256, 128) + ir(256, 256, 128) + ir(256, 64, 64)
-    heads = sum(c * 9 + c + c * bn2 + c * o + o for c in (576, 1280, 512, 256, 256) for o in (126, 24))
+    heads = sum(
+        c * 9 + c + c * bn2 + c * o + o for c in (576, 1280, 512, 256, 256) for o in (126, 24)
+    )
     heads += 64 * 126 + 126 + 64 * 24 + 24
     ssd = build("ssdlite_mobilenetv2")
     assert n_params(ssd) == n_params(features) + extras + heads == 3_388_228
@@ -139,14 +168,23 @@ def _fake_checkpoint(expected):
     base = {}
     state = {}
     for key, shape in expected.items():
-        canonical = key.replace("low_level_features", "features").replace("high_level_features", "features")
+        canonical = key.replace("low_level_features", "features").replace(
+            "high_level_features", "features"
+        )
         if canonical not in base:
-            base[canonical] = torch.randint(0, 5, shape, generator=g) if key.endswith("tracked") else torch.rand(shape, generator=g) + 0.1
+            base[canonical] = (
+                torch.randint(0, 5, shape, generator=g)
+                if key.endswith("tracked")
+                else torch.rand(shape, generator=g) + 0.1
+            )
         state[key] = base[canonical].clone()
     return state
 
 
-@pytest.mark.parametrize("name,expected", [("deeplabv3plus_mobilenetv2", deeplab_keys), ("ssdlite_mobilenetv2", ssdlite_keys)])
+@pytest.mark.parametrize(
+    "name,expected",
+    [("deeplabv3plus_mobilenetv2", deeplab_keys), ("ssdlite_mobilenetv2", ssdlite_keys)],
+)
 def test_published_layout_loads_strictly(name, expected):
     state = _fake_checkpoint(expected())
     model = build(name)
@@ -160,7 +198,12 @@ def test_deeplab_shapes_and_trace():
     x = torch.randn(1, 3, 33, 49)
     with torch.no_grad():
         high, low = model.backbone(torch.randn(1, 3, 129, 129))
-        assert high.shape == (1, 320, 9, 9) and low.shape == (1, 24, 33, 33)  # output stride 16, low level 4
+        assert high.shape == (1, 320, 9, 9) and low.shape == (
+            1,
+            24,
+            33,
+            33,
+        )  # output stride 16, low level 4
         out = model(x)
         assert out.shape == (1, 21, 33, 49)
         traced = torch.fx.symbolic_trace(model)
@@ -178,7 +221,14 @@ def test_ssdlite_shapes_priors_and_trace():
         conf, loc = model(x)
         traced = torch.fx.symbolic_trace(model)
         conf_t, loc_t = traced(x)
-    assert sizes == [(576, 19, 19), (1280, 10, 10), (512, 5, 5), (256, 3, 3), (256, 2, 2), (64, 1, 1)]
+    assert sizes == [
+        (576, 19, 19),
+        (1280, 10, 10),
+        (512, 5, 5),
+        (256, 3, 3),
+        (256, 2, 2),
+        (64, 1, 1),
+    ]
     assert [s[1] for s in sizes] == [spec.feature_map for spec in det.SSDLITE_SPECS]
     assert conf.shape == (1, 3000, 21) and loc.shape == (1, 3000, 4)
     assert len(det.ssd_priors()) == 3000
@@ -193,12 +243,18 @@ def test_segmentation_evaluate_runs_deeplab(tmp_path):
     out = seg.evaluate(traced, loader)
     assert out["n"] == 3 and len(out["per_class_iou"]) == 21
     assert 0.0 <= out["miou"] <= 100.0
-    assert traced.training and traced.get_submodule("backbone.features.0.1").training  # left as it was found
+    assert (
+        traced.training and traced.get_submodule("backbone.features.0.1").training
+    )  # left as it was found
 
 
 def test_detection_evaluate_runs_ssdlite(tmp_path):
     make_voc(tmp_path)
-    loader = DataLoader(det.VOCDetectionEval(tmp_path, year="2007", split="test"), batch_size=3, collate_fn=det.collate)
+    loader = DataLoader(
+        det.VOCDetectionEval(tmp_path, year="2007", split="test"),
+        batch_size=3,
+        collate_fn=det.collate,
+    )
     out = det.evaluate(torch.fx.symbolic_trace(randomize_bn(build("ssdlite_mobilenetv2"))), loader)
     assert out["n"] == 3 and set(out["per_class_ap"]) == {"dog", "cat", "car"}
     assert 0.0 <= out["map12"] <= 100.0 and 0.0 <= out["map07"] <= 100.0

@@ -4,6 +4,7 @@ VOC2012 has a segmentation val split (palette PNG masks with 255 borders) and a 
 split; VOC2007 has a detection test split. Image sizes are chosen so that, with crop_size=32,
 the segmentation eval transform only crops (no resizing): expected scores can be worked out by hand.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,11 +69,21 @@ def make_voc(root: Path) -> dict[str, np.ndarray]:
     masks = {}
     for year, det_split in (("2012", "val"), ("2007", "test")):
         base = root / "VOCdevkit" / f"VOC{year}"
-        for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main", "ImageSets/Segmentation"):
+        for sub in (
+            "JPEGImages",
+            "Annotations",
+            "SegmentationClass",
+            "ImageSets/Main",
+            "ImageSets/Segmentation",
+        ):
             (base / sub).mkdir(parents=True, exist_ok=True)
         for image_id, (w, h) in SIZES.items():
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(base / "JPEGImages" / f"{image_id}.jpg")
-            (base / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, (w, h), OBJECTS[image_id]))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                base / "JPEGImages" / f"{image_id}.jpg"
+            )
+            (base / "Annotations" / f"{image_id}.xml").write_text(
+                _xml(image_id, (w, h), OBJECTS[image_id])
+            )
             mask = seg_mask(w, h, SEG_LABELS[image_id])
             png = Image.frombytes("P", (w, h), mask.tobytes())
             png.putpalette(palette)

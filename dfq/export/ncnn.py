@@ -21,6 +21,7 @@
    users who run ncnn2int8 on the fp32 files themselves (ncnn2int8 re-quantizes the on-grid
    fp32 weights to the same integers).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,10 +45,42 @@ from dfq.targets.ncnn import INT8_TAG, ncnn_weight_scales
 
 WEIGHTED = {"Convolution", "ConvolutionDepthWise", "InnerProduct"}
 # layer types the int8 rewrite walks through; anything else with data in the .bin is refused
-WEIGHTLESS = {"Input", "Split", "BinaryOp", "Pooling", "Flatten", "Reshape", "Clip", "ReLU", "Crop",
-              "Padding", "Concat", "Eltwise", "Slice", "Interp", "Dropout", "Noop", "Softmax", "Sigmoid",
-              "HardSigmoid", "HardSwish", "Swish", "Permute", "Squeeze", "ExpandDims", "UnaryOp", "ReLU6",
-              "Pooling1D", "Pooling3D", "ShuffleChannel", "PixelShuffle", "Reorg", "Mish", "TanH", "Cast"}
+WEIGHTLESS = {
+    "Input",
+    "Split",
+    "BinaryOp",
+    "Pooling",
+    "Flatten",
+    "Reshape",
+    "Clip",
+    "ReLU",
+    "Crop",
+    "Padding",
+    "Concat",
+    "Eltwise",
+    "Slice",
+    "Interp",
+    "Dropout",
+    "Noop",
+    "Softmax",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Swish",
+    "Permute",
+    "Squeeze",
+    "ExpandDims",
+    "UnaryOp",
+    "ReLU6",
+    "Pooling1D",
+    "Pooling3D",
+    "ShuffleChannel",
+    "PixelShuffle",
+    "Reorg",
+    "Mish",
+    "TanH",
+    "Cast",
+}
 
 
 @dataclass
@@ -66,8 +99,17 @@ class NcnnLayer:
         return default
 
     def line(self) -> str:
-        return " ".join([f"{self.type:<24s}", f"{self.name:<24s}", str(len(self.bottoms)), str(len(self.tops)),
-                         *self.bottoms, *self.tops, *self.params])
+        return " ".join(
+            [
+                f"{self.type:<24s}",
+                f"{self.name:<24s}",
+                str(len(self.bottoms)),
+                str(len(self.tops)),
+                *self.bottoms,
+                *self.tops,
+                *self.params,
+            ]
+        )
 
 
 @dataclass
@@ -95,7 +137,11 @@ def read_param(path: Path) -> tuple[str, list[NcnnLayer]]:
         if not tok:
             continue
         nb, nt = int(tok[2]), int(tok[3])
-        layers.append(NcnnLayer(tok[0], tok[1], tok[4:4 + nb], tok[4 + nb:4 + nb + nt], tok[4 + nb + nt:]))
+        layers.append(
+            NcnnLayer(
+                tok[0], tok[1], tok[4 : 4 + nb], tok[4 + nb : 4 + nb + nt], tok[4 + nb + nt :]
+            )
+        )
     return f"{magic}\n{counts}\n", layers
 
 
@@ -111,7 +157,9 @@ def _read_weights(layers: list[NcnnLayer], data: bytes):
                 raise DfqError(f"{layer.name} is already int8.")
             (tag,) = struct.unpack_from("<I", data, pos)
             if tag != 0:
-                raise DfqError(f"{layer.name}: weight tag {tag:#x} is not fp32 (pnnx fp16=False expected).")
+                raise DfqError(
+                    f"{layer.name}: weight tag {tag:#x} is not fp32 (pnnx fp16=False expected)."
+                )
             pos += 4
             w = np.frombuffer(data, np.float32, n_w, pos)
             pos += 4 * n_w
@@ -126,8 +174,10 @@ def _read_weights(layers: list[NcnnLayer], data: bytes):
             constants[layer.name] = np.frombuffer(data, np.float32, n, pos)
             pos += 4 * n
         elif layer.type not in WEIGHTLESS:
-            raise DfqError(f"ncnn layer type {layer.type} ({layer.name}) is not supported by the int8 writer.",
-                           "the model has an op dfq cannot place in the ncnn .bin")
+            raise DfqError(
+                f"ncnn layer type {layer.type} ({layer.name}) is not supported by the int8 writer.",
+                "the model has an op dfq cannot place in the ncnn .bin",
+            )
     if pos != len(data):
         raise DfqError(f"ncnn .bin has {len(data) - pos} unread bytes: unexpected layer data.")
     return out, constants
@@ -141,10 +191,24 @@ def float_copy(gm: fx.GraphModule) -> fx.GraphModule:
         if isinstance(m, ActQuant):
             new = nn.Identity()
         elif isinstance(m, QuantizedLayer):
-            new = (nn.Linear(m.in_features, m.out_features, bias=m.bias is not None) if isinstance(m, nn.Linear)
-                   else nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                                  m.groups, bias=m.bias is not None, padding_mode=m.padding_mode))
-            new.load_state_dict({k: v for k, v in m.state_dict().items() if k in ("weight", "bias")})
+            new = (
+                nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                if isinstance(m, nn.Linear)
+                else nn.Conv2d(
+                    m.in_channels,
+                    m.out_channels,
+                    m.kernel_size,
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                    m.groups,
+                    bias=m.bias is not None,
+                    padding_mode=m.padding_mode,
+                )
+            )
+            new.load_state_dict(
+                {k: v for k, v in m.state_dict().items() if k in ("weight", "bias")}
+            )
         if new is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)
@@ -160,13 +224,27 @@ def _strided_slices_as_pools(gm: fx.GraphModule) -> None:
 
     full = slice(None, None, None)
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], tuple):
+        if (
+            node.op != "call_function"
+            or node.target is not operator.getitem
+            or not isinstance(node.args[1], tuple)
+        ):
             continue
         idx = node.args[1]
-        if len(idx) != 4 or idx[0] != full or idx[1] != full or not all(isinstance(i, slice) for i in idx[2:]):
+        if (
+            len(idx) != 4
+            or idx[0] != full
+            or idx[1] != full
+            or not all(isinstance(i, slice) for i in idx[2:])
+        ):
             continue
         (h, w) = idx[2:]
-        if h.start not in (None, 0) or w.start not in (None, 0) or h.stop is not None or w.stop is not None:
+        if (
+            h.start not in (None, 0)
+            or w.start not in (None, 0)
+            or h.stop is not None
+            or w.stop is not None
+        ):
             continue
         stride = (h.step or 1, w.step or 1)
         with gm.graph.inserting_after(node):
@@ -203,7 +281,9 @@ def pnnx_convert(model: nn.Module, stem: Path, input_shape: tuple[int, ...]) -> 
             pnnx.export(model, str(pt), (x,), fp16=False)
         param, binf = Path(tmp) / "model.ncnn.param", Path(tmp) / "model.ncnn.bin"
         if not param.exists():
-            raise DfqError(f"pnnx wrote no ncnn model (see {stem.parent / (stem.name + '.pnnx.log')}).")
+            raise DfqError(
+                f"pnnx wrote no ncnn model (see {stem.parent / (stem.name + '.pnnx.log')})."
+            )
         out_param, out_bin = stem.with_suffix(".fp32.param"), stem.with_suffix(".fp32.bin")
         out_param.write_bytes(param.read_bytes())
         out_bin.write_bytes(binf.read_bytes())
@@ -212,15 +292,24 @@ def pnnx_convert(model: nn.Module, stem: Path, input_shape: tuple[int, ...]) -> 
 
 def _match(gm: fx.GraphModule, weights: dict) -> dict[str, str]:
     """ncnn layer name -> dfq module name, by identical weights (pnnx may rename and reorder)."""
-    candidates = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if weighted_module(gm, n) is not None}
+    candidates = {
+        n.target: gm.get_submodule(n.target)
+        for n in gm.graph.nodes
+        if weighted_module(gm, n) is not None
+    }
     flat = {name: m.weight.detach().float().reshape(-1).numpy() for name, m in candidates.items()}
     mapping, used = {}, set()
     for layer, (w, _) in weights.items():
-        hits = [name for name, v in flat.items()
-                if name not in used and v.size == w.size and np.allclose(v, w, rtol=1e-6, atol=1e-12)]
+        hits = [
+            name
+            for name, v in flat.items()
+            if name not in used and v.size == w.size and np.allclose(v, w, rtol=1e-6, atol=1e-12)
+        ]
         if len(hits) != 1:
-            raise DfqError(f"ncnn layer {layer} matches {len(hits)} dfq layers by its weights.",
-                           "cannot place its int8 weights")
+            raise DfqError(
+                f"ncnn layer {layer} matches {len(hits)} dfq layers by its weights.",
+                "cannot place its int8 weights",
+            )
         mapping[layer] = hits[0]
         used.add(hits[0])
     return mapping
@@ -244,20 +333,34 @@ def _pad4(b: bytes) -> bytes:
 def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ...]) -> NcnnExport:
     """Write `<stem>.param/.bin` (int8), `<stem>.fp32.param/.bin` and `<stem>.table`."""
     for name, m in gm.named_modules():
-        if isinstance(m, ActQuant) and m.quantizing and not (m.reciprocal and m.grid.symmetric and m.grid.bits == 8):
-            raise DfqError("the model was not quantized with the ncnn profile.", "quantize with --target ncnn")
+        if (
+            isinstance(m, ActQuant)
+            and m.quantizing
+            and not (m.reciprocal and m.grid.symmetric and m.grid.bits == 8)
+        ):
+            raise DfqError(
+                "the model was not quantized with the ncnn profile.", "quantize with --target ncnn"
+            )
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if isinstance(out, (tuple, list)):
-        raise DfqError(f"the model has {len(out)} outputs; dfq's ncnn export and runner handle one.",
-                       "use --backend ort / --format onnx for this model")
+        raise DfqError(
+            f"the model has {len(out)} outputs; dfq's ncnn export and runner handle one.",
+            "use --backend ort / --format onnx for this model",
+        )
     stem = Path(stem)
     fp32_param, fp32_bin = pnnx_convert(float_copy(gm), stem, tuple(input_shape))
     header, layers = read_param(fp32_param)
     weights, constants = _read_weights(layers, fp32_bin.read_bytes())
     mapping = _match(gm, weights)
-    info = NcnnExport(stem.with_suffix(".param"), stem.with_suffix(".bin"), fp32_param, fp32_bin,
-                      stem.with_suffix(".table"), layers[0].tops[0] if layers and layers[0].type == "Input" else "in0",
-                      layers[-1].tops[0])
+    info = NcnnExport(
+        stem.with_suffix(".param"),
+        stem.with_suffix(".bin"),
+        fp32_param,
+        fp32_bin,
+        stem.with_suffix(".table"),
+        layers[0].tops[0] if layers and layers[0].type == "Input" else "in0",
+        layers[-1].tops[0],
+    )
     blob, weight_lines, input_lines = bytearray(), [], []
     for layer in layers:
         if layer.type == "MemoryData":
@@ -271,18 +374,22 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
         aq = _input_quantizer(gm, mod_name)
         if aq is None or not isinstance(m, QuantizedLayer):
             info.float_layers.append(layer.name)
-            blob += struct.pack("<I", 0) + w32.tobytes() + (b32.tobytes() if b32 is not None else b"")
+            blob += (
+                struct.pack("<I", 0) + w32.tobytes() + (b32.tobytes() if b32 is not None else b"")
+            )
             continue
         grid = m.weight_grid
         if not grid.symmetric or grid.bits > 8:
             raise DfqError(f"{mod_name}: {grid} weights cannot be ncnn int8.")
         q = m.int_weight().numpy().astype(np.int8).reshape(-1)
         n_out = m.weight.shape[0]
-        w_scales = ncnn_weight_scales(m).numpy()                       # ncnn: 127 / absmax per channel
-        in_scale = np.float32(aq.inv_scale())                          # ncnn: 127 / absmax of the input
+        w_scales = ncnn_weight_scales(m).numpy()  # ncnn: 127 / absmax per channel
+        in_scale = np.float32(aq.inv_scale())  # ncnn: 127 / absmax of the input
         term = 1 if layer.type == "ConvolutionDepthWise" else 2
         if term == 1 and layer.param(7, 1) != n_out:
-            raise DfqError(f"{layer.name}: grouped (not depthwise) int8 convolution is not supported.")
+            raise DfqError(
+                f"{layer.name}: grouped (not depthwise) int8 convolution is not supported."
+            )
         layer.params = [p for p in layer.params if not p.startswith("8=")] + [f"8={term}"]
         bias = m.bias.detach().float().numpy() if m.bias is not None else None
         blob += _pad4(struct.pack("<I", INT8_TAG) + q.tobytes())

@@ -16,6 +16,7 @@ dfq's scale and zero point, and names initializers by module path. We then put t
 onnxruntime (graph optimization level >= basic) then replaces DQ -> op -> Q groups by
 QLinearConv, QLinearAdd, QLinearGlobalAveragePool, ... (see dfq/runtime.py: integer_ops()).
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,23 +41,29 @@ OPSET = 18
 @dataclass
 class OnnxExport:
     path: Path
-    weights: list[str] = field(default_factory=list)      # modules whose weights are int8 in the file
-    pools: int = 0                                        # ReduceMean -> GlobalAveragePool rewrites
+    weights: list[str] = field(default_factory=list)  # modules whose weights are int8 in the file
+    pools: int = 0  # ReduceMean -> GlobalAveragePool rewrites
     dropped_activations: list[str] = field(default_factory=list)
 
 
 def _check_exportable(gm: fx.GraphModule) -> None:
     for name, m in gm.named_modules():
         if isinstance(m, ActQuant):
-            if not m.quantizing:  # no range: the simulation keeps this tensor in float, so does the export
+            if (
+                not m.quantizing
+            ):  # no range: the simulation keeps this tensor in float, so does the export
                 continue
             if m.grid.bits != 8 or m.grid.symmetric or m.reciprocal:
-                raise DfqError(f"{name} is on a {m.grid} grid: ONNX QDQ export writes uint8 activations.",
-                               "use --target ort (or the default asymmetric 8-bit activations)")
+                raise DfqError(
+                    f"{name} is on a {m.grid} grid: ONNX QDQ export writes uint8 activations.",
+                    "use --target ort (or the default asymmetric 8-bit activations)",
+                )
         if isinstance(m, QuantizedLayer):
             if m.weight_grid.bits > 8 or not m.weight_grid.symmetric:
-                raise DfqError(f"{name} has {m.weight_grid} weights: QDQ export writes symmetric int8.",
-                               "use --bits_weight <= 8 without --asymmetric_weight")
+                raise DfqError(
+                    f"{name} has {m.weight_grid} weights: QDQ export writes symmetric int8.",
+                    "use --bits_weight <= 8 without --asymmetric_weight",
+                )
             if m.bias is not None and (m.bias_grid is None or m.bias_grid.bits != 32):
                 raise DfqError(f"{name}'s bias is not int32 at s_in * s_w.", "use --bits_bias 32")
 
@@ -73,8 +80,16 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, input_shape: tuple[int, ..
     x = torch.zeros(input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    program = torch.onnx.export(model, (x,), dynamo=True, opset_version=OPSET, verbose=False,
-                                dynamic_shapes=({0: batch},), input_names=["input"], output_names=["logits"])
+    program = torch.onnx.export(
+        model,
+        (x,),
+        dynamo=True,
+        opset_version=OPSET,
+        verbose=False,
+        dynamic_shapes=({0: batch},),
+        input_names=["input"],
+        output_names=["logits"],
+    )
     proto = program.model_proto
     info = OnnxExport(path)
     _integer_parameters(proto, gm, info)
@@ -96,9 +111,11 @@ class _QDQ(torch.nn.Module):
 
     def forward(self, x):
         q = torch.ops.quantized_decomposed.quantize_per_tensor(
-            x, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8)
+            x, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8
+        )
         return torch.ops.quantized_decomposed.dequantize_per_tensor(
-            q, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8)
+            q, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8
+        )
 
 
 def _requantize_clips(model: fx.GraphModule) -> None:
@@ -127,8 +144,11 @@ def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
     for name, m in list(model.named_modules()):
         if isinstance(m, ActQuant):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    _QDQ(m) if m.quantizing else torch.nn.Identity())
+            setattr(
+                model.get_submodule(parent) if parent else model,
+                attr,
+                _QDQ(m) if m.quantizing else torch.nn.Identity(),
+            )
     return model
 
 
@@ -156,8 +176,10 @@ def _integer_parameters(proto, gm: fx.GraphModule, info: OnnxExport) -> None:
         wname = node.input[1]
         m = _module_of(gm, wname, ".weight")
         if m is None or wname not in inits:
-            raise DfqError(f"exported {node.op_type} {node.name} has weight '{wname}', not a dfq quantized layer.",
-                           "report this model: its export needs a name mapping")
+            raise DfqError(
+                f"exported {node.op_type} {node.name} has weight '{wname}', not a dfq quantized layer.",
+                "report this model: its export needs a name mapping",
+            )
         if node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             if not trans_b:
@@ -167,32 +189,59 @@ def _integer_parameters(proto, gm: fx.GraphModule, info: OnnxExport) -> None:
             q = m.int_weight().numpy().astype(np.int8)
             per_channel = m.weight_axis is not None
             scale = m.weight_scale.float().numpy().reshape(-1 if per_channel else ())
-            _replace_with_dq(proto, inits[wname], q, scale, np.zeros(scale.shape, np.int8),
-                             0 if per_channel else None, new_nodes)
+            _replace_with_dq(
+                proto,
+                inits[wname],
+                q,
+                scale,
+                np.zeros(scale.shape, np.int8),
+                0 if per_channel else None,
+                new_nodes,
+            )
             info.weights.append(wname[: -len(".weight")])
         if len(node.input) > 2 and node.input[2] and node.input[2] not in done:
             bname = node.input[2]
             done.add(bname)
             qb = m.int_bias().numpy().astype(np.int32)
             bscale = m.bias_scale.float().numpy()
-            _replace_with_dq(proto, inits[bname], qb, bscale, np.zeros(bscale.shape, np.int32),
-                             0 if bscale.ndim else None, new_nodes)
+            _replace_with_dq(
+                proto,
+                inits[bname],
+                qb,
+                bscale,
+                np.zeros(bscale.shape, np.int32),
+                0 if bscale.ndim else None,
+                new_nodes,
+            )
     for i, n in enumerate(new_nodes):
         proto.graph.node.insert(i, n)
 
 
-def _replace_with_dq(proto, init, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis, new_nodes) -> None:
+def _replace_with_dq(
+    proto, init, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis, new_nodes
+) -> None:
     from onnx import helper, numpy_helper
 
     name = init.name
     proto.graph.initializer.remove(init)
     qname, sname, zname = f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"
-    proto.graph.initializer.extend([numpy_helper.from_array(q, qname),
-                                    numpy_helper.from_array(scale.astype(np.float32), sname),
-                                    numpy_helper.from_array(zp, zname)])
+    proto.graph.initializer.extend(
+        [
+            numpy_helper.from_array(q, qname),
+            numpy_helper.from_array(scale.astype(np.float32), sname),
+            numpy_helper.from_array(zp, zname),
+        ]
+    )
     kwargs = {"axis": axis} if axis is not None else {}
-    new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [name],
-                                      name=f"{name}_DequantizeLinear", **kwargs))
+    new_nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [qname, sname, zname],
+            [name],
+            name=f"{name}_DequantizeLinear",
+            **kwargs,
+        )
+    )
 
 
 def _const_ints(proto, name: str) -> list[int] | None:
@@ -219,7 +268,9 @@ def _global_pools(proto) -> int:
         keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
         if axes is None or sorted(a % 4 for a in axes) != [2, 3] or not keep:
             continue
-        gap = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name or f"gap_{i}")
+        gap = helper.make_node(
+            "GlobalAveragePool", [node.input[0]], list(node.output), name=node.name or f"gap_{i}"
+        )
         idx = list(proto.graph.node).index(node)
         proto.graph.node.remove(node)
         proto.graph.node.insert(idx, gap)
@@ -251,9 +302,17 @@ def _drop_redundant_clips(proto, info: OnnxExport) -> None:
             continue
         src = producers.get(node.input[0])
         users = consumers.get(node.output[0], [])
-        if src is None or src.op_type not in ("Conv", "Gemm") or len(consumers.get(src.output[0], [])) != 1:
+        if (
+            src is None
+            or src.op_type not in ("Conv", "Gemm")
+            or len(consumers.get(src.output[0], [])) != 1
+        ):
             continue
-        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or node.output[0] in _graph_outputs(proto):
+        if (
+            len(users) != 1
+            or users[0].op_type != "QuantizeLinear"
+            or node.output[0] in _graph_outputs(proto)
+        ):
             continue
         q = users[0]
         scale, zp = value(q.input[1]), value(q.input[2])

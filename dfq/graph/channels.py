@@ -4,6 +4,7 @@ On an input that is constant over space (a per-channel mean, a bias shift) a con
 dense (out, in) matrix: its kernel summed over space, block-diagonal over groups. A Linear
 after `flatten` sees each channel repeated `features_per_channel` times.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,9 @@ def to_features(m: nn.Module, v: torch.Tensor) -> torch.Tensor:
     return v if k == 1 else v.repeat_interleave(k)
 
 
-def input_contribution(m: nn.Module, v: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def input_contribution(
+    m: nn.Module, v: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """The output (per output channel) that a per-channel constant input `v` adds to `m`."""
     M = channel_matrix(m, weight)
     return M @ to_features(m, v).to(M.dtype)

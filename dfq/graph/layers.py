@@ -7,14 +7,24 @@ per-channel bounds. Depthwise and grouped convs are both a second and a first, w
 conv -> depthwise -> conv triples of MobileNets and the conv -> grouped -> conv ones of ResNeXt
 and RegNet. Everything else is reported with a reason.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import fx
 
-from dfq.graph.ops import (Activation, activation_of, describe, features_per_channel_ok, is_add,
-                           is_cat, is_pass_through, is_shape_query, weighted_module)
+from dfq.graph.ops import (
+    Activation,
+    activation_of,
+    describe,
+    features_per_channel_ok,
+    is_add,
+    is_cat,
+    is_pass_through,
+    is_shape_query,
+    weighted_module,
+)
 
 
 @dataclass(frozen=True)
@@ -22,14 +32,16 @@ class Pair:
     first: str
     second: str
     activations: tuple[Activation, ...]  # clipping activations between the two layers
-    clips: tuple[str, ...] = ()          # names of the nodes among them with an upper clip
+    clips: tuple[str, ...] = ()  # names of the nodes among them with an upper clip
 
 
 def weighted_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if weighted_module(gm, n) is not None]
 
 
-def _follow(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[Activation, ...], tuple[str, ...]] | str:
+def _follow(
+    gm: fx.GraphModule, node: fx.Node
+) -> tuple[fx.Node, tuple[Activation, ...], tuple[str, ...]] | str:
     """From a layer's output, the next weighted layer along a single-user scale-invariant path."""
     acts: list[Activation] = []
     clips: list[str] = []
@@ -69,7 +81,9 @@ def find_pairs(gm: fx.GraphModule) -> tuple[list[Pair], dict[str, str]]:
         nxt, acts, clips = found
         first, second = weighted_module(gm, node), weighted_module(gm, nxt)
         if not features_per_channel_ok(first, second):
-            skipped[node.target] = f"channel layout into {nxt.target} is not a flatten of its output"
+            skipped[node.target] = (
+                f"channel layout into {nxt.target} is not a flatten of its output"
+            )
         elif any(not (a.scale_invariant or a.rescalable) for a in acts):
             bad = next(a.kind for a in acts if not (a.scale_invariant or a.rescalable))
             skipped[node.target] = f"{bad} between it and {nxt.target} is not scale-invariant"

@@ -10,26 +10,47 @@ ReLU is positively homogeneous). A region is the closure of such tensors, each p
 channel offset in one region-wide channel space; anything else touching it (the network input
 or output, a clip, a channel-changing op) leaves it unequalized, with the reason.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import fx
 
-from dfq.graph.ops import (activation_of, channel_padding, describe, is_add, is_cat, is_pass_through, is_shape_query,
-                           is_spatial_slice, layer_kind, weighted_module)
+from dfq.graph.ops import (
+    activation_of,
+    channel_padding,
+    describe,
+    is_add,
+    is_cat,
+    is_pass_through,
+    is_shape_query,
+    is_spatial_slice,
+    layer_kind,
+    weighted_module,
+)
 
 
 @dataclass(frozen=True)
 class Region:
-    producers: tuple[tuple[str, int], ...]  # (weighted layer, offset of its output channels in the region)
-    consumers: tuple[tuple[str, int, int], ...]  # (weighted layer, first region channel it reads, how many)
+    producers: tuple[
+        tuple[str, int], ...
+    ]  # (weighted layer, offset of its output channels in the region)
+    consumers: tuple[
+        tuple[str, int, int], ...
+    ]  # (weighted layer, first region channel it reads, how many)
     channels: int
-    clips: tuple[tuple[str, int], ...] = ()  # (upper clip node: ReLU6 & co. or ChannelMin, its offset)
+    clips: tuple[
+        tuple[str, int], ...
+    ] = ()  # (upper clip node: ReLU6 & co. or ChannelMin, its offset)
 
     @property
     def kind(self) -> str:
-        return "concatenation" if any(off for _, off, *_ in self.producers + self.consumers) else "residual"
+        return (
+            "concatenation"
+            if any(off for _, off, *_ in self.producers + self.consumers)
+            else "residual"
+        )
 
 
 def _inside(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -37,14 +58,24 @@ def _inside(gm: fx.GraphModule, node: fx.Node) -> bool:
     activations that a per-channel scale commutes with (ReLU) or that can carry per-channel
     bounds (ReLU6, hardtanh(0, b), ChannelMin: clip(x / s, 0, b) = min(relu(x), b * s) / s)."""
     act = activation_of(gm, node)
-    return (is_add(node) or is_cat(node) or (act is not None and (act.scale_invariant or act.rescalable))
-            or is_pass_through(gm, node) or is_spatial_slice(node) or channel_padding(node) is not None)
+    return (
+        is_add(node)
+        or is_cat(node)
+        or (act is not None and (act.scale_invariant or act.rescalable))
+        or is_pass_through(gm, node)
+        or is_spatial_slice(node)
+        or channel_padding(node) is not None
+    )
 
 
 def _inputs(node: fx.Node) -> list:
     if is_cat(node):
         return list(node.args[0])
-    return node.args[:1] if channel_padding(node) is not None or is_spatial_slice(node) else list(node.args)
+    return (
+        node.args[:1]
+        if channel_padding(node) is not None or is_spatial_slice(node)
+        else list(node.args)
+    )
 
 
 def _shift(node: fx.Node) -> int:
@@ -147,8 +178,12 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
         return "a tensor of the region has no known width"
     low = min(offset.values())
     total = max(off + width(n) for n, off in offset.items()) - low
-    return ({n: off - low for n, off in offset.items()}, {n: off - low for n, off in producers.items()},
-            {n: (off - low, w) for n, (off, w) in consumers.items()}, total)
+    return (
+        {n: off - low for n, off in offset.items()},
+        {n: off - low for n, off in producers.items()},
+        {n: (off - low, w) for n, (off, w) in consumers.items()},
+        total,
+    )
 
 
 def _reads_per_channel(consumer, width: int) -> bool:
@@ -181,19 +216,24 @@ def find_regions(gm: fx.GraphModule) -> tuple[list[Region], dict[str, str]]:
         mods = {n: weighted_module(gm, n) for n in producers.keys() | consumers.keys()}
         covered = [False] * width
         for p, off in producers.items():
-            covered[off:off + channels_of(gm, p, memo)] = [True] * channels_of(gm, p, memo)
+            covered[off : off + channels_of(gm, p, memo)] = [True] * channels_of(gm, p, memo)
         for pad_node, off in tensors.items():  # channel padding's zeros: any scale keeps them 0
             if (pad := channel_padding(pad_node)) is not None:
                 inner = channels_of(gm, pad_node.args[0], memo)
-                covered[off:off + pad[0]] = [True] * pad[0]
-                covered[off + pad[0] + inner:off + pad[0] + inner + pad[1]] = [True] * pad[1]
+                covered[off : off + pad[0]] = [True] * pad[0]
+                covered[off + pad[0] + inner : off + pad[0] + inner + pad[1]] = [True] * pad[1]
         if not all(covered):
             skipped[node.name] = "some of the region's channels come from no layer"
         elif not all(_reads_per_channel(mods[c], w) for c, (_, w) in consumers.items()):
             skipped[node.name] = "a consumer does not read the region channel by channel"
         else:
             clips = [n for n in tensors if (a := activation_of(gm, n)) is not None and a.rescalable]
-            regions.append(Region(tuple((n.target, producers[n]) for n in sorted(producers, key=order.get)),
-                                  tuple((n.target, *consumers[n]) for n in sorted(consumers, key=order.get)),
-                                  width, tuple((n.name, tensors[n]) for n in sorted(clips, key=order.get))))
+            regions.append(
+                Region(
+                    tuple((n.target, producers[n]) for n in sorted(producers, key=order.get)),
+                    tuple((n.target, *consumers[n]) for n in sorted(consumers, key=order.get)),
+                    width,
+                    tuple((n.name, tensors[n]) for n in sorted(clips, key=order.get)),
+                )
+            )
     return regions, skipped

@@ -2,6 +2,7 @@
 
 Importing this package registers dfq's own builders (their modules use @register).
 """
+
 from dfq.models import cifar_resnet, deeplab, ssdlite, tf_ssdlite  # noqa: F401  (register themselves)
 from dfq.models.registry import IMAGENET, InputConfig, available, build, input_config, register
 

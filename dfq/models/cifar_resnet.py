@@ -3,6 +3,7 @@
 3 stages of BasicBlocks (16/32/64 channels); "option A" shortcuts: stride-2 subsampling
 zero-padded in channels, with no parameters; global average pool; linear 64 -> 10.
 """
+
 from __future__ import annotations
 
 import torch

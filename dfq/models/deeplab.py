@@ -15,6 +15,7 @@ Two details matter for loading and for equal outputs:
 
 The forward returns raw logits upsampled to the input size (fx-traceable, no post-processing).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq.errors import DfqError
-from dfq.models.registry import InputConfig, register
 from dfq.models.blocks import MOBILENETV2_STAGES, inverted_residual_layers
+from dfq.models.registry import InputConfig, register
 
 _ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -36,7 +37,9 @@ class InvertedResidual(nn.Module):
         self.use_res_connect = stride == 1 and inp == oup
         # Symmetric for a 3x3 kernel: effective size 2*dilation+1 needs `dilation` on each side.
         self.pad = nn.ZeroPad2d(dilation)
-        self.conv = inverted_residual_layers(inp, oup, stride, expand_ratio, padding=0, dilation=dilation)
+        self.conv = inverted_residual_layers(
+            inp, oup, stride, expand_ratio, padding=0, dilation=dilation
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(self.pad(x))
@@ -78,7 +81,9 @@ class _ASPPModule(nn.Module):
     def __init__(self, inplanes: int, planes: int, kernel_size: int, dilation: int):
         super().__init__()
         padding = 0 if kernel_size == 1 else dilation
-        self.atrous_conv = nn.Conv2d(inplanes, planes, kernel_size, 1, padding, dilation, bias=False)
+        self.atrous_conv = nn.Conv2d(
+            inplanes, planes, kernel_size, 1, padding, dilation, bias=False
+        )
         self.bn = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU()
 
@@ -95,7 +100,10 @@ class ASPP(nn.Module):
         self.aspp3 = _ASPPModule(inplanes, 256, 3, r2)
         self.aspp4 = _ASPPModule(inplanes, 256, 3, r3)
         self.global_avg_pool = nn.Sequential(
-            nn.AdaptiveAvgPool2d((1, 1)), nn.Conv2d(inplanes, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU()
+            nn.AdaptiveAvgPool2d((1, 1)),
+            nn.Conv2d(inplanes, 256, 1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
         )
         self.conv1 = nn.Conv2d(1280, 256, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(256)
@@ -103,7 +111,9 @@ class ASPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2, x3, x4 = self.aspp1(x), self.aspp2(x), self.aspp3(x), self.aspp4(x)
-        x5 = F.interpolate(self.global_avg_pool(x), size=x4.shape[2:], mode="bilinear", align_corners=True)
+        x5 = F.interpolate(
+            self.global_avg_pool(x), size=x4.shape[2:], mode="bilinear", align_corners=True
+        )
         x = torch.cat((x1, x2, x3, x4, x5), dim=1)
         return self.relu(self.bn1(self.conv1(x)))
 
@@ -134,7 +144,9 @@ class DeepLabV3Plus(nn.Module):
     def __init__(self, num_classes: int = 21, output_stride: int = 16):
         super().__init__()
         if output_stride not in _ASPP_RATES:
-            raise DfqError(f"DeepLab output stride {output_stride} is not supported.", "use 8 or 16")
+            raise DfqError(
+                f"DeepLab output stride {output_stride} is not supported.", "use 8 or 16"
+            )
         self.backbone = MobileNetV2Backbone(output_stride)
         self.aspp = ASPP(320, output_stride)
         self.decoder = Decoder(num_classes, 24)

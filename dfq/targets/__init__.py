@@ -8,6 +8,7 @@ generic  what the config says (defaults: int8 symmetric weights, uint8 activatio
 ort      onnxruntime QDQ (dfq/targets/ort.py).
 ncnn     ncnn int8 (dfq/targets/ncnn.py).
 """
+
 from __future__ import annotations
 
 from dfq.config import TARGETS, QuantConfig
@@ -32,10 +33,12 @@ def by_format(fmt: str) -> Profile:
     for p in PROFILES.values():
         if p.format == fmt:
             return p
-    raise DfqError(f"--format '{fmt}' is unknown.", f"use one of {', '.join(p.format for p in PROFILES.values() if p.format)}")
+    raise DfqError(
+        f"--format '{fmt}' is unknown.",
+        f"use one of {', '.join(p.format for p in PROFILES.values() if p.format)}",
+    )
 
 
 def resolve(q: QuantConfig) -> QuantConfig:
     """The concrete QuantConfig `q.target` computes with (idempotent; generic is unchanged)."""
     return profile(q.target).resolve(q)
-

@@ -1,4 +1,5 @@
 """Facts about this CPU and the int8 rules every runtime profile shares."""
+
 from __future__ import annotations
 
 import platform
@@ -25,7 +26,11 @@ def is_x86() -> bool:
 def require_int8(q: QuantConfig) -> None:
     """Runtimes compute int8 activations and symmetric int8 (or fewer bits) weights."""
     if q.bits_activation != 8 or q.bits_weight > 8:
-        raise DfqError(f"--target {q.target} runs int8: W{q.bits_weight}A{q.bits_activation} cannot be exported.",
-                       "use --bits_weight <= 8 and --bits_activation 8, or --target generic")
+        raise DfqError(
+            f"--target {q.target} runs int8: W{q.bits_weight}A{q.bits_activation} cannot be exported.",
+            "use --bits_weight <= 8 and --bits_activation 8, or --target generic",
+        )
     if not q.weight_symmetric:
-        raise DfqError(f"--target {q.target} uses symmetric int8 weights.", "drop --asymmetric_weight")
+        raise DfqError(
+            f"--target {q.target} uses symmetric int8 weights.", "drop --asymmetric_weight"
+        )

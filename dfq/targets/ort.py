@@ -13,6 +13,7 @@ grid (QLinearConv::Compute and MlasRequantizeOutput). A deep network like Mobile
 the rare tie flips into a 2 % argmax disagreement, so each conv whose input and output are
 quantized computes exactly that (`QuantizedConv2d.requant`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,10 +43,12 @@ def ort_saturates() -> bool:
         return is_x86() and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
     k, n, m = 64, 16, 8
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "probe",
         [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
-        [numpy_helper.from_array(np.full((k, n), 127, np.int8), "b")])
+        [numpy_helper.from_array(np.full((k, n), 127, np.int8), "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -75,8 +78,13 @@ class OrtProfile(Profile):
         if q.bits_bias != 32:
             raise DfqError("--target ort adds an int32 bias at s_in * s_w.", "use --bits_bias 32")
         reduce = ort_saturates() if q.reduce_range is None else q.reduce_range
-        return dataclasses.replace(q, activation_symmetric=False, rounding="half_even", reduce_range=reduce,
-                                   bits_weight=min(q.bits_weight, 7) if reduce else q.bits_weight)
+        return dataclasses.replace(
+            q,
+            activation_symmetric=False,
+            rounding="half_even",
+            reduce_range=reduce,
+            bits_weight=min(q.bits_weight, 7) if reduce else q.bits_weight,
+        )
 
     def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:
         """Every int8 conv with a quantized input and output (and an int32 bias) computes like
@@ -91,15 +99,27 @@ class OrtProfile(Profile):
             in_q, out_q = input_quantizer(gm, node), _output_quantizer(gm, node)
             if in_q is None or out_q is None:
                 continue
-            m.requant = Requant(in_q.scale.detach().clone(), out_q.scale.detach().clone(), int(out_q.zero_point),
-                                out_q.grid.qmin, out_q.grid.qmax)
+            m.requant = Requant(
+                in_q.scale.detach().clone(),
+                out_q.scale.detach().clone(),
+                int(out_q.zero_point),
+                out_q.grid.qmin,
+                out_q.grid.qmax,
+            )
             done[node.target] = "integer-exact (as QLinearConv)"
         return done
 
     def describe(self, q: QuantConfig) -> dict:
-        return {"target": "ort", "reduce_range": q.reduce_range, "bits_weight": q.bits_weight,
-                "note": ("7-bit weights: this CPU's u8s8 kernels saturate int16 pairs (no VNNI)"
-                         if q.reduce_range else "8-bit weights: u8s8 kernels do not saturate here")}
+        return {
+            "target": "ort",
+            "reduce_range": q.reduce_range,
+            "bits_weight": q.bits_weight,
+            "note": (
+                "7-bit weights: this CPU's u8s8 kernels saturate int16 pairs (no VNNI)"
+                if q.reduce_range
+                else "8-bit weights: u8s8 kernels do not saturate here"
+            ),
+        }
 
 
 ORT = OrtProfile()

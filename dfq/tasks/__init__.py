@@ -2,6 +2,7 @@
 
 Each task module ends with its `TASK` (dfq.tasks.base.Task); `get(name)` imports only the one asked for.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,6 +20,8 @@ def get(name: str, inputs: InputConfig | None = None) -> Task:
     module = inputs.evaluation if inputs is not None and inputs.evaluation else MODULES[name]
     task = importlib.import_module(f"dfq.tasks.{module}").TASK
     if task.name != name:
-        raise DfqError(f"this architecture is evaluated by `dfq {task.name}`, not `dfq {name}`.",
-                       f"run `dfq {task.name} ...`")
+        raise DfqError(
+            f"this architecture is evaluated by `dfq {task.name}`, not `dfq {name}`.",
+            f"run `dfq {task.name} ...`",
+        )
     return task

@@ -4,6 +4,7 @@ A `Task` names its default architecture and headline metrics, loads its evaluati
 `DataOptions`, and evaluates a model (float, fake-quant, or an int8 runtime) into a `Score`.
 The run layer (dfq.tasks.quantized_runs) and the CLI only ever talk to these two types.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,14 +39,14 @@ class DataOptions:
     limit: int | None = None
     batch_size: int = 64
     workers: int = 0
-    resize: int | None = None          # classification: shorter side (0 = none)
-    crop: int | None = None            # classification: center crop (0 = none)
+    resize: int | None = None  # classification: shorter side (0 = none)
+    crop: int | None = None  # classification: center crop (0 = none)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    year: str | None = None            # VOC
-    split: str | None = None           # VOC
-    size: int | None = None            # VOC: seg crop / det input side
-    pin_memory: bool = False           # page-locked batches, for a CUDA device
+    year: str | None = None  # VOC
+    split: str | None = None  # VOC
+    size: int | None = None  # VOC: seg crop / det input side
+    pin_memory: bool = False  # page-locked batches, for a CUDA device
 
 
 @dataclass
@@ -54,7 +55,7 @@ class EvalData:
 
     batches: Iterable
     n: int
-    description: str                   # e.g. "1300 images of imagenet_val1300.npz"
+    description: str  # e.g. "1300 images of imagenet_val1300.npz"
     meta: dict[str, Any] = field(default_factory=dict)  # for the JSON (e.g. VOC year and split)
 
 
@@ -62,19 +63,20 @@ class EvalData:
 class Task:
     name: str
     default_arch: str | None
-    metrics: tuple[str, ...]           # headline metrics, percent; the first is the primary one
+    metrics: tuple[str, ...]  # headline metrics, percent; the first is the primary one
     load: Callable[[DataOptions, InputConfig, bool], EvalData]
-    per_batch: Callable[..., list]     # (model, batches, progress, desc) -> one record per batch
-    score: Callable[[list], Score]     # the records of all batches, in order -> Score
+    per_batch: Callable[..., list]  # (model, batches, progress, desc) -> one record per batch
+    score: Callable[[list], Score]  # the records of all batches, in order -> Score
     table_columns: tuple[str, ...] = ()  # paired figures the tables show beside the metrics
 
-    def evaluate(self, model: nn.Module, batches: Iterable, progress: bool = False, desc: str = "eval") -> Score:
+    def evaluate(
+        self, model: nn.Module, batches: Iterable, progress: bool = False, desc: str = "eval"
+    ) -> Score:
         """Score `model` on `batches` (split over the processes of a torchrun, see dfq.distributed)."""
         from dfq.distributed import gather_batches, shard_batches
 
         mine, indices = shard_batches(batches)
         return self.score(gather_batches(self.per_batch(model, mine, progress, desc), indices))
-
 
 
 def voc_loader(dataset, options: DataOptions, collate=None):
@@ -83,8 +85,14 @@ def voc_loader(dataset, options: DataOptions, collate=None):
 
     if options.limit is not None:
         dataset = Subset(dataset, range(min(options.limit, len(dataset))))
-    return DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
-                      collate_fn=collate, pin_memory=options.pin_memory)
+    return DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.workers,
+        collate_fn=collate,
+        pin_memory=options.pin_memory,
+    )
 
 
 @dataclass
@@ -96,7 +104,11 @@ class MetricScore:
     metrics: tuple[str, ...]
 
     def summary(self) -> dict[str, Any]:
-        return {**{k: round(self.values[k], 3) for k in self.metrics}, "n": self.values["n"], "detail": self.values}
+        return {
+            **{k: round(self.values[k], 3) for k in self.metrics},
+            "n": self.values["n"],
+            "detail": self.values,
+        }
 
     def compare(self, reference: "MetricScore") -> dict[str, Any]:
         out = {}
@@ -110,4 +122,6 @@ class MetricScore:
 
     def against_simulation(self, simulation: "MetricScore") -> dict[str, Any]:
         return {f"sim_{k}": round(simulation.values[k], 3) for k in self.metrics} | {
-            f"delta_{k}_vs_sim": round(self.values[k] - simulation.values[k], 3) for k in self.metrics}
+            f"delta_{k}_vs_sim": round(self.values[k] - simulation.values[k], 3)
+            for k in self.metrics
+        }

@@ -12,6 +12,7 @@ figure for the MobileNetV2 SSD-Lite (68.6% mAP, VOC07 test, 11-point metric) is 
   ground-truth box of its class in its image is > 0.5 and that box is not yet taken; when the
   best box is difficult the detection is ignored; difficult boxes are not counted in recall.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -60,7 +61,9 @@ SSDLITE_SPECS = (
 )
 
 
-def ssd_priors(specs: tuple[PriorSpec, ...] = SSDLITE_SPECS, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+def ssd_priors(
+    specs: tuple[PriorSpec, ...] = SSDLITE_SPECS, image_size: int = IMAGE_SIZE
+) -> torch.Tensor:
     """Prior boxes (P, 4) as (cx, cy, w, h) relative to the image, clamped to [0, 1].
 
     Order: source layer, then row, column, then anchor (small square, large square, and a
@@ -96,7 +99,9 @@ def resize_like_cv2(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
     """RGB PIL image -> (3, size, size) float tensor of uint8 values, as cv2.resize(INTER_LINEAR)
     on uint8: half-pixel bilinear, no antialiasing, aspect not kept, rounded back to uint8."""
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
-    x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=False)[0]
+    x = F.interpolate(
+        x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=False
+    )[0]
     return x.round().clamp(0, 255)
 
 
@@ -112,12 +117,16 @@ class VOCDetectionEval(Dataset):
     float32 0-based pixels, "labels": (n,) int64 class ids (1..20), "difficult": (n,) bool}.
     """
 
-    def __init__(self, root: str | Path, year: str = "2007", split: str = "test", size: int = IMAGE_SIZE):
+    def __init__(
+        self, root: str | Path, year: str = "2007", split: str = "test", size: int = IMAGE_SIZE
+    ):
         import torchvision
 
         voc_root = find_voc_root(root, year)
         check_split(voc_root, year, "Main", split)
-        self.voc = torchvision.datasets.VOCDetection(str(voc_root), year=year, image_set=split, download=False)
+        self.voc = torchvision.datasets.VOCDetection(
+            str(voc_root), year=year, image_set=split, download=False
+        )
         self.size = size
 
     def __len__(self) -> int:
@@ -125,7 +134,9 @@ class VOCDetectionEval(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image, xml = self.voc[index]
-        return preprocess(image, self.size), self._target(xml["annotation"], self.voc.annotations[index])
+        return preprocess(image, self.size), self._target(
+            xml["annotation"], self.voc.annotations[index]
+        )
 
     @staticmethod
     def _target(ann: dict, path: str) -> dict:
@@ -133,7 +144,9 @@ class VOCDetectionEval(Dataset):
         for obj in ann.get("object", []):
             name = obj["name"].strip().lower()
             if name not in VOC_CLASSES[1:]:
-                raise DfqError(f"Unknown class '{name}' in '{path}'.", f"VOC classes are {VOC_CLASSES[1:]}")
+                raise DfqError(
+                    f"Unknown class '{name}' in '{path}'.", f"VOC classes are {VOC_CLASSES[1:]}"
+                )
             box = obj["bndbox"]
             boxes.append([float(box[k]) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax")])
             labels.append(VOC_CLASSES.index(name))
@@ -182,7 +195,11 @@ def postprocess(
             keep_labels.append(torch.full((len(kept),), label, dtype=torch.int64))
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         results.append(
-            {"boxes": torch.cat(keep_boxes) * scale, "scores": torch.cat(keep_scores), "labels": torch.cat(keep_labels)}
+            {
+                "boxes": torch.cat(keep_boxes) * scale,
+                "scores": torch.cat(keep_scores),
+                "labels": torch.cat(keep_labels),
+            }
         )
     return results
 
@@ -194,10 +211,17 @@ def average_precision(precision: np.ndarray, recall: np.ndarray, use_07_metric: 
     thresholds come from np.arange as in the devkit ports, so 0.3 is 0.30000000000000004).
     VOC12 (VOC2010 onwards): exact area under the monotone (best-to-the-right) precision envelope.
     """
-    precision, recall = np.asarray(precision, dtype=np.float64), np.asarray(recall, dtype=np.float64)
+    precision, recall = (
+        np.asarray(precision, dtype=np.float64),
+        np.asarray(recall, dtype=np.float64),
+    )
     if use_07_metric:
         return float(
-            sum(precision[recall >= t].max() if (recall >= t).any() else 0.0 for t in np.arange(0.0, 1.1, 0.1)) / 11
+            sum(
+                precision[recall >= t].max() if (recall >= t).any() else 0.0
+                for t in np.arange(0.0, 1.1, 0.1)
+            )
+            / 11
         )
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.maximum.accumulate(np.concatenate([[0.0], precision, [0.0]])[::-1])[::-1]
@@ -264,7 +288,10 @@ def voc_map(detections: list[dict], targets: list[dict], iou_threshold: float = 
                 "ap12": 100.0 * average_precision(*curve, use_07_metric=False),
             }
     if not per_class:
-        raise DfqError("No non-difficult ground-truth box in the data set: AP is undefined.", "check the annotations")
+        raise DfqError(
+            "No non-difficult ground-truth box in the data set: AP is undefined.",
+            "check the annotations",
+        )
     return {
         "map07": float(np.mean([v["ap07"] for v in per_class.values()])),
         "map12": float(np.mean([v["ap12"] for v in per_class.values()])),
@@ -274,8 +301,14 @@ def voc_map(detections: list[dict], targets: list[dict], iou_threshold: float = 
 
 
 @torch.no_grad()
-def detect_per_batch(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, progress: bool = False,
-                     post=None, **nms_args) -> list[tuple[list[dict], list[dict]]]:
+def detect_per_batch(
+    model: torch.nn.Module,
+    loader,
+    priors: torch.Tensor | None = None,
+    progress: bool = False,
+    post=None,
+    **nms_args,
+) -> list[tuple[list[dict], list[dict]]]:
     """Run an SSD body over (images, targets) batches; decode and NMS in float on the CPU.
 
     Returns (detections, targets) of each batch, one entry per image; `post` (default `postprocess`, another model's own
@@ -298,7 +331,14 @@ def detect_per_batch(model: torch.nn.Module, loader, priors: torch.Tensor | None
                     f"feed {IMAGE_SIZE}x{IMAGE_SIZE} images to the SSD-Lite, or pass the priors of your model",
                 )
             sizes = [t["size"] for t in targets]
-            out.append(((post or postprocess)(confidences.cpu(), locations.cpu(), priors, sizes, **nms_args), targets))
+            out.append(
+                (
+                    (post or postprocess)(
+                        confidences.cpu(), locations.cpu(), priors, sizes, **nms_args
+                    ),
+                    targets,
+                )
+            )
     finally:
         model.train(was_training)
     return out
@@ -308,7 +348,13 @@ def map_of(batches: list[tuple[list[dict], list[dict]]]) -> dict:
     return voc_map([d for ds, _ in batches for d in ds], [t for _, ts in batches for t in ts])
 
 
-def evaluate(model: torch.nn.Module, loader, priors: torch.Tensor | None = None, progress: bool = False, **nms_args) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    priors: torch.Tensor | None = None,
+    progress: bool = False,
+    **nms_args,
+) -> dict:
     """mAP of an SSD body on a VOC loader (`VOCDetectionEval` + `collate`).
 
     Returns {"map07", "map12" (percent), "per_class_ap": {class: {"ap07", "ap12"}}, "n": images}.
@@ -318,12 +364,22 @@ def evaluate(model: torch.nn.Module, loader, priors: torch.Tensor | None = None,
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
     year, split = options.year or YEAR, options.split or SPLIT
-    loader = voc_loader(VOCDetectionEval(options.path, year=year, split=split, size=options.size or IMAGE_SIZE),
-                        options, collate)
+    loader = voc_loader(
+        VOCDetectionEval(options.path, year=year, split=split, size=options.size or IMAGE_SIZE),
+        options,
+        collate,
+    )
     n = len(loader.dataset)
     return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
 
 
-TASK = Task("det", "ssdlite_mobilenetv2", ("map07", "map12"), load,
-            lambda model, batches, progress=False, desc="": detect_per_batch(model, batches, progress=progress),
-            lambda records: MetricScore(map_of(records), ("map07", "map12")))
+TASK = Task(
+    "det",
+    "ssdlite_mobilenetv2",
+    ("map07", "map12"),
+    load,
+    lambda model, batches, progress=False, desc="": detect_per_batch(
+        model, batches, progress=progress
+    ),
+    lambda records: MetricScore(map_of(records), ("map07", "map12")),
+)

@@ -7,6 +7,7 @@ square, normalise with the ImageNet mean/std, score on the cropped mask. Label 2
 borders, "void") is ignored; a class absent from both ground truth and prediction has no IoU
 and is left out of the mean, as `np.nanmean` does there.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,9 @@ MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 YEAR, SPLIT, CROP = "2012", "val", 513
 
 
-def fix_scale_crop(image: Image.Image, mask: Image.Image, crop_size: int) -> tuple[Image.Image, Image.Image]:
+def fix_scale_crop(
+    image: Image.Image, mask: Image.Image, crop_size: int
+) -> tuple[Image.Image, Image.Image]:
     """jfzhang95's FixScaleCrop: short side to crop_size, then a centred crop_size square."""
     w, h = image.size
     if w > h:
@@ -43,19 +46,27 @@ def fix_scale_crop(image: Image.Image, mask: Image.Image, crop_size: int) -> tup
 
 def to_tensors(image: Image.Image, mask: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
     """Image -> normalised float CHW; palette mask -> int64 HW of class ids (255 kept)."""
-    x = (np.asarray(image, dtype=np.float32) / 255.0 - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
+    x = (np.asarray(image, dtype=np.float32) / 255.0 - np.array(MEAN, np.float32)) / np.array(
+        STD, np.float32
+    )
+    return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(
+        np.asarray(mask, dtype=np.int64).copy()
+    )
 
 
 class VOCSegmentationVal(Dataset):
     """(image, mask) pairs of a VOC segmentation split, transformed for evaluation."""
 
-    def __init__(self, root: str | Path, split: str = "val", year: str = "2012", crop_size: int = 513):
+    def __init__(
+        self, root: str | Path, split: str = "val", year: str = "2012", crop_size: int = 513
+    ):
         import torchvision
 
         voc_root = find_voc_root(root, year)
         check_split(voc_root, year, "Segmentation", split)
-        self.voc = torchvision.datasets.VOCSegmentation(str(voc_root), year=year, image_set=split, download=False)
+        self.voc = torchvision.datasets.VOCSegmentation(
+            str(voc_root), year=year, image_set=split, download=False
+        )
         self.crop_size = crop_size
 
     def __len__(self) -> int:
@@ -74,7 +85,9 @@ class VOCSegmentationVal(Dataset):
 def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Counts [true class, predicted class] over pixels whose label is a class (255 etc. skipped)."""
     if target.shape != pred.shape:
-        raise DfqError(f"Target shape {tuple(target.shape)} differs from prediction {tuple(pred.shape)}.")
+        raise DfqError(
+            f"Target shape {tuple(target.shape)} differs from prediction {tuple(pred.shape)}."
+        )
     valid = (target >= 0) & (target < num_classes)
     index = num_classes * target[valid].long() + pred[valid].long()
     return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
@@ -96,8 +109,9 @@ def mean_iou(cm: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def confusion_per_batch(model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES),
-                        progress: bool = False) -> list[tuple[torch.Tensor, int]]:
+def confusion_per_batch(
+    model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES), progress: bool = False
+) -> list[tuple[torch.Tensor, int]]:
     """(confusion matrix, images) of each (image, mask) batch; inputs go to the model's device."""
     from tqdm import tqdm
 
@@ -114,7 +128,9 @@ def confusion_per_batch(model: torch.nn.Module, loader, num_classes: int = len(V
                     f"Model output {tuple(logits.shape[-2:])} does not match mask size {tuple(masks.shape[-2:])}.",
                     "upsample the logits to the input size inside the model",
                 )
-            out.append((confusion_matrix(masks, logits.argmax(1).cpu(), num_classes), images.shape[0]))
+            out.append(
+                (confusion_matrix(masks, logits.argmax(1).cpu(), num_classes), images.shape[0])
+            )
     finally:
         model.train(was_training)
     return out
@@ -124,7 +140,10 @@ def miou_of(batches: list[tuple[torch.Tensor, int]]) -> dict:
     """{"miou": percent, "per_class_iou": [percent, or None for a class that never occurs], "n"}."""
     n = sum(k for _, k in batches)
     if n == 0:
-        raise DfqError("The segmentation loader yielded no images.", "check the split list and the dataset path")
+        raise DfqError(
+            "The segmentation loader yielded no images.",
+            "check the split list and the dataset path",
+        )
     cm = sum(c for c, _ in batches)
     iou = iou_per_class(cm)
     return {
@@ -134,19 +153,30 @@ def miou_of(batches: list[tuple[torch.Tensor, int]]) -> dict:
     }
 
 
-def evaluate(model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES), progress: bool = False) -> dict:
+def evaluate(
+    model: torch.nn.Module, loader, num_classes: int = len(VOC_CLASSES), progress: bool = False
+) -> dict:
     """Run `model` (logits N x C x H x W at input size) over (image, mask) batches; score mIoU."""
     return miou_of(confusion_per_batch(model, loader, num_classes, progress))
 
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
     year, split = options.year or YEAR, options.split or SPLIT
-    loader = voc_loader(VOCSegmentationVal(options.path, split=split, year=year, crop_size=options.size or CROP),
-                        options)
+    loader = voc_loader(
+        VOCSegmentationVal(options.path, split=split, year=year, crop_size=options.size or CROP),
+        options,
+    )
     n = len(loader.dataset)
     return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
 
 
-TASK = Task("seg", "deeplabv3plus_mobilenetv2", ("miou",), load,
-            lambda model, batches, progress=False, desc="": confusion_per_batch(model, batches, progress=progress),
-            lambda records: MetricScore(miou_of(records), ("miou",)))
+TASK = Task(
+    "seg",
+    "deeplabv3plus_mobilenetv2",
+    ("miou",),
+    load,
+    lambda model, batches, progress=False, desc="": confusion_per_batch(
+        model, batches, progress=progress
+    ),
+    lambda records: MetricScore(miou_of(records), ("miou",)),
+)

@@ -171,13 +171,19 @@ def evaluate(model: torch.nn.Module, loader, progress: bool = False) -> dict:
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
     if options.size not in (None, IMAGE_SIZE):
-        raise DfqError(f"the TF SSD's anchors are those of {IMAGE_SIZE}x{IMAGE_SIZE} inputs (--size {options.size}).",
-                       "drop --size")
+        raise DfqError(
+            f"the TF SSD's anchors are those of {IMAGE_SIZE}x{IMAGE_SIZE} inputs (--size {options.size}).",
+            "drop --size",
+        )
     year, split = options.year or det.YEAR, options.split or det.SPLIT
     loader = voc_loader(VOCDetectionTF(options.path, year=year, split=split), options, det.collate)
     n = len(loader.dataset)
-    return EvalData(loader, n, f"{n} images of VOC{year} {split} (person only, the model's class)",
-                    {"year": year, "split": split, "classes": ["person"]})
+    return EvalData(
+        loader,
+        n,
+        f"{n} images of VOC{year} {split} (person only, the model's class)",
+        {"year": year, "split": split, "classes": ["person"]},
+    )
 
 
 # `dfq det --arch tf_ssdlite_mobilenetv2`: detection with the TF model's own pre-/post-processing

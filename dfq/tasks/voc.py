@@ -1,4 +1,5 @@
 """PASCAL VOC conventions shared by segmentation and detection: class ids, folder layout."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,5 +36,7 @@ def check_split(root: Path, year: str, kind: str, split: str) -> None:
         present = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
         raise DfqError(
             f"The image list '{path}' does not exist.",
-            f"use one of the splits present: {present}" if present else "check the VOCdevkit layout",
+            f"use one of the splits present: {present}"
+            if present
+            else "check the VOCdevkit layout",
         )

@@ -3,6 +3,7 @@
 Each takes `(gm, stats)` and returns a `Transformed(gm, stats, info)`: a new GraphModule,
 the updated statistics, and per-layer notes for the report. Nothing changes in place.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple

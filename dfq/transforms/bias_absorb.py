@@ -8,6 +8,7 @@ first layer's bias and add W2 @ c to the second's. Exact but for the rare x < c.
 A second layer that zero-pads would see 0 instead of -c at its borders: on MobileNet's 7x7
 maps that error is larger than the gain, so such pairs are left alone (and reported).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,9 @@ def _zero_padding_between(gm: fx.GraphModule, first: str, second: str) -> str | 
             return None
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            pads = isinstance(m, nn.ZeroPad2d) or (isinstance(m, nn.AvgPool2d) and m.count_include_pad
-                                                   and m.padding not in (0, (0, 0)))
+            pads = isinstance(m, nn.ZeroPad2d) or (
+                isinstance(m, nn.AvgPool2d) and m.count_include_pad and m.padding not in (0, (0, 0))
+            )
         else:
             pads = node.op == "call_function" and node.target is F.pad
         if pads:
@@ -44,7 +46,9 @@ def _zero_padding_between(gm: fx.GraphModule, first: str, second: str) -> str | 
     return None
 
 
-def absorbable_shift(mean: torch.Tensor, std: torch.Tensor, n_std: float = ABSORB_STD) -> torch.Tensor:
+def absorbable_shift(
+    mean: torch.Tensor, std: torch.Tensor, n_std: float = ABSORB_STD
+) -> torch.Tensor:
     return torch.clamp(mean - n_std * std, min=0)
 
 
@@ -56,7 +60,10 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = ABSORB_STD
     info: dict[str, dict] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for p in pairs:
-        clips = [gm.get_submodule(nodes[c].target) if nodes[c].op == "call_module" else None for c in p.clips]
+        clips = [
+            gm.get_submodule(nodes[c].target) if nodes[c].op == "call_module" else None
+            for c in p.clips
+        ]
         if p.first not in new_stats or not all(isinstance(c, ChannelMin) for c in clips):
             continue  # a plain ReLU6 cannot take the shift (split it by equalizing first)
         st = new_stats[p.first]
@@ -68,7 +75,9 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = ABSORB_STD
             info[p.first] = {"absorption_note": f"not absorbed: {p.second} zero-pads its input"}
             continue
         if (pad := _zero_padding_between(gm, p.first, p.second)) is not None:
-            info[p.first] = {"absorption_note": f"not absorbed: {pad} zero-pads between it and {p.second}"}
+            info[p.first] = {
+                "absorption_note": f"not absorbed: {pad} zero-pads between it and {p.second}"
+            }
             continue
         with torch.no_grad():
             ensure_bias(first).sub_(c)

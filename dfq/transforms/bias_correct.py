@@ -9,6 +9,7 @@ With data (distilled or real), `correct_bias_empirical_` measures the shift inst
 mean output difference between the float and the fully quantized layer, layer by layer in
 topological order, each correction applied before the next layer is measured.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,9 @@ from dfq.stats import Stats
 from dfq.transforms import Transformed
 
 
-def correct_bias(gm_q: fx.GraphModule, gm_float: fx.GraphModule, stats: Stats,
-                 moments: dict[str, Moments]) -> Transformed:
+def correct_bias(
+    gm_q: fx.GraphModule, gm_float: fx.GraphModule, stats: Stats, moments: dict[str, Moments]
+) -> Transformed:
     """Return a copy of the weight-quantized `gm_q` with biases corrected for E[(Q(W)-W) x]."""
     gm_q = copy.deepcopy(gm_q)
     info: dict[str, dict] = {}
@@ -49,20 +51,31 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
     return t.detach().transpose(0, 1).flatten(1).mean(1)
 
 
-def correct_bias_empirical_(gm_q: fx.GraphModule, gm_float: fx.GraphModule, batches) -> dict[str, dict]:
+def correct_bias_empirical_(
+    gm_q: fx.GraphModule, gm_float: fx.GraphModule, batches
+) -> dict[str, dict]:
     """In place on `gm_q`: bias += E[y_float] - E[y_quant] per layer, measured on `batches`."""
     x = torch.cat([b for b in batches])
-    names = [n.target for n in gm_q.graph.nodes if isinstance(weighted_module(gm_q, n), QuantizedLayer)]
+    names = [
+        n.target for n in gm_q.graph.nodes if isinstance(weighted_module(gm_q, n), QuantizedLayer)
+    ]
     ref: dict[str, torch.Tensor] = {}
-    hooks = [gm_float.get_submodule(n).register_forward_hook(
-        lambda mod, inp, out, n=n: ref.__setitem__(n, _channel_mean(out))) for n in names]
+    hooks = [
+        gm_float.get_submodule(n).register_forward_hook(
+            lambda mod, inp, out, n=n: ref.__setitem__(n, _channel_mean(out))
+        )
+        for n in names
+    ]
     info: dict[str, dict] = {}
 
     def fix(mod, inp, out, name):
         shift = ref[name] - _channel_mean(out)
         with torch.no_grad():
             ensure_bias(mod).add_(shift.to(mod.bias.dtype))
-        info[name] = {"bias_correction_max": float(shift.abs().max()), "bias_correction": "empirical"}
+        info[name] = {
+            "bias_correction_max": float(shift.abs().max()),
+            "bias_correction": "empirical",
+        }
         return out + shift.reshape(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
 
     try:
@@ -70,8 +83,12 @@ def correct_bias_empirical_(gm_q: fx.GraphModule, gm_float: fx.GraphModule, batc
             gm_float(x)
             for h in hooks:
                 h.remove()
-            hooks = [gm_q.get_submodule(n).register_forward_hook(
-                lambda mod, inp, out, n=n: fix(mod, inp, out, n)) for n in names]
+            hooks = [
+                gm_q.get_submodule(n).register_forward_hook(
+                    lambda mod, inp, out, n=n: fix(mod, inp, out, n)
+                )
+                for n in names
+            ]
             gm_q(x)
     finally:
         for h in hooks:

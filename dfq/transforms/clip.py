@@ -2,6 +2,7 @@
 
 Clipping trades a few outlier weights for a finer grid on all the others.
 """
+
 from __future__ import annotations
 
 import copy

@@ -15,9 +15,11 @@ several layers. All producers of such a region share one scale vector (each take
 chosen from the largest producer and consumer range of each channel, and every consumer takes
 the inverse (see dfq.graph.regions).
 """
+
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -25,8 +27,8 @@ from torch import fx, nn
 from dfq.config import EqualizeConfig
 from dfq.graph.channels import features_per_channel
 from dfq.graph.layers import Pair, find_pairs
-from dfq.graph.regions import Region, channels_of, find_regions
 from dfq.graph.ops import activation_of
+from dfq.graph.regions import Region, channels_of, find_regions
 from dfq.nn import ChannelMin
 from dfq.stats import Stats, freeze
 from dfq.transforms import Transformed
@@ -89,27 +91,34 @@ def _region_ranges(gm: fx.GraphModule, region: Region) -> tuple[torch.Tensor, to
     r2 = torch.zeros_like(r1)
     for name, off in region.producers:
         r = output_ranges(gm.get_submodule(name))
-        r1[off:off + r.numel()] = torch.maximum(r1[off:off + r.numel()], r)
+        r1[off : off + r.numel()] = torch.maximum(r1[off : off + r.numel()], r)
     for name, off, width in region.consumers:
-        r2[off:off + width] = torch.maximum(r2[off:off + width], input_ranges(gm.get_submodule(name), width))
+        r2[off : off + width] = torch.maximum(
+            r2[off : off + width], input_ranges(gm.get_submodule(name), width)
+        )
     return r1, r2
 
 
-def scale_region_(gm: fx.GraphModule, region: Region, s: torch.Tensor, stats: dict,
-                  clips: list[tuple[ChannelMin, int]]) -> None:
+def scale_region_(
+    gm: fx.GraphModule,
+    region: Region,
+    s: torch.Tensor,
+    stats: dict,
+    clips: list[tuple[ChannelMin, int]],
+) -> None:
     """In place: each producer divides its channels by their slice of s, each consumer takes
     the inverse on the channels it reads, the region's ChannelMin bounds follow their channels;
     producers' BN statistics follow too."""
     for name, off in region.producers:
         m = gm.get_submodule(name)
-        part = s[off:off + m.weight.shape[0]]
+        part = s[off : off + m.weight.shape[0]]
         scale_outputs_(m, part)
         if name in stats:
             stats[name] = stats[name].scaled(part)
     for name, off, width in region.consumers:
-        scale_inputs_(gm.get_submodule(name), s[off:off + width])
+        scale_inputs_(gm.get_submodule(name), s[off : off + width])
     for clip, off in clips:
-        clip.hi.div_(s[off:off + clip.hi.numel()])
+        clip.hi.div_(s[off : off + clip.hi.numel()])
 
 
 def _joint_ranges(r1, r2, st, clips, n_std):
@@ -158,7 +167,9 @@ def _with_split_clips(gm: fx.GraphModule, regions: bool) -> tuple[list[Pair], di
     return find_pairs(gm)
 
 
-def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = EqualizeConfig()) -> Transformed:
+def equalize(
+    gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = EqualizeConfig()
+) -> Transformed:
     """Equalize every pair of `gm` (a copy) until the scales converge."""
     gm = copy.deepcopy(gm)
     pairs, skipped = _with_split_clips(gm, config.residual_regions)
@@ -168,7 +179,9 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
     before = {p.first: output_ranges(gm.get_submodule(p.first)) for p in pairs}
     total = {p.first: torch.ones_like(before[p.first]) for p in pairs}
     regions, region_skipped = find_regions(gm) if config.residual_regions else ([], {})
-    region_clips = [[(gm.get_submodule(nodes[name].target), off) for name, off in r.clips] for r in regions]
+    region_clips = [
+        [(gm.get_submodule(nodes[name].target), off) for name, off in r.clips] for r in regions
+    ]
     region_before = [_region_ranges(gm, r)[0] for r in regions]
     sweeps = 0
     for sweeps in range(1, config.max_iterations + 1):
@@ -183,7 +196,9 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
             r1 = output_ranges(first)
             r2 = input_ranges(second, r1.numel())
             if config.activation_aware and p.first in new_stats:
-                r1, r2 = _joint_ranges(r1, r2, new_stats[p.first], clips[p.first], config.activation_std)
+                r1, r2 = _joint_ranges(
+                    r1, r2, new_stats[p.first], clips[p.first], config.activation_std
+                )
             s = equalization_scales(r1, r2)
             scale_pair_(first, second, s)
             for clip in clips[p.first]:
@@ -198,10 +213,15 @@ def equalize(gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = Equalize
     for i, (r, r1) in enumerate(zip(regions, region_before)):
         after = _region_ranges(gm, r)[0]
         for name, _ in r.producers:
-            info.setdefault(name, {}).update({
-                "equalized": True, "equalized_region": f"{r.kind} region {i}: {len(r.producers)} producers, "
-                f"{len(r.consumers)} consumers", "region_spread_before": _spread(r1),
-                "region_spread_after": _spread(after)})
+            info.setdefault(name, {}).update(
+                {
+                    "equalized": True,
+                    "equalized_region": f"{r.kind} region {i}: {len(r.producers)} producers, "
+                    f"{len(r.consumers)} consumers",
+                    "region_spread_before": _spread(r1),
+                    "region_spread_after": _spread(after),
+                }
+            )
             info[name].pop("equalize_note", None)
     for add, why in region_skipped.items():
         info[add] = {"equalize_note": f"region not equalized: {why}"}
@@ -222,14 +242,23 @@ def _spread(r: torch.Tensor) -> float:
     return float(r.max()) / med if med > 0 else float("inf")
 
 
-def _report(gm, pairs: list[Pair], skipped: dict[str, str], before, total, sweeps) -> dict[str, dict]:
-    info: dict[str, dict] = {name: {"equalized": False, "equalize_note": why} for name, why in skipped.items()}
+def _report(
+    gm, pairs: list[Pair], skipped: dict[str, str], before, total, sweeps
+) -> dict[str, dict]:
+    info: dict[str, dict] = {
+        name: {"equalized": False, "equalize_note": why} for name, why in skipped.items()
+    }
     for p in pairs:
         after = output_ranges(gm.get_submodule(p.first))
         info[p.first] = {
-            "equalized": True, "equalized_with": p.second, "equalize_sweeps": sweeps,
-            "range_spread_before": _spread(before[p.first]), "range_spread_after": _spread(after),
-            "channel_ranges_before": _rounded(before[p.first]), "channel_ranges_after": _rounded(after),
-            "scale_min": float(total[p.first].min()), "scale_max": float(total[p.first].max()),
+            "equalized": True,
+            "equalized_with": p.second,
+            "equalize_sweeps": sweeps,
+            "range_spread_before": _spread(before[p.first]),
+            "range_spread_after": _spread(after),
+            "channel_ranges_before": _rounded(before[p.first]),
+            "channel_ranges_after": _rounded(after),
+            "scale_min": float(total[p.first].min()),
+            "scale_max": float(total[p.first].max()),
         }
     return info

@@ -3,6 +3,7 @@
 ReLU6 is not scale-invariant, so plain cross-layer equalization cannot look through it;
 swapping it for ReLU lets it, at the price of a (usually small) change of the float model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,7 +25,11 @@ def replace_relu6(gm: fx.GraphModule, stats: Stats) -> Transformed:
     info: dict[str, dict] = {}
     for node in gm.graph.nodes:
         act = activation_of(gm, node)
-        if act is None or act.kind not in ("relu6", "hardtanh") or (act.lo, act.hi) != (RELU6.lo, RELU6.hi):
+        if (
+            act is None
+            or act.kind not in ("relu6", "hardtanh")
+            or (act.lo, act.hi) != (RELU6.lo, RELU6.hi)
+        ):
             continue
         if node.op == "call_module":
             parent, _, attr = node.target.rpartition(".")
