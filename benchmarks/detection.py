@@ -38,7 +38,8 @@ INPUTS = input_config(ARCH)
 BASE = PipelineConfig(quantize=True, input_mean=INPUTS.mean, input_std=INPUTS.std)
 RESIDUALS = EqualizeConfig(residual_regions=True, activation_aware=True)
 PER_CHANNEL = QuantConfig(per_channel=True)
-# 300x300 images cost 1.8x the pixels of 224: 2 x 16 images at 200 steps keep distillation to minutes on 2 cores
+# 300x300 images cost 1.8x the pixels of 224: 2 x 16 images at 200 steps keep distillation
+# to minutes on 2 cores
 DISTILL = DistillConfig(
     batch_size=16, num_batches=2, iterations=200, mean=INPUTS.mean, std=INPUTS.std
 )
@@ -82,7 +83,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--rows",
         default="fp32,kept,per_channel_le,ort,dfq,relu_float,kept_res,distilled",
-        help=f"comma-separated, in order: fp32,ort,{','.join(ROWS)} (ort: int8 onnxruntime of 'kept')",
+        help=f"comma-separated, in order: fp32,ort,{','.join(ROWS)} "
+        "(ort: int8 onnxruntime of 'kept')",
     )
     p.add_argument("--out", type=Path, default=ROOT / "results" / "detection.json")
     args = p.parse_args(argv)

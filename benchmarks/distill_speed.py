@@ -138,8 +138,10 @@ def main() -> None:
             }
         )
         print(
-            f"{res:>4} {bs:>3} {cap:>4} {r.iterations[0]:>5} {r.seconds:>6.1f} {r.seconds / bs:>6.2f} {loss:>8.2f} | "
-            f"{same['p10']:>9.2f} {same['median']:>6.2f} {same['max']:>6.2f} {same['frac_ge_half']:>6.2f}   | "
+            f"{res:>4} {bs:>3} {cap:>4} {r.iterations[0]:>5} {r.seconds:>6.1f} "
+            f"{r.seconds / bs:>6.2f} {loss:>8.2f} | "
+            f"{same['p10']:>9.2f} {same['median']:>6.2f} {same['max']:>6.2f} "
+            f"{same['frac_ge_half']:>6.2f}   | "
             f"{all64['p10']:>9.2f} {all64['median']:>6.2f}",
             flush=True,
         )

@@ -2,7 +2,7 @@
 regions (`--equalize_residuals`: adds, concatenations, channel padding, fan-outs), with ReLU6
 replaced (--relu) and kept. Random BN statistics (coverage depends on the graph, not weights).
 
-    .venv/bin/python benchmarks/equalization_coverage.py     # table + results/equalization_coverage.json
+    .venv/bin/python benchmarks/equalization_coverage.py   # table, results/*.json
 """
 
 from __future__ import annotations

@@ -95,13 +95,15 @@ def main(argv=None) -> int:
     )
     print(
         f"float64 fold+equalize max error: {summary['float_err_max']:.2e}; absorption exact on "
-        f"{summary['absorption_premise_held']} (max error {summary['absorption_exact_err_max'] or 0:.2e})"
+        f"{summary['absorption_premise_held']} "
+        f"(max error {summary['absorption_exact_err_max'] or 0:.2e})"
     )
     for bits in (8, 16):
         if f"w{bits}a{bits}_calibrated_sqnr_db" in summary:
             s = summary[f"w{bits}a{bits}_calibrated_sqnr_db"]
             print(
-                f"W{bits}A{bits} calibrated SQNR dB: min {s['min']}, median {s['median']} (n={s['n']})"
+                f"W{bits}A{bits} calibrated SQNR dB: min {s['min']}, median {s['median']} "
+                f"(n={s['n']})"
             )
     for r in (by["crash"] + by["invariance"])[: args.show]:
         print(

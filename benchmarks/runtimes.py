@@ -1,7 +1,7 @@
 """Real int8 runtimes against dfq's simulation: MobileNetV2 (torchvision V1 weights) on
 imagenet_val1300, DFQ W8A8 (--relu --equalize --correction), one target profile per runtime.
 
-    .venv/bin/python benchmarks/runtimes.py                 # accuracy table + speed, JSON in results/
+    .venv/bin/python benchmarks/runtimes.py        # accuracy table + speed, JSON in results/
     .venv/bin/python benchmarks/runtimes.py --limit 200 --skip-speed
 
 Accuracy: FP32 (PyTorch), the simulation with --target ort and the onnxruntime QDQ model, the
@@ -121,7 +121,8 @@ def main(argv=None) -> dict:
     res["fp32_top1"], res["n"] = fp32.summary()["top1"], data.n
     res["accuracy_table"] = rows
     print(
-        f"\nMobileNetV2 on {res['n']} images of imagenet_val1300 (Resize 256, CenterCrop 224), DFQ W8A8:"
+        f"\nMobileNetV2 on {res['n']} images of imagenet_val1300 (Resize 256, CenterCrop 224), "
+        "DFQ W8A8:"
     )
     print(
         markdown_table(
@@ -180,7 +181,8 @@ def main(argv=None) -> dict:
             )
         res["speed_table"] = speed
         print(
-            f"\nSpeed ({args.threads} threads, median ms per batch; shared CPU, ratios from one run):"
+            f"\nSpeed ({args.threads} threads, median ms per batch; shared CPU, "
+            "ratios from one run):"
         )
         print(
             markdown_table(

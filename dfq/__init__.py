@@ -1,7 +1,8 @@
 """dfq: data-free quantization of PyTorch CNNs (Nagel et al., ICCV 2019; ZeroQ, CVPR 2020).
 
     import dfq
-    result = dfq.quantize_model(model, dfq.PipelineConfig(relu=True, equalize=True, correction=True))
+    config = dfq.PipelineConfig(relu=True, equalize=True, correction=True)
+    result = dfq.quantize_model(model, config)
     result.model      # fake-quant fx.GraphModule, same forward signature as `model`
     result.layers     # what was done to each layer
 

@@ -154,7 +154,8 @@ def evaluate(kind: str, param, x: torch.Tensor) -> torch.Tensor:
 def activation_range(
     kind: str, param, lo: torch.Tensor, hi: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[min f, max f] over [lo, hi] per channel: the ends, and the interior minimum where f has one."""
+    """[min f, max f] over [lo, hi] per channel: the ends, and the interior minimum where f
+    has one."""
     _, x_min = SHAPES[kind](param)
     points = [lo, hi]
     if x_min is not None:

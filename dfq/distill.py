@@ -136,7 +136,8 @@ def _frozen_copy(model: nn.Module) -> tuple[nn.Module, list[nn.BatchNorm2d]]:
         raise DfqError(
             "The model has no BatchNorm2d layer with running statistics, so there is nothing to "
             "distil data from (was BN already folded?).",
-            "pass the float model before BN folding, or use BN-based or real-data activation ranges",
+            "pass the float model before BN folding, or use BN-based or real-data "
+            "activation ranges",
         )
     return frozen, bns
 
@@ -164,7 +165,8 @@ def distill(
     height, width = config.resolution or tuple(input_shape[1:])
     if len(config.mean) != channels:
         raise DfqError(
-            f"The input has {channels} channels but the normalisation mean/std has {len(config.mean)}.",
+            f"The input has {channels} channels but the normalisation mean/std has "
+            f"{len(config.mean)}.",
             "set DistillConfig.mean and .std to the model's normalisation",
         )
     config = dataclasses.replace(config, resolution=(height, width))
@@ -255,7 +257,8 @@ def save_distilled(path: str | Path, data: torch.Tensor, config: DistillConfig) 
 def load_distilled(
     path: str | Path, input_shape: tuple[int, int, int] | None = None
 ) -> tuple[torch.Tensor, DistillConfig]:
-    """Load what `save_distilled` wrote; with `input_shape` (C, H, W), also check it fits the model."""
+    """Load what `save_distilled` wrote; with `input_shape` (C, H, W), also check it fits the
+    model."""
     fix = "delete it and distil again (or save it with dfq.distill.save_distilled)"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -22,4 +22,5 @@ class ChannelMin(nn.Module):
         return torch.minimum(x, self.hi.reshape(1, -1, *([1] * (x.dim() - 2))).to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"channels={self.hi.numel()}, hi=[{float(self.hi.min()):.3g}, {float(self.hi.max()):.3g}]"
+        lo, hi = float(self.hi.min()), float(self.hi.max())
+        return f"channels={self.hi.numel()}, hi=[{lo:.3g}, {hi:.3g}]"

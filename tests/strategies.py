@@ -285,7 +285,8 @@ def _modern(d: Draw, spec: dict) -> dict:
 
 
 def random_spec(seed: int, modern: bool = True) -> dict:
-    """Architecture `seed`; modern=False: without the features `_modern` adds (as drawn before they existed)."""
+    """Architecture `seed`; modern=False: without the features `_modern` adds (as drawn
+    before they existed)."""
     d = RandomDraw(seed)
     spec = spec_from(d)
     return _modern(d, spec) if modern else spec

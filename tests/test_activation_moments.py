@@ -44,7 +44,8 @@ TORCH = {
     "hardsigmoid": F.hardsigmoid,
     "hardswish": F.hardswish,
 }
-# sigma tiny, ~1 and huge (1e3: the nonlinearity is a speck on the scale of the std), at kinks and far out
+# sigma tiny, ~1 and huge (1e3: the nonlinearity is a speck on the scale of the std),
+# at kinks and far out
 MU = torch.tensor(
     [0.0, 0.3, -2.0, 1.0, -3.0, 3.0, 0.0, 2.0, -50.0, 0.0, 5.0, -1.3], dtype=torch.float64
 )

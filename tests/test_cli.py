@@ -137,7 +137,8 @@ def test_user_model_spec(tmp_path, capsys):
     src.write_text(
         "import torch\n"
         "def build():\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),\n"
+        "        torch.nn.ReLU(),\n"
         "        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))\n"
     )
     code, out, _ = _run(
@@ -201,8 +202,8 @@ def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
 
 
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):
-    """`dfq export` quantizes through dfq.quantization_data.pipeline_data: distilled ranges work without
-    --data, and real ones without --data are a one-line error."""
+    """`dfq export` quantizes through dfq.quantization_data.pipeline_data: distilled ranges work
+    without --data, and real ones without --data are a one-line error."""
     pytest.importorskip("onnx")
     w = str(shared("cifar10_resnet20-12fca82f.th"))
     code, _, err = _run(

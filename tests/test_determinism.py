@@ -66,8 +66,9 @@ NET = """import torch
 from torch import nn
 def build():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU6(), nn.Conv2d(6, 6, 3, groups=6),
-                      nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU6(),
+                      nn.Conv2d(6, 6, 3, groups=6), nn.BatchNorm2d(6), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
     for bn in (m[1], m[4]):
         bn.weight.data.uniform_(0.3, 1.5); bn.bias.data.normal_(0, 0.5)
         bn.running_mean.normal_(0, 0.3); bn.running_var.uniform_(0.5, 2)

@@ -100,7 +100,10 @@ def test_symmetric_activations_are_refused_by_the_onnx_exporter(small_net, tmp_p
 
 
 def test_import_dfq_does_not_import_runtimes():
-    code = "import sys, dfq, dfq.targets, dfq.runners, dfq.export, dfq.cli, dfq.tasks.quantized_runs; print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
+    code = (
+        "import sys, dfq, dfq.targets, dfq.runners, dfq.export, dfq.cli, dfq.tasks.quantized_runs; "
+        "print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

@@ -1,4 +1,5 @@
-"""Segmentation and detection metrics against hand-computed cases, and evaluate() on a tiny VOC folder."""
+"""Segmentation and detection metrics against hand-computed cases, and evaluate() on a tiny VOC
+folder."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def test_confusion_matrix_counts_pixels_and_ignores_255():
 def test_iou_per_class_and_mean_skip_absent_classes():
     cm = torch.tensor([[1, 1, 0, 0], [0, 2, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
     iou = seg.iou_per_class(cm)
-    # class 0: 1 / (2 + 2 - 1); class 1: 2 / (3 + 3 - 2); class 2: 0 / (1 + 1 - 0); class 3 never occurs
+    # class 0: 1 / (2 + 2 - 1); class 1: 2 / (3 + 3 - 2); class 2: 0 / (1 + 1 - 0);
+    # class 3 never occurs
     assert iou[:3] == pytest.approx([1 / 3, 1 / 2, 0.0])
     assert math.isnan(iou[3])
     assert seg.mean_iou(cm) == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
@@ -187,7 +189,8 @@ def test_decode_boxes():
 
 
 def _oracle_outputs(targets, priors, num_classes=21):
-    """Confidences/locations that put each ground-truth box on its best prior, background elsewhere."""
+    """Confidences/locations that put each ground-truth box on its best prior, background
+    elsewhere."""
     corner = det.decode_boxes(torch.zeros_like(priors), priors)
     conf = torch.zeros(len(targets), len(priors), num_classes)
     conf[..., 0] = 10.0

@@ -1,4 +1,5 @@
-"""DeepLab-v3+ MobileNetV2 and MobileNetV2 SSD-Lite: checkpoint key names, sizes, tracing, evaluate().
+"""DeepLab-v3+ MobileNetV2 and MobileNetV2 SSD-Lite: checkpoint key names, sizes, tracing,
+evaluate().
 
 The expected state-dict layouts below are written out from the public sources
 (jfzhang95/pytorch-deeplab-xception modeling/, qfgaohao/pytorch-ssd vision/), not from our
@@ -40,8 +41,12 @@ def inverted_residual(prefix, inp, oup, t):
     """Both repositories' block: one flat `conv` Sequential; ReLU6 slots (2, 5) have no keys."""
     hid = round(inp * t)
     if t == 1:
-        return {f"{prefix}.conv.0.weight": (hid, 1, 3, 3), **bn(f"{prefix}.conv.1", hid),
-                f"{prefix}.conv.3.weight": (oup, hid, 1, 1), **bn(f"{prefix}.conv.4", oup)}  # fmt: skip
+        return {
+            f"{prefix}.conv.0.weight": (hid, 1, 3, 3),
+            **bn(f"{prefix}.conv.1", hid),
+            f"{prefix}.conv.3.weight": (oup, hid, 1, 1),
+            **bn(f"{prefix}.conv.4", oup),
+        }
     return {f"{prefix}.conv.0.weight": (hid, inp, 1, 1), **bn(f"{prefix}.conv.1", hid),
             f"{prefix}.conv.3.weight": (hid, 1, 3, 3), **bn(f"{prefix}.conv.4", hid),
             f"{prefix}.conv.6.weight": (oup, hid, 1, 1), **bn(f"{prefix}.conv.7", oup)}  # fmt: skip
@@ -99,8 +104,15 @@ def ssdlite_keys(num_classes=21):
         for k, c in enumerate(
             [576, 1280, 512, 256, 256]
         ):  # SeperableConv2d: dw (bias), BN, ReLU6, pw (bias)
-            keys.update({f"{name}.{k}.0.weight": (c, 1, 3, 3), f"{name}.{k}.0.bias": (c,), **bn(f"{name}.{k}.1", c),
-                         f"{name}.{k}.3.weight": (out, c, 1, 1), f"{name}.{k}.3.bias": (out,)})  # fmt: skip
+            keys.update(
+                {
+                    f"{name}.{k}.0.weight": (c, 1, 3, 3),
+                    f"{name}.{k}.0.bias": (c,),
+                    **bn(f"{name}.{k}.1", c),
+                    f"{name}.{k}.3.weight": (out, c, 1, 1),
+                    f"{name}.{k}.3.bias": (out,),
+                }
+            )
         keys.update({f"{name}.5.weight": (out, 64, 1, 1), f"{name}.5.bias": (out,)})
     return keys
 

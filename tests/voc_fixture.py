@@ -1,4 +1,5 @@
-"""A tiny VOCdevkit written into a temporary folder, so VOC readers and evaluate() run without the data.
+"""A tiny VOCdevkit written into a temporary folder, so VOC readers and evaluate() run without
+the data.
 
 VOC2012 has a segmentation val split (palette PNG masks with 255 borders) and a detection val
 split; VOC2007 has a detection test split. Image sizes are chosen so that, with crop_size=32,

@@ -27,7 +27,8 @@ def export(result, out: str | Path, shape: tuple[int, ...]) -> dict[str, Any]:
     if profile.format is None:
         raise DfqError(
             "the model was quantized with --target generic, which no runtime runs exactly.",
-            f"quantize with --target {' or --target '.join(p.name for p in targets.PROFILES.values() if p.format)}",
+            "quantize with --target "
+            + " or --target ".join(p.name for p in targets.PROFILES.values() if p.format),
         )
     profile.check_runtime()
     out = Path(out)

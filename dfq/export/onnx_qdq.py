@@ -177,7 +177,8 @@ def _integer_parameters(proto, gm: fx.GraphModule, info: OnnxExport) -> None:
         m = _module_of(gm, wname, ".weight")
         if m is None or wname not in inits:
             raise DfqError(
-                f"exported {node.op_type} {node.name} has weight '{wname}', not a dfq quantized layer.",
+                f"exported {node.op_type} {node.name} has weight '{wname}', "
+                "not a dfq quantized layer.",
                 "report this model: its export needs a name mapping",
             )
         if node.op_type == "Gemm":

@@ -137,7 +137,10 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
                 return "an add with a constant is not scale-invariant"
             for a in ins:
                 if is_cat(n) and width(a) is None:
-                    return "a concatenation joins tensors that are not layer outputs (e.g. reshaped head outputs)"
+                    return (
+                        "a concatenation joins tensors that are not layer outputs "
+                        "(e.g. reshaped head outputs)"
+                    )
                 if isinstance(a, fx.Node):
                     if weighted_module(gm, a) is not None:
                         producers[a] = pos
@@ -173,7 +176,10 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
                 if (why := place(u, o - _shift(u))) is not None:
                     return why
             else:
-                return f"the region's tensor goes through {describe(gm, u)}, which is not scale-invariant"
+                return (
+                    f"the region's tensor goes through {describe(gm, u)}, "
+                    "which is not scale-invariant"
+                )
     if any(width(n) is None for n in offset):
         return "a tensor of the region has no known width"
     low = min(offset.values())
@@ -187,7 +193,8 @@ def _region_from(gm: fx.GraphModule, start: fx.Node, memo: dict):
 
 
 def _reads_per_channel(consumer, width: int) -> bool:
-    """The consumer's inputs are the `width` channels it reads, each repeated k >= 1 times (flatten)."""
+    """The consumer's inputs are the `width` channels it reads, each repeated k >= 1 times
+    (flatten)."""
     n_in = consumer.in_features if layer_kind(consumer) == "linear" else consumer.in_channels
     return n_in % width == 0 and (n_in == width or layer_kind(consumer) == "linear")
 

@@ -80,7 +80,10 @@ class ActQuant(nn.Module):
         return 1.0 / self.scale.float()
 
     def extra_repr(self) -> str:
-        return f"{self._mode}, bits={self.grid.bits}, symmetric={self.grid.symmetric}, scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+        return (
+            f"{self._mode}, bits={self.grid.bits}, symmetric={self.grid.symmetric}, "
+            f"scale={float(self.scale):.4g}, zp={int(self.zero_point)}"
+        )
 
 
 class QuantizedLayer:
@@ -131,7 +134,7 @@ class QuantizedLayer:
 
 
 class Requant(NamedTuple):
-    """What onnxruntime's QLinearConv needs to requantize its accumulator (dfq.quant.integer_exact)."""
+    """What onnxruntime's QLinearConv needs to requantize its accumulator."""
 
     in_scale: torch.Tensor
     out_scale: torch.Tensor
@@ -153,7 +156,8 @@ FLOAT32_EXACT = 2**24  # every integer of magnitude up to this is a float32
 
 
 def exact_integer_op(op, xi: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
-    """`op(xi, wi)` (a convolution or matrix product) of integer-valued tensors, exactly, in float64.
+    """`op(xi, wi)` (a convolution or matrix product) of integer-valued tensors, exactly, in
+    float64.
 
     On the CPU it runs in float32 where that is exact: if every |partial sum| stays below 2^24
     (bounded by max|x| times the largest per-output-channel sum of |w|), each float32 addition is

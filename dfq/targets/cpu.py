@@ -27,7 +27,8 @@ def require_int8(q: QuantConfig) -> None:
     """Runtimes compute int8 activations and symmetric int8 (or fewer bits) weights."""
     if q.bits_activation != 8 or q.bits_weight > 8:
         raise DfqError(
-            f"--target {q.target} runs int8: W{q.bits_weight}A{q.bits_activation} cannot be exported.",
+            f"--target {q.target} runs int8: W{q.bits_weight}A{q.bits_activation} "
+            "cannot be exported.",
             "use --bits_weight <= 8 and --bits_activation 8, or --target generic",
         )
     if not q.weight_symmetric:

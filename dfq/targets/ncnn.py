@@ -75,7 +75,8 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> np.ndarray:
     param = (
         "7767517\n2 2\n"
         f"Input in0 0 1 in0 0=1 1=1 2={g}\n"
-        f"ConvolutionDepthWise dw 1 1 in0 out0 0={g} 1=1 11=1 2=1 12=1 3=1 13=1 4=0 14=0 5=0 6={g} 7={g} 8=1\n"
+        f"ConvolutionDepthWise dw 1 1 in0 out0 0={g} 1=1 11=1 2=1 12=1 3=1 13=1 4=0 14=0 5=0 "
+        f"6={g} 7={g} 8=1\n"
     )
     blob = (
         struct.pack("<I", INT8_TAG)
@@ -157,7 +158,10 @@ class NcnnProfile(Profile):
                     )
                     how = "read off ncnn (approximate reciprocal of the packed depthwise kernel)"
                 else:
-                    how = "exact reciprocal (ncnn not installed: its packed depthwise kernel rounds differently)"
+                    how = (
+                        "exact reciprocal (ncnn not installed: its packed depthwise kernel "
+                        "rounds differently)"
+                    )
             mult = torch.where(w_inv == 0, torch.zeros_like(mult), mult).float()
             fused = isinstance(m, nn.Conv2d) and not depthwise
             m.dequant = Dequant(in_q.scale.detach().clone(), mult, fused)

@@ -1,6 +1,7 @@
 """Tasks: data, preprocessing, metrics and evaluate() for classification, segmentation, detection.
 
-Each task module ends with its `TASK` (dfq.tasks.base.Task); `get(name)` imports only the one asked for.
+Each task module ends with its `TASK` (dfq.tasks.base.Task); `get(name)` imports only the one
+asked for.
 """
 
 from __future__ import annotations

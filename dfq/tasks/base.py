@@ -72,7 +72,8 @@ class Task:
     def evaluate(
         self, model: nn.Module, batches: Iterable, progress: bool = False, desc: str = "eval"
     ) -> Score:
-        """Score `model` on `batches` (split over the processes of a torchrun, see dfq.distributed)."""
+        """Score `model` on `batches` (split over the processes of a torchrun, see
+        dfq.distributed)."""
         from dfq.distributed import gather_batches, shard_batches
 
         mine, indices = shard_batches(batches)

@@ -41,7 +41,8 @@ SIZE_VARIANCE = 0.2
 
 @dataclass(frozen=True)
 class PriorSpec:
-    """One SSD source layer: a feature_map x feature_map grid with cells `shrinkage` pixels apart."""
+    """One SSD source layer: a feature_map x feature_map grid with cells `shrinkage` pixels
+    apart."""
 
     feature_map: int
     shrinkage: int
@@ -242,7 +243,8 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def precision_recall(
     detections: list[dict], targets: list[dict], label: int, iou_threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The precision/recall curve of one class over a data set; None if it has no non-difficult box."""
+    """The precision/recall curve of one class over a data set; None if it has no
+    non-difficult box."""
     n_true = sum(int(np.sum((t["labels"] == label) & ~t["difficult"])) for t in targets)
     if n_true == 0:
         return None
@@ -311,8 +313,9 @@ def detect_per_batch(
 ) -> list[tuple[list[dict], list[dict]]]:
     """Run an SSD body over (images, targets) batches; decode and NMS in float on the CPU.
 
-    Returns (detections, targets) of each batch, one entry per image; `post` (default `postprocess`, another model's own
-    decoding) takes (confidences, locations, priors, image sizes, **nms_args).
+    Returns (detections, targets) of each batch, one entry per image; `post` (default
+    `postprocess`, another model's own decoding) takes (confidences, locations, priors, image
+    sizes, **nms_args).
     """
     from tqdm import tqdm
 
@@ -327,8 +330,10 @@ def detect_per_batch(
             confidences, locations = model(images.to(device))
             if locations.shape[1] != priors.shape[0]:
                 raise DfqError(
-                    f"The model predicts {locations.shape[1]} boxes per image but there are {priors.shape[0]} priors.",
-                    f"feed {IMAGE_SIZE}x{IMAGE_SIZE} images to the SSD-Lite, or pass the priors of your model",
+                    f"The model predicts {locations.shape[1]} boxes per image but there are "
+                    f"{priors.shape[0]} priors.",
+                    f"feed {IMAGE_SIZE}x{IMAGE_SIZE} images to the SSD-Lite, "
+                    "or pass the priors of your model",
                 )
             sizes = [t["size"] for t in targets]
             out.append(

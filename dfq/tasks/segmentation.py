@@ -76,14 +76,16 @@ class VOCSegmentationVal(Dataset):
         image, mask = self.voc[index]
         if mask.mode not in ("P", "L"):
             raise DfqError(
-                f"Mask '{self.voc.masks[index]}' has mode {mask.mode}; class ids need a palette or grey PNG.",
+                f"Mask '{self.voc.masks[index]}' has mode {mask.mode}; "
+                "class ids need a palette or grey PNG.",
                 "use the SegmentationClass PNGs of VOCdevkit (not colour renderings)",
             )
         return to_tensors(*fix_scale_crop(image, mask, self.crop_size))
 
 
 def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts [true class, predicted class] over pixels whose label is a class (255 etc. skipped)."""
+    """Counts [true class, predicted class] over pixels whose label is a class (255 etc.
+    skipped)."""
     if target.shape != pred.shape:
         raise DfqError(
             f"Target shape {tuple(target.shape)} differs from prediction {tuple(pred.shape)}."
@@ -125,7 +127,8 @@ def confusion_per_batch(
             logits = model(images.to(device))
             if logits.shape[-2:] != masks.shape[-2:]:
                 raise DfqError(
-                    f"Model output {tuple(logits.shape[-2:])} does not match mask size {tuple(masks.shape[-2:])}.",
+                    f"Model output {tuple(logits.shape[-2:])} does not match mask size "
+                    f"{tuple(masks.shape[-2:])}.",
                     "upsample the logits to the input size inside the model",
                 )
             out.append(

@@ -172,7 +172,8 @@ def evaluate(model: torch.nn.Module, loader, progress: bool = False) -> dict:
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
     if options.size not in (None, IMAGE_SIZE):
         raise DfqError(
-            f"the TF SSD's anchors are those of {IMAGE_SIZE}x{IMAGE_SIZE} inputs (--size {options.size}).",
+            f"the TF SSD's anchors are those of {IMAGE_SIZE}x{IMAGE_SIZE} inputs "
+            f"(--size {options.size}).",
             "drop --size",
         )
     year, split = options.year or det.YEAR, options.split or det.SPLIT

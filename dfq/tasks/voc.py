@@ -9,15 +9,17 @@ from dfq.errors import DfqError
 # Index 0 is background in both tasks; 1..20 are the VOC classes in their usual order
 # (the segmentation PNG values, and the label order of qfgaohao/pytorch-ssd's models).
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
 
 def find_voc_root(path: str | Path, year: str) -> Path:
     """The folder that holds `VOCdevkit/VOC<year>` (torchvision's `root`), from any level of it.
 
-    Accepts the parent of VOCdevkit, VOCdevkit itself, or VOCdevkit/VOC<year>: users point at all three.
+    Accepts the parent of VOCdevkit, VOCdevkit itself, or VOCdevkit/VOC<year>: users point at
+    all three.
     """
     path = Path(path)
     for root in (path, path.parent, path.parent.parent):
