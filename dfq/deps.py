@@ -24,6 +24,8 @@ EXTRAS = {
     "timm": "timm",
     "safetensors": "timm",
 }
+# importable module -> the name pip installs it by, where the two differ
+DISTRIBUTIONS = {"google": "protobuf"}
 
 
 def require(module: str, what: str) -> ModuleType:
@@ -31,9 +33,10 @@ def require(module: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        extra = EXTRAS.get(module.split(".")[0])
-        fix = f'pip install "dfq[{extra}]"' if extra else f"pip install {module}"
-        module = "protobuf" if module.startswith("google.protobuf") else module
+        top = module.split(".")[0]
+        package = DISTRIBUTIONS.get(top, module)
+        extra = EXTRAS.get(top)
+        fix = f'pip install "dfq[{extra}]"' if extra else f"pip install {package}"
         raise DfqError(
-            f"{what} needs the Python package '{module}', which is not installed.", fix
+            f"{what} needs the Python package '{package}', which is not installed.", fix
         ) from exc

@@ -82,6 +82,11 @@ def shared(name: str) -> Path:
     return p
 
 
+def resnet20_args() -> list[str]:
+    """The CLI switches that load the real CIFAR ResNet-20 of ../shared/data."""
+    return ["--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th"))]
+
+
 def load_cifar_resnet(depth: int = 20) -> nn.Module:
     from dfq.checkpoints import load_weights
     from dfq.models import build

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import shared
+from conftest import resnet20_args, shared
 
-R20 = ["--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th"))]
+R20 = resnet20_args()
 FIGURES = ("top1", "top5", "n", "fp32_top1", "agreement", "logits_sqnr_db", "delta_top1")
 
 

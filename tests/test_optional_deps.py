@@ -6,11 +6,11 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import shared
+from conftest import resnet20_args, shared
 
 from dfq.cli import main
 
-R20 = ["--arch", "cifar_resnet20", "--weights", str(shared("cifar10_resnet20-12fca82f.th"))]
+R20 = resnet20_args()
 DATA = ["--data", str(shared("cifar10_foolbox20.npz")), "--limit", "4", "--quiet"]
 
 
