@@ -24,3 +24,24 @@ class ChannelMin(nn.Module):
     def extra_repr(self) -> str:
         lo, hi = float(self.hi.min()), float(self.hi.max())
         return f"channels={self.hi.numel()}, hi=[{lo:.3g}, {hi:.3g}]"
+
+
+class GlobalAvgPool(nn.Module):
+    """The spatial mean over (H, W), keeping them as 1 x 1; with `requant` set, computed as
+    onnxruntime's QLinearGlobalAveragePool does (MlasQLinearGlobalAveragePoolNchw): the exact
+    int32 sum of the input's integers times the float32 s_in / (s_out * float(H * W)), clamped
+    to the grid and rounded half to even. A float mean then a quantizer rounds ties the other
+    way in a few outputs per thousand (tests/test_low_bit_export.py)."""
+
+    requant = None  # a dfq.quant.modules.Requant: set by the onnxruntime profile
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.requant
+        if r is None:
+            return x.mean((2, 3), keepdim=True)
+        acc = torch.round(x.double() / r.in_scale.double()).sum((2, 3), keepdim=True)  # exact
+        size = torch.tensor(float(x.shape[2] * x.shape[3]), dtype=torch.float32)
+        m = r.in_scale.float() / (r.out_scale.float() * size)  # float32, as the runtime
+        zp = float(r.out_zero_point)
+        y = (acc.float() * m.to(acc.device)).clamp(r.qmin - zp, r.qmax - zp)
+        return (torch.round(y) * r.out_scale.float().to(acc.device)).to(x.dtype)

@@ -261,7 +261,8 @@ def test_ort_profile_simulates_qlinearconv_exactly(tmp_path, relu6_kept):
         ),
     )
     exact = [k for k, v in r.layers.items() if v.get("simulation", "").startswith("integer-exact")]
-    assert len(exact) == 52  # every conv; the classifier (float logits, QGemm) stays a float op
+    # every conv and the global pool; the classifier (float logits, QGemm) stays a float op
+    assert len(exact) == 53 and "exact_adaptive_avg_pool2d" in exact
     _, run = _ort(r, tmp_path, (1, 3, 224, 224))
     with torch.no_grad():
         sim = r.model(x)

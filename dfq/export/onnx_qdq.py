@@ -30,7 +30,7 @@ from torch import fx
 
 from dfq.deps import require
 from dfq.errors import DfqError
-from dfq.nn import ChannelMin
+from dfq.nn import ChannelMin, GlobalAvgPool
 from dfq.quant.modules import ActQuant, QuantizedLayer
 
 log = logging.getLogger("dfq")
@@ -138,8 +138,8 @@ def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
 
     model = copy.deepcopy(gm).eval()
     for m in model.modules():
-        if isinstance(m, QuantizedLayer):
-            m.requant = None  # the runtime does the integer arithmetic; export the plain conv
+        if isinstance(m, (QuantizedLayer, GlobalAvgPool)):
+            m.requant = None  # the runtime does the integer arithmetic; export the plain op
     _requantize_clips(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, ActQuant):

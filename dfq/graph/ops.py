@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dfq.nn import ChannelMin
+from dfq.nn import ChannelMin, GlobalAvgPool
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
@@ -29,6 +29,7 @@ PASS_MODULES = (
     nn.MaxPool2d,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
+    GlobalAvgPool,
     nn.ZeroPad2d,
     nn.Flatten,
     nn.Upsample,

@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.config import QuantConfig
 from dfq.errors import DfqError
 from dfq.graph.ops import activation_of, weighted_module
-from dfq.quant.activations import input_quantizer
+from dfq.nn import ChannelMin, GlobalAvgPool
+from dfq.quant.activations import input_quantizer, input_quantizer_node
 from dfq.quant.modules import ActQuant, QuantizedLayer, Requant
 from dfq.targets.base import Profile
 from dfq.targets.cpu import cpu_flags, is_x86, require_int8
@@ -68,6 +71,58 @@ def _output_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
     return aq if isinstance(aq, ActQuant) and aq.quantizing else None
 
 
+def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A mean over H and W that keeps them (1 x 1): the exporter's GlobalAveragePool."""
+    one = (1, (1, 1), [1, 1])
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return len(node.args) > 1 and node.args[1] in one
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in one
+    if (node.op, node.target) in (("call_method", "mean"), ("call_function", torch.mean)):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        return keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3]
+    return False
+
+
+def _exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
+    """Global average pools read from a quantizer (directly, or through the ChannelMin the
+    exporter re-quantizes) and quantized after: QLinearGlobalAveragePool, computed exactly."""
+    done = {}
+    for node in list(gm.graph.nodes):
+        if not _is_global_pool(gm, node):
+            continue
+        src, q = node.args[0], input_quantizer_node(gm, node)
+        if src is not q and not (
+            src.op == "call_module"
+            and isinstance(gm.get_submodule(src.target), ChannelMin)
+            and src.args[0] is q
+        ):
+            continue
+        in_q, out_q = input_quantizer(gm, node), _output_quantizer(gm, node)
+        if in_q is None or out_q is None:
+            continue
+        pool = GlobalAvgPool()
+        pool.requant = Requant(
+            in_q.scale.detach().clone(),
+            out_q.scale.detach().clone(),
+            int(out_q.zero_point),
+            out_q.grid.qmin,
+            out_q.grid.qmax,
+        )
+        name = f"exact_{node.name}"
+        gm.add_submodule(name, pool)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (src,))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done[name] = "integer-exact (as QLinearGlobalAveragePool)"
+    if done:
+        gm.recompile()
+    return done
+
+
 class OrtProfile(Profile):
     name = "ort"
     format = "onnx"
@@ -88,7 +143,8 @@ class OrtProfile(Profile):
 
     def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:
         """Every int8 conv with a quantized input and output (and an int32 bias) computes like
-        QLinearConv."""
+        QLinearConv, every global average pool between quantizers like
+        QLinearGlobalAveragePool."""
         done = {}
         for node in gm.graph.nodes:
             m = weighted_module(gm, node)
@@ -107,7 +163,7 @@ class OrtProfile(Profile):
                 out_q.grid.qmax,
             )
             done[node.target] = "integer-exact (as QLinearConv)"
-        return done
+        return {**done, **_exact_global_pools_(gm)}
 
     def describe(self, q: QuantConfig) -> dict:
         return {

@@ -1,0 +1,55 @@
+"""Weights below 8 bits deploy in int8 containers: onnxruntime and ncnn run a W4A8 / W6A8 model
+(round to nearest, or after reconstruction) and compute what its simulation computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfq import PipelineConfig, QuantConfig, quantize_model
+from dfq.config import ReconstructConfig
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("ncnn")
+pytest.importorskip("pnnx")
+
+from dfq.export.ncnn import export_ncnn  # noqa: E402
+from dfq.export.onnx_qdq import export_onnx  # noqa: E402
+from dfq.runners import NcnnRunner, OrtRunner  # noqa: E402
+
+SHAPE = (1, 3, 16, 16)
+
+
+def _runtime(target, model, tmp_path):
+    if target == "ort":
+        info = export_onnx(model, tmp_path / "m.onnx", SHAPE)
+        return OrtRunner(info.path, threads=1)
+    info = export_ncnn(model, tmp_path / "m", SHAPE)
+    return NcnnRunner(info.param, info.bin, threads=1)
+
+
+@pytest.mark.parametrize("target", ["ort", "ncnn"])
+@pytest.mark.parametrize("bits_weight, reconstruct", [(4, False), (6, False), (4, True)])
+def test_low_bit_weights_run_as_simulated(small_net, tmp_path, target, bits_weight, reconstruct):
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(16, 3, 16, 16, generator=g)]
+    config = PipelineConfig(
+        equalize=True,
+        correction=True,
+        reconstruct=reconstruct,
+        reconstruction=ReconstructConfig(iterations=20, batch_size=8),
+        quant=QuantConfig(target=target, bits_weight=bits_weight, per_channel=True),
+    )
+    r = quantize_model(small_net, config, calib_data=calib if reconstruct else None)
+    levels = 2 ** (bits_weight - 1) - 1
+    for name, layer in r.layers.items():
+        if "bits_weight" in layer:
+            assert layer["bits_weight"] == bits_weight, name
+    weights = [m for m in r.model.modules() if hasattr(m, "int_weight")]
+    assert weights and all(int(m.int_weight().abs().max()) <= levels for m in weights)
+    x = torch.randn(64, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        sim = r.model(x)
+    got = _runtime(target, r.model, tmp_path)(x)
+    assert (got.argmax(1) == sim.argmax(1)).all()
+    assert (got - sim).abs().max() <= 1e-5 * sim.abs().max()
