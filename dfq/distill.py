@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +30,19 @@ from dfq.distributed import gather_batches, mine, world
 from dfq.errors import DfqError
 
 _FORMAT = "dfq-distilled-v1"
+log = logging.getLogger("dfq")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """How much synthetic data to make and how hard to optimise it.
 
-    `iterations` is the cap per batch (0 returns the initialisation, a useful baseline);
+    `iterations` is the cap per batch (0 returns the initialisation, a useful baseline); it and
+    the early stop decide the images, so a seed gives the same images on any machine;
     `patience` is the plateau length after which the learning rate drops tenfold;
-    `seconds` is a wall-clock budget for all batches together (None: unlimited);
+    `seconds` is only a wall-clock cap for all batches together (None, the default: none);
+    a batch it cuts is named in `DistillResult.cut` and warned about, since its images then
+    depend on the machine's speed and load;
     `resolution` (H, W) None means the spatial size of the `input_shape` given to `distill`.
     """
 
@@ -99,6 +105,7 @@ class DistillResult:
     seconds: float
     bn_layers: int
     config: DistillConfig
+    cut: tuple[int, ...] = ()  # batches the `seconds` cap stopped before the steps or threshold
 
     @property
     def threshold(self) -> float:
@@ -153,8 +160,9 @@ def distill(
 
     Needs the BN-unfolded float model; layers without BN are simply not matched. The model is
     never modified (a frozen deepcopy is used); the images come back on the CPU. Deterministic
-    for a given seed unless the `seconds` budget cuts batches short; the budget is shared evenly
-    (unused time carries over) and checked after each step, so every batch gets at least one step.
+    for a given seed unless the `seconds` cap cuts batches short, which warns; the cap is shared
+    evenly (unused time carries over) and checked after each step, so every batch gets at least
+    one step.
     Under torchrun every process draws every batch's initial noise from the one seeded generator
     and optimises every N-th batch; the batches are gathered in order, so the images equal a
     single process's (with the same number of threads per process).
@@ -212,7 +220,7 @@ def distill(
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, patience=config.patience, min_lr=1e-4
             )
-            loss_value, steps = math.nan, 0
+            loss_value, steps, cut = math.nan, 0, False
             while steps < config.iterations:
                 terms.clear()
                 frozen(x)
@@ -225,26 +233,46 @@ def distill(
                 steps += 1
                 bar.update(1)
                 bar.set_postfix(batch=f"{b + 1}/{config.num_batches}", loss=f"{loss_value:.3g}")
-                if loss_value <= threshold or (
-                    deadline is not None and time.perf_counter() >= deadline
-                ):
+                converged = loss_value <= threshold
+                cut = not converged and deadline is not None and time.perf_counter() >= deadline
+                if converged or cut:
                     bar.total -= config.iterations - steps
                     bar.refresh()
                     break
-            records.append((x.detach().cpu(), loss_value, steps))
+            cut = cut and steps < config.iterations
+            records.append((x.detach().cpu(), loss_value, steps, b if cut else None))
     finally:
         bar.close()
         for h in handles:
             h.remove()
     records = gather_batches(records, owned if world()[1] > 1 else None)
-    return DistillResult(
-        data=torch.cat([x for x, _, _ in records]),
-        losses=tuple(loss for _, loss, _ in records),
-        iterations=tuple(steps for _, _, steps in records),
+    result = DistillResult(
+        data=torch.cat([r[0] for r in records]),
+        losses=tuple(r[1] for r in records),
+        iterations=tuple(r[2] for r in records),
         seconds=time.perf_counter() - start,
         bn_layers=len(bns),
         config=config,
+        cut=tuple(r[3] for r in records if r[3] is not None),
     )
+    if result.cut:
+        _warn_cut(result)
+    return result
+
+
+def _warn_cut(result: DistillResult) -> None:
+    """Say loudly that the time cap, not the steps, decided these images."""
+    c = result.config
+    steps = [result.iterations[b] for b in result.cut]
+    msg = (
+        f"--distill-seconds {c.seconds:g} cut {len(result.cut)} of {c.num_batches} distillation "
+        f"batches after {min(steps)}-{max(steps)} of {c.iterations} steps, above the early-stop "
+        f"loss {result.threshold:g} (final {max(result.losses[b] for b in result.cut):.4g}): "
+        "these images depend on this machine's speed and load. Raise --distill-seconds, drop "
+        "it, or lower --dis_iterations / --dis_resolution / --dis_batch_size"
+    )
+    warnings.warn(msg, stacklevel=3)
+    log.warning("WARNING: %s", msg)
 
 
 def save_distilled(path: str | Path, data: torch.Tensor, config: DistillConfig) -> None:

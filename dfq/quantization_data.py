@@ -85,5 +85,7 @@ def pipeline_data(
         "seconds": round(res.seconds, 2),
         "iterations": list(res.iterations),
         "final_losses": [round(v, 3) for v in res.losses],
+        "early_stop_loss": res.threshold,
+        "cut_by_time": list(res.cut),
         "config": res.config.to_dict(),
     }

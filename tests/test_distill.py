@@ -133,8 +133,19 @@ def test_shape_resolution_and_stopping():
     assert forced.data.shape == (16, 3, 12, 8)
     early = distill(net, _config(iterations=50, threshold_factor=1e9), SMALL, progress=False)
     assert early.iterations == (1, 1)
-    budget = distill(net, _config(iterations=10_000, seconds=1e-3), SMALL, progress=False)
-    assert budget.iterations == (1, 1)
+    assert early.cut == ()  # stopped by the loss, not by a clock
+
+
+def test_time_cap_cuts_loudly_and_steps_decide_otherwise():
+    net = _small_net()
+    with pytest.warns(UserWarning, match=r"--distill-seconds 0.001 cut 2 of 2 .* after 1-1 of"):
+        budget = distill(net, _config(iterations=10_000, seconds=1e-3), SMALL, progress=False)
+    assert budget.iterations == (1, 1) and budget.cut == (0, 1)
+    # a cap the steps never reach changes nothing: the images equal the uncapped ones
+    capped = distill(net, _config(iterations=5, seconds=3600.0), SMALL, progress=False)
+    free = distill(net, _config(iterations=5), SMALL, progress=False)
+    assert capped.cut == () and capped.iterations == (5, 5)
+    assert torch.equal(capped.data, free.data)
 
 
 def test_initialisation_spans_the_valid_input_range():

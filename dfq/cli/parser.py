@@ -175,7 +175,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--dis_iterations", type=int, default=500, help="maximum Adam steps per batch")
     d.add_argument(
-        "--distill-seconds", type=float, default=240.0, help="time budget for all batches"
+        "--distill-seconds",
+        type=float,
+        default=None,
+        help="a wall-clock cap for all batches (default none: the steps and the early stop "
+        "decide the images); warns when it cuts",
     )
     d.add_argument("--save", type=Path, default=None, help="save the distilled images here")
     d.add_argument(
