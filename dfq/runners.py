@@ -127,9 +127,11 @@ class NcnnRunner(torch.nn.Module):
         x = x.detach().cpu().float().contiguous().numpy()
         outs = []
         for img in x:
-            img = np.ascontiguousarray(img)  # ncnn.Mat wraps this memory: keep it alive
+            # a copy ncnn owns: an in-place first layer (Clip, ReLU) on a Mat that wraps numpy
+            # memory crashes ncnn's Python binding
+            mat = self._ncnn.Mat(np.ascontiguousarray(img)).clone()
             ex = self.net.create_extractor()
-            ex.input(self.input_name, self._ncnn.Mat(img))
+            ex.input(self.input_name, mat)
             ret, out = ex.extract(self.output_name)
             if ret != 0:
                 raise DfqError(f"ncnn extract failed ({ret}).")

@@ -87,8 +87,9 @@ def test_ort_profile_is_resolved_once_and_checked():
     q = resolve(QuantConfig(target="ort"))
     assert q.reduce_range in (True, False) and resolve(q) == q
     assert q.bits_weight == (7 if q.reduce_range else 8) and not q.activation_symmetric
-    with pytest.raises(DfqError):
-        resolve(QuantConfig(target="ort", bits_activation=4))
+    assert resolve(QuantConfig(target="ort", bits_activation=4)).bits_activation == 4  # in uint8
+    with pytest.raises(DfqError, match="W8A16"):
+        resolve(QuantConfig(target="ort", bits_activation=16))
     with pytest.raises(DfqError):
         resolve(QuantConfig(target="ort", weight_symmetric=False))
 

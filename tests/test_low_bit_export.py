@@ -1,5 +1,7 @@
-"""Weights below 8 bits deploy in int8 containers: onnxruntime and ncnn run a W4A8 / W6A8 model
-(round to nearest, or after reconstruction) and compute what its simulation computes."""
+"""Below 8 bits, models deploy in int8 containers: onnxruntime and ncnn run W4A8, W6A8, W6A6 and
+W4A4 models (round to nearest, or after reconstruction) and compute what the simulation computes.
+Activations below 8 bits are clipped to their levels (a uint8 Clip after QuantizeLinear, a float
+Clip before the ncnn int8 layer)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.config import ReconstructConfig
+from dfq.quant.modules import ActQuant
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ncnn")
@@ -29,8 +32,13 @@ def _runtime(target, model, tmp_path):
 
 
 @pytest.mark.parametrize("target", ["ort", "ncnn"])
-@pytest.mark.parametrize("bits_weight, reconstruct", [(4, False), (6, False), (4, True)])
-def test_low_bit_weights_run_as_simulated(small_net, tmp_path, target, bits_weight, reconstruct):
+@pytest.mark.parametrize(
+    "bits_weight, bits_activation, reconstruct",
+    [(4, 8, False), (6, 8, False), (4, 8, True), (6, 6, False), (4, 4, False), (4, 6, True)],
+)
+def test_low_bit_models_run_as_simulated(
+    small_net, tmp_path, target, bits_weight, bits_activation, reconstruct
+):
     g = torch.Generator().manual_seed(3)
     calib = [torch.randn(16, 3, 16, 16, generator=g)]
     config = PipelineConfig(
@@ -38,7 +46,12 @@ def test_low_bit_weights_run_as_simulated(small_net, tmp_path, target, bits_weig
         correction=True,
         reconstruct=reconstruct,
         reconstruction=ReconstructConfig(iterations=20, batch_size=8),
-        quant=QuantConfig(target=target, bits_weight=bits_weight, per_channel=True),
+        quant=QuantConfig(
+            target=target,
+            bits_weight=bits_weight,
+            bits_activation=bits_activation,
+            per_channel=True,
+        ),
     )
     r = quantize_model(small_net, config, calib_data=calib if reconstruct else None)
     levels = 2 ** (bits_weight - 1) - 1
@@ -47,6 +60,8 @@ def test_low_bit_weights_run_as_simulated(small_net, tmp_path, target, bits_weig
             assert layer["bits_weight"] == bits_weight, name
     weights = [m for m in r.model.modules() if hasattr(m, "int_weight")]
     assert weights and all(int(m.int_weight().abs().max()) <= levels for m in weights)
+    acts = [m for m in r.model.modules() if isinstance(m, ActQuant) and m.quantizing]
+    assert acts and all(m.grid.bits == bits_activation for m in acts)
     x = torch.randn(64, 3, 16, 16, generator=g)
     with torch.no_grad():
         sim = r.model(x)

@@ -183,13 +183,22 @@ def _read_weights(layers: list[NcnnLayer], data: bytes):
     return out, constants
 
 
+def _container_clip(aq: ActQuant) -> nn.Hardtanh | None:
+    """Below 8 bits, the int8 layer's own clamp(round(x * scale), -127, 127) is too wide: a float
+    Clip to the grid's levels before it (ncnn Clip) makes it land on them."""
+    if not aq.quantizing or aq.grid.bits == 8:
+        return None
+    s = float(aq.scale)
+    return nn.Hardtanh(aq.grid.qmin * s, aq.grid.qmax * s)
+
+
 def float_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """Plain nn.Conv2d/nn.Linear with the dequantized weights, quantizers removed (for pnnx)."""
     model = copy.deepcopy(gm).eval()
     for name, m in list(model.named_modules()):
         new = None
         if isinstance(m, ActQuant):
-            new = nn.Identity()
+            new = _container_clip(m) or nn.Identity()
         elif isinstance(m, QuantizedLayer):
             new = (
                 nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
@@ -336,7 +345,7 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
         if (
             isinstance(m, ActQuant)
             and m.quantizing
-            and not (m.reciprocal and m.grid.symmetric and m.grid.bits == 8)
+            and not (m.reciprocal and m.grid.symmetric and m.grid.bits <= 8)
         ):
             raise DfqError(
                 "the model was not quantized with the ncnn profile.", "quantize with --target ncnn"

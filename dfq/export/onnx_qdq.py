@@ -53,7 +53,7 @@ def _check_exportable(gm: fx.GraphModule) -> None:
                 not m.quantizing
             ):  # no range: the simulation keeps this tensor in float, so does the export
                 continue
-            if m.grid.bits != 8 or m.grid.symmetric or m.reciprocal:
+            if m.grid.bits > 8 or m.grid.symmetric or m.reciprocal:
                 raise DfqError(
                     f"{name} is on a {m.grid} grid: ONNX QDQ export writes uint8 activations.",
                     "use --target ort (or the default asymmetric 8-bit activations)",
@@ -113,6 +113,8 @@ class _QDQ(torch.nn.Module):
         q = torch.ops.quantized_decomposed.quantize_per_tensor(
             x, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8
         )
+        if (self.qmin, self.qmax) != (0, 255):  # fewer bits: a uint8 Clip to the grid's levels
+            q = torch.clamp(q, self.qmin, self.qmax)
         return torch.ops.quantized_decomposed.dequantize_per_tensor(
             q, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8
         )
@@ -298,6 +300,15 @@ def _drop_redundant_clips(proto, info: OnnxExport) -> None:
             return numpy_helper.to_array(p.attribute[0].t)
         return None
 
+    def _top(q) -> int:
+        """The top of q's grid: 255, or the bound of the uint8 Clip below 8 bits."""
+        after = consumers.get(q.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Clip" and len(after[0].input) > 2:
+            bound = value(after[0].input[2])
+            if bound is not None and bound.dtype == np.uint8:
+                return int(bound)
+        return 255
+
     for node in list(proto.graph.node):
         if node.op_type not in ("Relu", "Clip"):
             continue
@@ -329,7 +340,7 @@ def _drop_redundant_clips(proto, info: OnnxExport) -> None:
         # exact iff values below lo all land on q(lo) = qmin and the top of the grid is <= q(hi)
         if lo != 0.0 or z != 0:
             continue
-        if hi != float("inf") and np.round(np.float32(hi) / np.float32(s)) + z < 255:
+        if hi != float("inf") and np.round(np.float32(hi) / np.float32(s)) + z < _top(q):
             continue
         q.input[0] = node.input[0]
         proto.graph.node.remove(node)
