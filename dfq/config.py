@@ -96,6 +96,7 @@ class EqualizeConfig:
     residual_regions: bool = (
         False  # also equalize around adds, concatenations and fan-outs (regions)
     )
+    search: bool = False  # choose each pair's scale power on data (transforms.equalize_search)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ class PipelineConfig:
             or self.distill_range
             or self.correction == "data"
             or (self.reconstruct and self.quantize)
+            or (self.equalize and self.equalization.search)
         )
 
     @property

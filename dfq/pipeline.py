@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -42,6 +43,7 @@ from dfq.transforms.bias_correct import correct_bias, correct_bias_empirical_
 from dfq.transforms.bn_fold import fold_batchnorm
 from dfq.transforms.clip import clip_weights
 from dfq.transforms.equalize import equalize
+from dfq.transforms.equalize_search import search_scales_
 from dfq.transforms.relu6 import replace_relu6
 
 
@@ -96,8 +98,17 @@ class _Steps:
         return out
 
 
-def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transformed:
-    """The float part: everything up to (not including) quantization."""
+SEARCH_IMAGES = 64  # images the equalization search measures each pair's error on
+
+
+def prepare(
+    model: nn.Module,
+    config: PipelineConfig,
+    steps: _Steps,
+    data: list[torch.Tensor] | None = None,
+) -> Transformed:
+    """The float part: everything up to (not including) quantization. `data` (input batches)
+    lets equalization choose its scales on data when config.equalization.search is set."""
     with steps.timed("trace"):
         gm = trace(model, config.input_size)
         check_finite(gm)
@@ -115,7 +126,11 @@ def prepare(model: nn.Module, config: PipelineConfig, steps: _Steps) -> Transfor
     if config.relu:
         t = steps.run("relu6", replace_relu6, t.gm, t.stats)
     if config.equalize:
-        t = steps.run("equalize", equalize, t.gm, t.stats, config.equalization)
+        search = None
+        if config.equalization.search and data is not None:
+            images = torch.cat([x.detach().cpu().float() for x in data])[:SEARCH_IMAGES]
+            search = functools.partial(search_scales_, data=[images], quant=config.quant)
+        t = steps.run("equalize", equalize, t.gm, t.stats, config.equalization, search)
     if config.absorb:
         t = steps.run("absorb_bias", absorb_high_bias, t.gm, t.stats, config.absorb_std)
     if config.clip_weight:
@@ -183,6 +198,7 @@ def quantize_model(
             "this config uses data (calib / distill_range / correction='data' / reconstruct): "
             "pass calib_data"
         )
+    calib_data = list(calib_data) if calib_data is not None else None  # read more than once
     profile = targets.profile(config.quant.target)
     # the runtime profile becomes concrete grids; result.config records them
     config = dataclasses.replace(config, quant=profile.resolve(config.quant))
@@ -191,7 +207,8 @@ def quantize_model(
     t_start = time.perf_counter()
     n_threads = torch.get_num_threads()
     with single_threaded():
-        prepared = prepare(model, config, steps)
+        # a restored result carries the searched scales in its state: no data then
+        prepared = prepare(model, config, steps, None if restore is not None else calib_data)
         result = QuantizationResult(
             prepared.gm, prepared.gm, prepared.stats, config, steps.layers, {}, steps.timings
         )

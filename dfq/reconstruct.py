@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from dfq.config import ReconstructConfig
 from dfq.errors import DfqError
+from dfq.graph.subgraph import subgraph
 from dfq.quant.activations import input_quantizer, snap_clips_to_grid_
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.quant.primitives import dequantize
@@ -124,27 +125,6 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
     return blocks
 
 
-def _subgraph(
-    gm: fx.GraphModule, nodes: list[fx.Node], inp: fx.Node, out: fx.Node
-) -> fx.GraphModule:
-    """A GraphModule computing `out` from `inp` through `nodes` (sharing gm's modules)."""
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {inp: g.placeholder("x")}
-
-    def arg(a: fx.Node) -> fx.Node:
-        if a not in env:
-            if a.op != "get_attr":
-                raise DfqError(f"reconstruction block reads {a.name} from outside the block.")
-            env[a] = g.node_copy(a, arg)
-        return env[a]
-
-    for n in nodes:
-        if n is not inp and n.op != "placeholder":
-            env[n] = g.node_copy(n, arg)
-    g.output(env[out])
-    return fx.GraphModule(gm, g)
-
-
 def _float_block(gm_q: fx.GraphModule, gm_f: fx.GraphModule, block: Block) -> fx.GraphModule:
     """The FP32 model's counterpart of a quantized block: the same nodes without quantizers."""
     by_name = {n.name: n for n in gm_f.graph.nodes}
@@ -155,21 +135,12 @@ def _float_block(gm_q: fx.GraphModule, gm_f: fx.GraphModule, block: Block) -> fx
         return by_name[n.name]
 
     nodes = [by_name[n.name] for n in block.nodes if not _is(gm_q, n, ActQuant)]
-    return _subgraph(gm_f, nodes, counterpart(block.input), counterpart(block.output))
+    return subgraph(gm_f, nodes, counterpart(block.input), counterpart(block.output))
 
 
 def _run(module: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([module(c) for c in x.split(_CHUNK)])
-
-
-def _mse(module: fx.GraphModule, x: torch.Tensor, target: torch.Tensor) -> float:
-    with torch.no_grad():
-        total = sum(
-            float((module(c) - t).double().pow(2).sum())
-            for c, t in zip(x.split(_CHUNK), target.split(_CHUNK))
-        )
-    return total / target.numel()
 
 
 ALPHAS = torch.linspace(0.3, 1.0, 15).tolist()  # scale multipliers searched for weights
@@ -424,7 +395,7 @@ def reconstruct(
     cut_blocks = []
     for bi, block in enumerate(blocks):
         t_block = time.perf_counter()
-        q_block = _subgraph(gm_q, block.nodes, block.input, block.output)
+        q_block = subgraph(gm_q, block.nodes, block.input, block.output)
         target = _run(_float_block(gm_q, gm_f, block), x_f)
         state = _BlockState(gm_q, gm_f, block, config, int32_bias)
         before = _mse(q_block, state.overrides(hard=True), x_q, target)

@@ -79,7 +79,9 @@ def pipeline_config(
         equalize=args.equalize,
         absorption=args.absorption,
         equalization=EqualizeConfig(
-            activation_aware=args.equalize_activations, residual_regions=args.equalize_residuals
+            activation_aware=args.equalize_activations,
+            residual_regions=args.equalize_residuals,
+            search=args.equalize_search,
         ),
         correction=args.correction,
         clip_weight=args.clip_weight,

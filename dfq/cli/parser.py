@@ -41,6 +41,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "read by several layers (shared scales per region)",
     )
     g.add_argument(
+        "--equalize-search",
+        action="store_true",
+        help="choose each pair's equalization scale on the (distilled or --true_data) images: "
+        "the power t of the closed-form scale (0 = none, 1 = closed form) whose quantized pair "
+        "output is closest to the float one",
+    )
+    g.add_argument(
         "--absorption",
         action=argparse.BooleanOptionalAction,
         default=None,

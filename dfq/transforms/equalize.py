@@ -19,6 +19,7 @@ the inverse (see dfq.graph.regions).
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -168,9 +169,14 @@ def _with_split_clips(gm: fx.GraphModule, regions: bool) -> tuple[list[Pair], di
 
 
 def equalize(
-    gm: fx.GraphModule, stats: Stats, config: EqualizeConfig = EqualizeConfig()
+    gm: fx.GraphModule,
+    stats: Stats,
+    config: EqualizeConfig = EqualizeConfig(),
+    search: Callable[..., dict[str, dict]] | None = None,
 ) -> Transformed:
-    """Equalize every pair of `gm` (a copy) until the scales converge."""
+    """Equalize every pair of `gm` (a copy) until the scales converge. `search` (e.g.
+    dfq.transforms.equalize_search.search_scales_ bound to data) may then move each pair's
+    scale away from the closed form: search(gm, pairs, total_scales, clips, stats) -> info."""
     gm = copy.deepcopy(gm)
     pairs, skipped = _with_split_clips(gm, config.residual_regions)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -209,7 +215,10 @@ def equalize(
             worst = max(worst, float(s.log().abs().max()))
         if worst < config.threshold:
             break
+    searched = search(gm, pairs, total, clips, new_stats) if search is not None else {}
     info = _report(gm, pairs, skipped, before, total, sweeps)
+    for name, found in searched.items():
+        info[name].update(found)
     for i, (r, r1) in enumerate(zip(regions, region_before)):
         after = _region_ranges(gm, r)[0]
         for name, _ in r.producers:
