@@ -44,6 +44,10 @@ class DistillConfig:
     a batch it cuts is named in `DistillResult.cut` and warned about, since its images then
     depend on the machine's speed and load;
     `resolution` (H, W) None means the spatial size of the `input_shape` given to `distill`.
+    `label_loss` > 0 (classifiers only) adds that weight times the cross-entropy of the output
+    against a label drawn per image (class-conditioned images, as in GDFQ and Genie), and
+    `jitter` rolls the batch by a seeded random offset each step (DeepInversion's jitter), so
+    the images are more diverse and more like the classes than BN matching alone makes them.
     """
 
     batch_size: int = 64
@@ -57,6 +61,8 @@ class DistillConfig:
     seed: int = 0
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    label_loss: float = 0.0  # weight of a cross-entropy towards a seeded label per image
+    jitter: int = 0  # each step sees the images rolled by up to this many pixels (x and y)
 
     def __post_init__(self):
         for name in ("batch_size", "num_batches"):
@@ -68,6 +74,8 @@ class DistillConfig:
             raise DfqError(f"DistillConfig.lr must be > 0, got {self.lr}.")
         if self.seconds is not None and not self.seconds > 0:
             raise DfqError(f"DistillConfig.seconds must be > 0 or None, got {self.seconds}.")
+        if self.label_loss < 0 or self.jitter < 0:
+            raise DfqError("DistillConfig.label_loss and .jitter must be >= 0.")
         if self.resolution is not None and (len(self.resolution) != 2 or min(self.resolution) < 1):
             raise DfqError(f"DistillConfig.resolution must be (H, W), got {self.resolution}.")
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
@@ -121,6 +129,18 @@ def _stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     mu = flat.mean(dim=2)
     sigma = torch.sqrt(flat.var(dim=2, correction=0) + 1e-6)
     return ((mu - mean).square().sum() + (sigma - std).square().sum()) / x.shape[0]
+
+
+def _label_loss(out, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier's (N, classes) output against `labels` (modulo classes)."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise DfqError(
+            "DistillConfig.label_loss needs a classifier with one (N, classes) output; this "
+            f"model returns {type(out).__name__}"
+            + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""),
+            "set label_loss to 0 (--dis_label_loss 0) for this model",
+        )
+    return nn.functional.cross_entropy(out, labels.to(out.device) % out.shape[1])
 
 
 def _initial_batch(
@@ -213,6 +233,13 @@ def distill(
             x = _initial_batch(
                 shape, mean.cpu(), std.cpu(), gen
             )  # drawn by every process: same seeds
+            # drawn only when used, so the default images stay what they were
+            if config.label_loss:
+                labels = torch.randint(0, 1 << 30, (config.batch_size,), generator=gen)
+            if config.jitter:
+                shifts = torch.randint(
+                    -config.jitter, config.jitter + 1, (config.iterations, 2), generator=gen
+                )
             if b not in owned:
                 continue
             x = x.to(device, dtype).requires_grad_(True)
@@ -223,8 +250,14 @@ def distill(
             loss_value, steps, cut = math.nan, 0, False
             while steps < config.iterations:
                 terms.clear()
-                frozen(x)
+                seen = x
+                if config.jitter:
+                    dy, dx = shifts[steps].tolist()
+                    seen = torch.roll(x, (dy, dx), dims=(2, 3))
+                out = frozen(seen)
                 loss = sum(terms) + _stat_loss(x, zeros, ones)
+                if config.label_loss:
+                    loss = loss + config.label_loss * _label_loss(out, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -234,3 +234,17 @@ def test_distilled_ranges_cover_real_ranges_resnet20_cifar():
     noise_ratio = _bn_output_max(model, noise) / real_max
     assert ratio.min() >= 0.4 and ratio.max() <= 2.5, ratio
     assert ratio.log().abs().mean() <= 0.75 * noise_ratio.log().abs().mean(), (ratio, noise_ratio)
+
+
+def test_label_loss_and_jitter_are_seeded_and_change_the_images():
+    net = _small_net()  # a classifier: (N, classes) logits
+    plain = distill(net, _config(iterations=5), SMALL, progress=False)
+    both = [
+        distill(net, _config(iterations=5, label_loss=1.0, jitter=2), SMALL, progress=False)
+        for _ in range(2)
+    ]
+    assert torch.equal(both[0].data, both[1].data)
+    assert not torch.equal(both[0].data, plain.data)
+    with pytest.raises(DfqError, match="label_loss needs a classifier"):
+        feature_map = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        distill(feature_map, _config(iterations=2, label_loss=1.0), SMALL, progress=False)

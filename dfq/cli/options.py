@@ -129,6 +129,8 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
         resolution=res,
         iterations=args.dis_iterations,
         seconds=args.distill_seconds,
+        label_loss=args.dis_label_loss,
+        jitter=args.dis_jitter,
         seed=args.seed,
         mean=config.input_mean,
         std=config.input_std,

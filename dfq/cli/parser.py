@@ -182,6 +182,18 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--dis_iterations", type=int, default=500, help="maximum Adam steps per batch")
     d.add_argument(
+        "--dis_label_loss",
+        type=float,
+        default=0.0,
+        help="weight of a cross-entropy towards a seeded label per image (classifiers)",
+    )
+    d.add_argument(
+        "--dis_jitter",
+        type=int,
+        default=0,
+        help="roll the images by a seeded random offset of up to this many pixels each step",
+    )
+    d.add_argument(
         "--distill-seconds",
         type=float,
         default=None,
