@@ -156,8 +156,8 @@ FLOAT32_EXACT = 2**24  # every integer of magnitude up to this is a float32
 
 
 def exact_integer_op(op, xi: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
-    """`op(xi, wi)` (a convolution or matrix product) of integer-valued tensors, exactly, in
-    float64.
+    """`op(xi, wi)` (a convolution or matrix product) of integer-valued tensors, exactly: in
+    float32 when every value fits (|v| < 2^24), else in float64.
 
     On the CPU it runs in float32 where that is exact: if every |partial sum| stays below 2^24
     (bounded by max|x| times the largest per-output-channel sum of |w|), each float32 addition is
@@ -168,10 +168,14 @@ def exact_integer_op(op, xi: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
     if xi.device.type != "cpu":
         return op(xi.double(), wi.double())
     wsum = float(wi.abs().flatten(1).sum(1).max()) if wi.numel() else 0.0
-    xmax = float(xi.abs().max()) if xi.numel() else 0.0
+    if xi.numel():
+        lo_x, hi_x = torch.aminmax(xi)
+        xmax = max(-float(lo_x), float(hi_x))
+    else:
+        xmax = 0.0
     with torch.backends.nnpack.flags(enabled=False):  # NNPACK's Winograd/FFT would not be exact
         if xmax * wsum < FLOAT32_EXACT:
-            return op(xi.float(), wi.float()).double()
+            return op(xi.float(), wi.float())
         k = int(math.floor(math.log2(FLOAT32_EXACT / wsum))) if wsum >= 1 else 24
         step = 2.0**k
         if k >= 1 and (math.floor(xmax / step) + 1) * wsum < FLOAT32_EXACT:
@@ -194,8 +198,8 @@ def _integer_forward(layer, x: torch.Tensor, op) -> torch.Tensor | None:
     acc = exact_integer_op(op, xi, layer.int_weight().float())
     shape = (1, -1) + (1,) * (acc.dim() - 2)
     if r is not None:
-        if layer.bias is not None:
-            acc = acc + layer.int_bias().double().reshape(shape)
+        if layer.bias is not None:  # int32 sum: exact in float64
+            acc = acc.double() + layer.int_bias().double().reshape(shape)
         m = (
             r.in_scale.float() * layer.weight_scale.float()
         ) / r.out_scale.float()  # float32, as the runtime
@@ -205,7 +209,7 @@ def _integer_forward(layer, x: torch.Tensor, op) -> torch.Tensor | None:
     m = d.multiplier.to(acc.device).reshape(shape)
     bias = layer.bias.detach().float().reshape(shape) if layer.bias is not None else torch.zeros(())
     if d.fused:  # acc * m exact in float64 (< 53 bits), one rounding to float32 after the add
-        y = (acc.float().double() * m.double() + bias.double()).float()
+        y = torch.addcmul(bias.double(), acc.double(), m.double()).float()
     else:
         y = acc.float() * m + bias
     return y.to(x.dtype)
