@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import shared
+from conftest import resnet20_args, shared
 
 from dfq import PipelineConfig
 from dfq.cli import main
@@ -21,10 +21,7 @@ def test_cls_resnet20_cifar_end_to_end(tmp_path, capsys):
     code, out, _ = _run(
         capsys,
         "cls",
-        "--arch",
-        "cifar_resnet20",
-        "--weights",
-        str(shared("cifar10_resnet20-12fca82f.th")),
+        *resnet20_args(),
         "--data",
         str(shared("cifar10_foolbox20.npz")),
         "--quantize",
@@ -49,10 +46,7 @@ def test_cls_ablation_prints_the_table(tmp_path, capsys):
     code, out, _ = _run(
         capsys,
         "cls",
-        "--arch",
-        "cifar_resnet20",
-        "--weights",
-        str(shared("cifar10_resnet20-12fca82f.th")),
+        *resnet20_args(),
         "--data",
         str(shared("cifar10_foolbox20.npz")),
         "--ablation",
@@ -164,10 +158,7 @@ def test_plot_writes_the_worst_layers_ranges(tmp_path, capsys):
     code, out, _ = _run(
         capsys,
         "cls",
-        "--arch",
-        "cifar_resnet20",
-        "--weights",
-        str(shared("cifar10_resnet20-12fca82f.th")),
+        *resnet20_args(),
         "--data",
         str(shared("cifar10_foolbox20.npz")),
         "--quantize",

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import SmallNet, randomize_bn, shared
+from conftest import SmallNet, randomize_bn, resnet20_args, shared
 
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.cli import main
@@ -85,10 +85,7 @@ def _cli(capsys, *extra):
     code = main(
         [
             "cls",
-            "--arch",
-            "cifar_resnet20",
-            "--weights",
-            str(shared("cifar10_resnet20-12fca82f.th")),
+            *resnet20_args(),
             "--data",
             str(shared("cifar10_foolbox20.npz")),
             "--quantize",

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import CatNet, SmallNet, randomize_bn, shared
+from conftest import CatNet, SmallNet, randomize_bn, resnet20_args, shared
 
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.cli import main
@@ -173,10 +173,7 @@ def test_cli_reconstruct_reports_blocks(tmp_path, capsys):
     code = main(
         [
             "cls",
-            "--arch",
-            "cifar_resnet20",
-            "--weights",
-            str(shared("cifar10_resnet20-12fca82f.th")),
+            *resnet20_args(),
             "--data",
             str(shared("cifar10_foolbox20.npz")),
             "--quantize",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import SmallNet, randomize_bn, shared
+from conftest import SmallNet, randomize_bn, resnet20_args, shared
 
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.cli import main
@@ -47,10 +47,7 @@ def test_restored_model_equals_the_saved_one(tmp_path):
 def test_cli_save_then_load_gives_the_same_predictions(tmp_path, capsys):
     common = [
         "cls",
-        "--arch",
-        "cifar_resnet20",
-        "--weights",
-        str(shared("cifar10_resnet20-12fca82f.th")),
+        *resnet20_args(),
         "--data",
         str(shared("cifar10_foolbox20.npz")),
         "--limit",
