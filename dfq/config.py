@@ -15,6 +15,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Distilled images carry a few far-out synthetic pixels, so their ranges use a percentile:
 # MobileNetV2, 96.2 % agreement with FP32 against 94.8 % for min/max. Real images use min/max.
 DISTILLED_PERCENTILE = 99.99
+DISTILL_SIDE = 112  # CLI distillation: images at most this side (ranges measured best)
 AUTO = "auto"
 # The paper's constants, one place each
 RANGE_STD = 6.0  # BN-derived ranges: mean +- 6 std

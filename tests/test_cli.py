@@ -192,6 +192,22 @@ def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
     assert PipelineConfig(calib=64).range_percentile is None
 
 
+def test_distillation_defaults_are_64_images_at_most_112_pixels():
+    from dfq.cli.options import data_spec, pipeline_config
+    from dfq.cli.parser import build_parser
+
+    def spec(arch, *extra):
+        argv = ["cls", "--arch", arch, "--data", "d", "--quantize", "--distill_range", *extra]
+        args = build_parser().parse_args(argv)
+        return data_spec(args, pipeline_config(args)).distill
+
+    imagenet = spec("mobilenet_v2")
+    assert imagenet.resolution == (112, 112) and imagenet.batch_size * imagenet.num_batches == 64
+    assert imagenet.seconds is None  # the steps decide, no clock
+    assert spec("cifar_resnet20").resolution is None  # 32 px: the input's own size
+    assert spec("mobilenet_v2", "--dis_resolution", "224").resolution == (224, 224)
+
+
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):
     """`dfq export` quantizes through dfq.quantization_data.pipeline_data: distilled ranges work
     without --data, and real ones without --data are a one-line error."""

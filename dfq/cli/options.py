@@ -8,7 +8,13 @@ import dataclasses
 
 import torch
 
-from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructConfig
+from dfq.config import (
+    DISTILL_SIDE,
+    EqualizeConfig,
+    PipelineConfig,
+    QuantConfig,
+    ReconstructConfig,
+)
 from dfq.distill import DistillConfig
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, input_config
@@ -123,6 +129,9 @@ def input_size(args: argparse.Namespace, inputs: InputConfig) -> tuple[int, int,
 def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
     """--dis_* / --save / --load as a DataSpec (distillation runs only if the config needs data)."""
     res = (args.dis_resolution,) * 2 if args.dis_resolution else None
+    hw = tuple(config.input_size[1:]) if config.input_size else ()
+    if res is None and hw and max(hw) > DISTILL_SIDE:  # the input's shape, scaled down
+        res = tuple(max(1, round(v * DISTILL_SIDE / max(hw))) for v in hw)
     dcfg = DistillConfig(
         batch_size=args.dis_batch_size,
         num_batches=args.dis_num_batch,
