@@ -7,7 +7,8 @@ per-channel grids or where the error actually lands. Here each pair's closed-for
 closed form -- and the t whose quantized pair (both weights on their grids, the activation
 between on a per-tensor grid of its range on the data) reproduces the float pair's output on
 the data with the least squared error is kept. Pairs are visited in graph order, each on the
-inputs the (already searched) model gives it. The float function never changes.
+inputs the (already searched) model gives it. The float function never changes. The grids are
+the config's (`--layer_bits` overrides are not seen by the search).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from dfq.config import QuantConfig
+from dfq.errors import DfqError
 from dfq.graph.layers import Pair
 from dfq.graph.subgraph import subgraph
 from dfq.quant.primitives import fake_quantize, qparams
@@ -56,9 +58,10 @@ def _path(gm: fx.GraphModule, pair: Pair) -> list[fx.Node]:
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     cur, path = nodes[pair.first], [nodes[pair.first]]
     while cur is not nodes[pair.second]:
-        (cur,) = [u for u in cur.users if u.op != "output"][:1] or [None]
-        if cur is None:
-            raise RuntimeError(f"no path from {pair.first} to {pair.second}")
+        users = [u for u in cur.users if u.op != "output"]
+        if not users:
+            raise DfqError(f"equalization search: no path from {pair.first} to {pair.second}.")
+        cur = users[0]
         path.append(cur)
     return path
 
