@@ -102,7 +102,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class DistillResult:
-    """The distilled images and what it took: per-batch final loss and iteration count.
+    """The distilled images and what it took: per-batch final BN-matching loss and step count.
 
     `config` has `resolution` filled in, so saving it records exactly what was made.
     """
@@ -255,14 +255,17 @@ def distill(
                     dy, dx = shifts[steps].tolist()
                     seen = torch.roll(x, (dy, dx), dims=(2, 3))
                 out = frozen(seen)
-                loss = sum(terms) + _stat_loss(x, zeros, ones)
+                bn_loss = sum(terms) + _stat_loss(x, zeros, ones)
+                loss = bn_loss
                 if config.label_loss:
                     loss = loss + config.label_loss * _label_loss(out, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_value = loss.item()
-                sched.step(loss_value)
+                # the early stop (and `losses`) judge the BN-statistics match alone: the label
+                # term would otherwise keep a 1000-class model from ever stopping
+                loss_value = bn_loss.item()
+                sched.step(loss.item())
                 steps += 1
                 bar.update(1)
                 bar.set_postfix(batch=f"{b + 1}/{config.num_batches}", loss=f"{loss_value:.3g}")
