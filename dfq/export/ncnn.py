@@ -40,7 +40,7 @@ from torch import fx, nn
 from dfq.deps import require
 from dfq.errors import DfqError
 from dfq.graph.ops import weighted_module
-from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.quant.modules import ActQuant, QuantizedLayer, layer_like
 from dfq.targets.ncnn import INT8_TAG, ncnn_weight_scales
 
 WEIGHTED = {"Convolution", "ConvolutionDepthWise", "InnerProduct"}
@@ -200,21 +200,7 @@ def float_copy(gm: fx.GraphModule) -> fx.GraphModule:
         if isinstance(m, ActQuant):
             new = _container_clip(m) or nn.Identity()
         elif isinstance(m, QuantizedLayer):
-            new = (
-                nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-                if isinstance(m, nn.Linear)
-                else nn.Conv2d(
-                    m.in_channels,
-                    m.out_channels,
-                    m.kernel_size,
-                    m.stride,
-                    m.padding,
-                    m.dilation,
-                    m.groups,
-                    bias=m.bias is not None,
-                    padding_mode=m.padding_mode,
-                )
-            )
+            new = layer_like(m)  # plain nn.Conv2d / nn.Linear
             new.load_state_dict(
                 {k: v for k, v in m.state_dict().items() if k in ("weight", "bias")}
             )

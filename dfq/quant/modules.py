@@ -239,22 +239,26 @@ class QuantizedLinear(QuantizedLayer, nn.Linear):
         return super().forward(x) if y is None else y
 
 
+def layer_like(m: nn.Module, linear=nn.Linear, conv=nn.Conv2d) -> nn.Module:
+    """A new (freshly initialised) `linear` or `conv` layer with m's configuration."""
+    if isinstance(m, nn.Linear):
+        return linear(m.in_features, m.out_features, bias=m.bias is not None)
+    return conv(
+        m.in_channels,
+        m.out_channels,
+        m.kernel_size,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
+    )
+
+
 def quantized_copy(m: nn.Module) -> nn.Module:
     """A Quantized* layer with m's configuration and (copied) float parameters."""
-    if isinstance(m, nn.Linear):
-        q = QuantizedLinear(m.in_features, m.out_features, bias=m.bias is not None)
-    else:
-        q = QuantizedConv2d(
-            m.in_channels,
-            m.out_channels,
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.dilation,
-            m.groups,
-            bias=m.bias is not None,
-            padding_mode=m.padding_mode,
-        )
+    q = layer_like(m, QuantizedLinear, QuantizedConv2d)
     q = q.to(dtype=m.weight.dtype, device=m.weight.device)
     q.load_state_dict(m.state_dict())
     q.requires_grad_(False)

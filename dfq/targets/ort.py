@@ -71,6 +71,17 @@ def _output_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
     return aq if isinstance(aq, ActQuant) and aq.quantizing else None
 
 
+def _requant(in_q: ActQuant, out_q: ActQuant) -> Requant:
+    """What an onnxruntime QLinear op needs to requantize: the input and output grids."""
+    return Requant(
+        in_q.scale.detach().clone(),
+        out_q.scale.detach().clone(),
+        int(out_q.zero_point),
+        out_q.grid.qmin,
+        out_q.grid.qmax,
+    )
+
+
 def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A mean over H and W that keeps them (1 x 1): the exporter's GlobalAveragePool."""
     one = (1, (1, 1), [1, 1])
@@ -104,13 +115,7 @@ def _exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
         if in_q is None or out_q is None:
             continue
         pool = GlobalAvgPool()
-        pool.requant = Requant(
-            in_q.scale.detach().clone(),
-            out_q.scale.detach().clone(),
-            int(out_q.zero_point),
-            out_q.grid.qmin,
-            out_q.grid.qmax,
-        )
+        pool.requant = _requant(in_q, out_q)
         name = f"exact_{node.name}"
         gm.add_submodule(name, pool)
         with gm.graph.inserting_after(node):
@@ -155,13 +160,7 @@ class OrtProfile(Profile):
             in_q, out_q = input_quantizer(gm, node), _output_quantizer(gm, node)
             if in_q is None or out_q is None:
                 continue
-            m.requant = Requant(
-                in_q.scale.detach().clone(),
-                out_q.scale.detach().clone(),
-                int(out_q.zero_point),
-                out_q.grid.qmin,
-                out_q.grid.qmax,
-            )
+            m.requant = _requant(in_q, out_q)
             done[node.target] = "integer-exact (as QLinearConv)"
         return {**done, **_exact_global_pools_(gm)}
 
