@@ -118,6 +118,11 @@ def main() -> None:
             iterations=cap,
             resolution=(res, res),
             seconds=args.seconds,
+            # the ZeroQ-style settings this table measured (per-image statistics of pixels,
+            # stopped at 5 x (BN layers + 1)); the defaults since are benchmarks/reconstruct.md's
+            stats="image",
+            param="pixels",
+            threshold_factor=5.0,
         )
         r = distill(model, cfg, progress=False)
         dist = bn_output_max(model, r.data)

@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.distill import DistillConfig, distill, load_distilled, save_distilled
+from dfq.distill import (
+    DistillConfig,
+    _batch_stat_loss,
+    _Spectrum,
+    distill,
+    load_distilled,
+    save_distilled,
+)
 from dfq.errors import DfqError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -59,7 +66,6 @@ def _config(**kw) -> DistillConfig:
         batch_size=8,
         num_batches=2,
         iterations=60,
-        lr=0.1,
         threshold_factor=0.0,
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
@@ -148,10 +154,58 @@ def test_time_cap_cuts_loudly_and_steps_decide_otherwise():
     assert torch.equal(capped.data, free.data)
 
 
-def test_initialisation_spans_the_valid_input_range():
-    data = distill(_small_net(), _config(iterations=0), SMALL, progress=False).data
+def test_pixel_initialisation_spans_the_valid_input_range():
+    cfg = _config(iterations=0, param="pixels")
+    data = distill(_small_net(), cfg, SMALL, progress=False).data
     assert data.min() == pytest.approx(-2.0) and data.max() == pytest.approx(2.0)
     assert data.unique().numel() > 200
+
+
+def test_spectrum_is_an_exact_reparametrisation():
+    """The 1/f-scaled spectrum gives back the image it was made from (float64, odd and even
+    sizes), so only the optimiser's steps differ between the two parametrisations."""
+    for h, w in ((16, 16), (15, 22), (1, 7)):
+        x = torch.randn(3, 2, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(h))
+        assert torch.allclose(_Spectrum(x)(), x, atol=1e-12)
+
+
+def _roughness(x: torch.Tensor) -> float:
+    return float((x[..., 1:, :] - x[..., :-1, :]).square().mean())
+
+
+def test_batch_statistics_on_a_spectrum_give_smoother_more_diverse_images():
+    """ZeroQ's per-image matching of noise pixels makes every image alike and rough; the
+    defaults (batch statistics, spectrum from smooth noise) keep images apart and smooth, and
+    still match the BN statistics (a twentieth of their start's distance)."""
+    net = _small_net()
+    cfg = _config(batch_size=16, num_batches=1, iterations=150)
+    zeroq = distill(net, dataclasses.replace(cfg, stats="image", param="pixels"), SMALL, False)
+    ours = distill(net, cfg, SMALL, progress=False)
+    assert ours.config.lr == 0.01 and zeroq.config.lr == 0.1  # each one's default
+    spread = [float(r.data.mean(dim=(2, 3)).std(dim=0).mean()) for r in (zeroq, ours)]
+    assert spread[1] > 3 * spread[0], spread
+    assert _roughness(ours.data) < 0.3 * _roughness(zeroq.data)
+    start = distill(net, dataclasses.replace(cfg, iterations=0), SMALL, progress=False)
+    assert _batch_match(net, ours.data) < 0.05 * _batch_match(net, start.data)
+
+
+def _batch_match(net: nn.Module, data: torch.Tensor) -> float:
+    """The batch-statistics distance to the BN running statistics, summed over BN layers."""
+    terms = []
+    hooks = [
+        bn.register_forward_pre_hook(
+            lambda m, i: terms.append(
+                _batch_stat_loss(i[0], m.running_mean, (m.running_var + m.eps).sqrt())
+            )
+        )
+        for bn in net.modules()
+        if isinstance(bn, nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        net(data)
+    for h in hooks:
+        h.remove()
+    return float(sum(terms))
 
 
 def test_config_round_trip_and_validation():

@@ -140,6 +140,8 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
         seconds=args.distill_seconds,
         label_loss=args.dis_label_loss,
         jitter=args.dis_jitter,
+        stats=args.dis_stats,
+        param=args.dis_param,
         seed=args.seed,
         mean=config.input_mean,
         std=config.input_std,

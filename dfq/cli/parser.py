@@ -188,18 +188,31 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"distilled image side (default: the input's, at most {DISTILL_SIDE})",
     )
-    d.add_argument("--dis_iterations", type=int, default=500, help="maximum Adam steps per batch")
+    d.add_argument("--dis_iterations", type=int, default=150, help="Adam steps per batch (150)")
     d.add_argument(
         "--dis_label_loss",
         type=float,
         default=0.0,
-        help="weight of a cross-entropy towards a seeded label per image (classifiers)",
+        help="weight of a cross-entropy towards a seeded label per image (classifiers; "
+        "default 1 for `dfq cls`, else 0)",
     )
     d.add_argument(
         "--dis_jitter",
         type=int,
-        default=0,
-        help="roll the images by a seeded random offset of up to this many pixels each step",
+        default=2,
+        help="roll the images by a seeded random offset of up to this many pixels each step (2)",
+    )
+    d.add_argument(
+        "--dis_stats",
+        choices=("batch", "image"),
+        default="batch",
+        help="match BN statistics over the batch (default; DeepInversion) or per image (ZeroQ)",
+    )
+    d.add_argument(
+        "--dis_param",
+        choices=("fourier", "pixels"),
+        default="fourier",
+        help="optimise a 1/f-scaled spectrum from smooth noise (default) or the pixels (ZeroQ)",
     )
     d.add_argument(
         "--distill-seconds",
@@ -336,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG of the worst layer's per-channel weight ranges before/after equalization",
     )
     c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(dis_label_loss=1.0)  # a classifier: class-conditioned distilled images
     c.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
     c.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
