@@ -192,7 +192,7 @@ def test_distilled_ranges_default_to_a_percentile_real_ones_to_min_max():
     assert PipelineConfig(calib=64).range_percentile is None
 
 
-def test_distillation_defaults_are_64_images_at_most_112_pixels():
+def test_distillation_defaults_are_the_measured_best():
     from dfq.cli.options import data_spec, pipeline_config
     from dfq.cli.parser import build_parser
 
@@ -206,6 +206,17 @@ def test_distillation_defaults_are_64_images_at_most_112_pixels():
     assert imagenet.seconds is None  # the steps decide, no clock
     assert spec("cifar_resnet20").resolution is None  # 32 px: the input's own size
     assert spec("mobilenet_v2", "--dis_resolution", "224").resolution == (224, 224)
+    # batch statistics on a spectrum, class-conditioned, 150 steps; 128 images to reconstruct
+    assert (imagenet.stats, imagenet.param, imagenet.label_loss, imagenet.jitter) == (
+        "batch",
+        "fourier",
+        1.0,
+        2,
+    )
+    assert imagenet.iterations == 150 and imagenet.threshold_factor == 0
+    assert spec("mobilenet_v2", "--reconstruct").num_batches * 32 == 128
+    zeroq = spec("mobilenet_v2", "--dis_stats", "image", "--dis_param", "pixels")
+    assert (zeroq.stats, zeroq.param) == ("image", "pixels")
 
 
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):

@@ -9,6 +9,8 @@ import dataclasses
 import torch
 
 from dfq.config import (
+    DISTILL_BATCHES,
+    DISTILL_BATCHES_RECONSTRUCT,
     DISTILL_SIDE,
     EqualizeConfig,
     PipelineConfig,
@@ -134,7 +136,8 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
         res = tuple(max(1, round(v * DISTILL_SIDE / max(hw))) for v in hw)
     dcfg = DistillConfig(
         batch_size=args.dis_batch_size,
-        num_batches=args.dis_num_batch,
+        num_batches=args.dis_num_batch
+        or (DISTILL_BATCHES_RECONSTRUCT if config.reconstruct else DISTILL_BATCHES),
         resolution=res,
         iterations=args.dis_iterations,
         seconds=args.distill_seconds,

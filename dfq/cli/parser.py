@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dfq.config import CLIP_WEIGHT, DISTILL_SIDE, RANGE_STD, TARGETS
+from dfq.config import (
+    CLIP_WEIGHT,
+    DISTILL_BATCHES,
+    DISTILL_BATCHES_RECONSTRUCT,
+    DISTILL_SIDE,
+    RANGE_STD,
+    TARGETS,
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -178,9 +185,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--dis_num_batch",
         type=int,
-        default=2,
-        help="distillation batches (2: 64 images, the measured best for ranges; 8 for "
-        "--reconstruct)",
+        default=None,
+        help=f"distillation batches (default {DISTILL_BATCHES}: {32 * DISTILL_BATCHES} images, "
+        f"the measured best for ranges; {DISTILL_BATCHES_RECONSTRUCT} with --reconstruct)",
     )
     d.add_argument(
         "--dis_resolution",
