@@ -41,8 +41,10 @@ log = logging.getLogger("dfq")
 class DistillConfig:
     """How much synthetic data to make and how hard to optimise it.
 
-    `iterations` is the cap per batch (0 returns the initialisation, a useful baseline); it and
-    the early stop decide the images, so a seed gives the same images on any machine;
+    `iterations` steps per batch (0 returns the initialisation, a useful baseline) decide the
+    images, so a seed gives the same images on any machine; `threshold_factor` > 0 stops a
+    batch early once its loss is below that times (BN layers + 1) (for ZeroQ-style images; off
+    by default: the defaults were measured with all 150 steps);
     `patience` is the plateau length after which the learning rate drops tenfold;
     `seconds` is only a wall-clock cap for all batches together (None, the default: none);
     a batch it cuts is named in `DistillResult.cut` and warned about, since its images then
@@ -110,6 +112,27 @@ class DistillConfig:
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+# What each use was measured best with (README, benchmarks/reconstruct.md). Activation ranges
+# alone: ZeroQ's images (MobileNetV2 W8A8 per-tensor +0.15 / SQNR 17.8 dB, against -0.85 /
+# 16.3 dB with the reconstruction images). Reconstruction: batch statistics on a spectrum,
+# class-conditioned where the model is a classifier (W4A8 -2.31, against -15.5 with ZeroQ's).
+FOR_RANGES = dict(
+    stats="image", param="pixels", iterations=500, threshold_factor=5.0, label_loss=0.0, jitter=0
+)
+FOR_RECONSTRUCTION = dict(
+    stats="batch", param="fourier", iterations=150, threshold_factor=0.0, label_loss=1.0, jitter=2
+)
+
+
+def preset(reconstruct: bool, classifier: bool = True) -> dict:
+    """The DistillConfig fields measured best for reconstruction, or else for ranges; the
+    class-conditioned loss needs a classifier's (N, classes) output."""
+    fields = dict(FOR_RECONSTRUCTION if reconstruct else FOR_RANGES)
+    if not classifier:
+        fields["label_loss"] = 0.0
+    return fields
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def pipeline_data(
                 "pass --data",
             )
         return images, {"source": "real", "images": real}
-    from dfq.distill import distill, load_distilled, save_distilled
+    from dfq.distill import distill, load_distilled, preset, save_distilled
 
     if spec.load:
         data, dcfg = load_distilled(spec.load)
@@ -74,7 +74,11 @@ def pipeline_data(
             "images": len(data),
             "config": dcfg.to_dict(),
         }
-    dcfg = spec.distill or DistillConfig(mean=config.input_mean, std=config.input_std)
+    dcfg = spec.distill or DistillConfig(
+        mean=config.input_mean,
+        std=config.input_std,
+        **preset(config.reconstruct, classifier=False),
+    )
     shape = tuple(input_shape or next(iter(batches))[0].shape[1:])
     res = distill(model, dcfg, input_shape=shape, progress=progress, device=device)
     if spec.save:

@@ -206,17 +206,16 @@ def test_distillation_defaults_are_the_measured_best():
     assert imagenet.seconds is None  # the steps decide, no clock
     assert spec("cifar_resnet20").resolution is None  # 32 px: the input's own size
     assert spec("mobilenet_v2", "--dis_resolution", "224").resolution == (224, 224)
-    # batch statistics on a spectrum, class-conditioned, 150 steps; 128 images to reconstruct
-    assert (imagenet.stats, imagenet.param, imagenet.label_loss, imagenet.jitter) == (
-        "batch",
-        "fourier",
-        1.0,
-        2,
-    )
-    assert imagenet.iterations == 150 and imagenet.threshold_factor == 0
-    assert spec("mobilenet_v2", "--reconstruct").num_batches * 32 == 128
-    zeroq = spec("mobilenet_v2", "--dis_stats", "image", "--dis_param", "pixels")
-    assert (zeroq.stats, zeroq.param) == ("image", "pixels")
+    # ranges: ZeroQ's images (per image, pixels, early stop); reconstruction: batch statistics
+    # on a spectrum, class-conditioned, 150 steps, 128 images
+    ranges = (imagenet.stats, imagenet.param, imagenet.label_loss, imagenet.jitter)
+    assert ranges == ("image", "pixels", 0.0, 0) and imagenet.threshold_factor == 5.0
+    rec = spec("mobilenet_v2", "--reconstruct")
+    assert (rec.stats, rec.param, rec.label_loss, rec.jitter) == ("batch", "fourier", 1.0, 2)
+    assert rec.iterations == 150 and rec.threshold_factor == 0
+    assert rec.num_batches * rec.batch_size == 128
+    mixed = spec("mobilenet_v2", "--reconstruct", "--dis_stats", "image", "--dis_jitter", "0")
+    assert (mixed.stats, mixed.param, mixed.jitter) == ("image", "fourier", 0)
 
 
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):

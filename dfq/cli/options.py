@@ -17,7 +17,7 @@ from dfq.config import (
     QuantConfig,
     ReconstructConfig,
 )
-from dfq.distill import DistillConfig
+from dfq.distill import DistillConfig, preset
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, input_config
 from dfq.models.spec import ModelSpec
@@ -134,20 +134,25 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
     hw = tuple(config.input_size[1:]) if config.input_size else ()
     if res is None and hw and max(hw) > DISTILL_SIDE:  # the input's shape, scaled down
         res = tuple(max(1, round(v * DISTILL_SIDE / max(hw))) for v in hw)
+    chosen = {  # the flags given; the rest from the preset for this run's use of the images
+        "iterations": args.dis_iterations,
+        "label_loss": args.dis_label_loss,
+        "jitter": args.dis_jitter,
+        "stats": args.dis_stats,
+        "param": args.dis_param,
+    }
+    fields = preset(config.reconstruct, classifier=args.command == "cls")
+    fields.update({k: v for k, v in chosen.items() if v is not None})
     dcfg = DistillConfig(
         batch_size=args.dis_batch_size,
         num_batches=args.dis_num_batch
         or (DISTILL_BATCHES_RECONSTRUCT if config.reconstruct else DISTILL_BATCHES),
         resolution=res,
-        iterations=args.dis_iterations,
         seconds=args.distill_seconds,
-        label_loss=args.dis_label_loss,
-        jitter=args.dis_jitter,
-        stats=args.dis_stats,
-        param=args.dis_param,
         seed=args.seed,
         mean=config.input_mean,
         std=config.input_std,
+        **fields,
     )
     return DataSpec(distill=dcfg, load=args.load, save=args.save)
 

@@ -195,31 +195,40 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"distilled image side (default: the input's, at most {DISTILL_SIDE})",
     )
-    d.add_argument("--dis_iterations", type=int, default=150, help="Adam steps per batch (150)")
+    d.add_argument(
+        "--dis_iterations",
+        type=int,
+        default=None,
+        help="Adam steps per batch (default 150 with --reconstruct; else at most 500, "
+        "stopping early once the loss is below 5 x (BN layers + 1))",
+    )
     d.add_argument(
         "--dis_label_loss",
         type=float,
-        default=0.0,
+        default=None,
         help="weight of a cross-entropy towards a seeded label per image (classifiers; "
-        "default 1 for `dfq cls`, else 0)",
+        "default 1 for `dfq cls --reconstruct`, else 0)",
     )
     d.add_argument(
         "--dis_jitter",
         type=int,
-        default=2,
-        help="roll the images by a seeded random offset of up to this many pixels each step (2)",
+        default=None,
+        help="roll the images by a seeded random offset of up to this many pixels each step "
+        "(default 2 with --reconstruct, else 0)",
     )
     d.add_argument(
         "--dis_stats",
         choices=("batch", "image"),
-        default="batch",
-        help="match BN statistics over the batch (default; DeepInversion) or per image (ZeroQ)",
+        default=None,
+        help="match BN statistics over the batch (DeepInversion; default with --reconstruct) "
+        "or per image (ZeroQ; default for ranges)",
     )
     d.add_argument(
         "--dis_param",
         choices=("fourier", "pixels"),
-        default="fourier",
-        help="optimise a 1/f-scaled spectrum from smooth noise (default) or the pixels (ZeroQ)",
+        default=None,
+        help="optimise a 1/f-scaled spectrum from smooth noise (default with --reconstruct) "
+        "or the pixels from uniform noise (ZeroQ; default for ranges)",
     )
     d.add_argument(
         "--distill-seconds",
@@ -356,7 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG of the worst layer's per-channel weight ranges before/after equalization",
     )
     c.add_argument("--seed", type=int, default=0)
-    c.set_defaults(dis_label_loss=1.0)  # a classifier: class-conditioned distilled images
     c.add_argument("--quiet", action="store_true", help="no progress bars, no per-layer table")
     c.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
