@@ -203,6 +203,17 @@ def _smooth_batch(shape: tuple[int, ...], gen) -> torch.Tensor:
     return nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
 
 
+class _Pixels(nn.Module):
+    """Images as their pixels (ZeroQ): Adam moves every pixel by about the learning rate."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.pixels = nn.Parameter(x.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.pixels
+
+
 class _Spectrum(nn.Module):
     """Images as a spectrum scaled by 1/frequency (feature visualisation's parametrisation):
     Adam's steps, of one size for every parameter, then change coarse shapes more than pixels,
@@ -321,9 +332,9 @@ def distill(
                 )
             if b not in owned:
                 continue
-            x = x.to(device, dtype).requires_grad_(True)
-            image = _Spectrum(x.detach()) if fourier else (lambda x=x: x)
-            opt = torch.optim.Adam(list(image.parameters()) if fourier else [x], lr=lr)
+            x = x.to(device, dtype)
+            image = _Spectrum(x) if fourier else _Pixels(x)
+            opt = torch.optim.Adam(image.parameters(), lr=lr)
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, patience=config.patience, min_lr=1e-4
             )
@@ -358,8 +369,8 @@ def distill(
                     break
             cut = cut and steps < config.iterations
             with torch.no_grad():
-                x = image()  # after the last step
-            records.append((x.detach().cpu(), loss_value, steps, b if cut else None))
+                x = image().detach().cpu()  # after the last step
+            records.append((x, loss_value, steps, b if cut else None))
     finally:
         bar.close()
         for h in handles:
