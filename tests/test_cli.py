@@ -216,6 +216,7 @@ def test_distillation_defaults_are_the_measured_best():
     assert rec.num_batches * rec.batch_size == 128
     mixed = spec("mobilenet_v2", "--reconstruct", "--dis_stats", "image", "--dis_jitter", "0")
     assert (mixed.stats, mixed.param, mixed.jitter) == ("image", "fourier", 0)
+    assert spec("mobilenet_v2", "--dis_early_stop", "0").threshold_factor == 0
 
 
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):

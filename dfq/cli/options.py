@@ -136,6 +136,7 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
         res = tuple(max(1, round(v * DISTILL_SIDE / max(hw))) for v in hw)
     chosen = {  # the flags given; the rest from the preset for this run's use of the images
         "iterations": args.dis_iterations,
+        "threshold_factor": args.dis_early_stop,
         "label_loss": args.dis_label_loss,
         "jitter": args.dis_jitter,
         "stats": args.dis_stats,

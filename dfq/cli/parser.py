@@ -203,6 +203,14 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "stopping early once the loss is below 5 x (BN layers + 1))",
     )
     d.add_argument(
+        "--dis_early_stop",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="stop a batch once its loss is below FACTOR x (BN layers + 1); 0 = never "
+        "(default 5 for ranges, 0 with --reconstruct)",
+    )
+    d.add_argument(
         "--dis_label_loss",
         type=float,
         default=None,
