@@ -155,24 +155,25 @@ class DistillResult:
         return self.config.threshold_factor * (self.bn_layers + 1)
 
 
-def _image_stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """ZeroQ's: ||mean - mu_x||^2 + ||std - sigma_x||^2 per image, averaged over the images.
+def _stat_distance(flat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """||mean - mu||^2 + ||std - sigma||^2 of the mean and std over `flat`'s last dimension.
 
     Population variance, so a 1x1 feature map gives std sqrt(eps), never NaN.
     """
-    flat = x.flatten(2)
-    mu = flat.mean(dim=2)
-    sigma = torch.sqrt(flat.var(dim=2, correction=0) + 1e-6)
-    return ((mu - mean).square().sum() + (sigma - std).square().sum()) / x.shape[0]
+    mu = flat.mean(dim=-1)
+    sigma = torch.sqrt(flat.var(dim=-1, correction=0) + 1e-6)
+    return (mu - mean).square().sum() + (sigma - std).square().sum()
+
+
+def _image_stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """ZeroQ's: every image's per-channel statistics, the distance averaged over the images."""
+    return _stat_distance(x.flatten(2), mean, std) / x.shape[0]
 
 
 def _batch_stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """||mean - mu||^2 + ||std - sigma||^2 for the batch's per-channel mean and std (over images
-    and positions), which is what BN's running statistics estimate."""
-    flat = x.transpose(0, 1).flatten(1)
-    mu = flat.mean(dim=1)
-    sigma = torch.sqrt(flat.var(dim=1, correction=0) + 1e-6)
-    return (mu - mean).square().sum() + (sigma - std).square().sum()
+    """The batch's per-channel statistics (over images and positions), which is what BN's
+    running statistics estimate."""
+    return _stat_distance(x.transpose(0, 1).flatten(1), mean, std)
 
 
 def _label_loss(out, labels: torch.Tensor) -> torch.Tensor:

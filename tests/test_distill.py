@@ -191,21 +191,27 @@ def test_batch_statistics_on_a_spectrum_give_smoother_more_diverse_images():
 
 def _batch_match(net: nn.Module, data: torch.Tensor) -> float:
     """The batch-statistics distance to the BN running statistics, summed over BN layers."""
-    terms = []
-    hooks = [
-        bn.register_forward_pre_hook(
-            lambda m, i: terms.append(
-                _batch_stat_loss(i[0], m.running_mean, (m.running_var + m.eps).sqrt())
-            )
+    return float(
+        sum(
+            _batch_stat_loss(i, bn.running_mean, (bn.running_var + bn.eps).sqrt())
+            for bn, i, _ in _bn_inputs_outputs(net, data)
         )
-        for bn in net.modules()
-        if isinstance(bn, nn.BatchNorm2d)
+    )
+
+
+def _bn_inputs_outputs(model: nn.Module, x: torch.Tensor) -> list:
+    """(BN layer, its input, its output) for every BatchNorm2d, in the order they ran on x."""
+    seen = []
+    handles = [
+        m.register_forward_hook(lambda m, i, o: seen.append((m, i[0], o)))
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
     ]
     with torch.no_grad():
-        net(data)
-    for h in hooks:
+        model(x)
+    for h in handles:
         h.remove()
-    return float(sum(terms))
+    return seen
 
 
 def test_config_round_trip_and_validation():
@@ -248,17 +254,7 @@ def test_save_load_round_trip_and_clear_errors(tmp_path):
 
 def _bn_output_max(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per-layer max of every BN output: the range a BN-folded conv output must cover."""
-    maxima = []
-    handles = [
-        m.register_forward_hook(lambda m, i, o: maxima.append(o.max()))
-        for m in model.modules()
-        if isinstance(m, nn.BatchNorm2d)
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return torch.stack(maxima)
+    return torch.stack([o.max() for _, _, o in _bn_inputs_outputs(model, x)])
 
 
 @pytest.mark.slow
