@@ -199,6 +199,12 @@ class _Rounding:
         q = torch.clamp(self.floor + h + self.zp, g.qmin, g.qmax) - self.zp
         return q * self.scale
 
+    def undecided(self) -> tuple[int, int]:
+        """How many rounding variables are still between their two grid points (h(V) in
+        (0.01, 0.99)), of how many: the hard decision changes these from what was learned."""
+        h = _h(self.v.detach())
+        return int(((h > 0.01) & (h < 0.99)).sum()), h.numel()
+
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
 
@@ -376,7 +382,8 @@ def reconstruct(
     """A copy of the fake-quant `gm_q` whose weight rounding and activation step sizes are
     learned block by block to reproduce `gm_f` (its FP32 model, same node names) on `data`.
     `int32_bias`: biases will be quantized at s_weight * s_input (learn with that grid).
-    Info: per block, its layers, the output MSE before and after, iterations and seconds."""
+    Info: per block, its layers, the output MSE before and after, iterations, seconds and the
+    share of rounding variables still undecided when the hard 0/1 decisions were taken."""
     import copy
 
     from tqdm.auto import tqdm
@@ -447,6 +454,8 @@ def reconstruct(
                 bar.close()
                 for aq in state.quantizers.values():
                     aq.learn_scale = False
+        counts = [r.undecided() for r in state.roundings.values()] if its else []
+        undecided = sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
         state.commit_()
         after = _mse(q_block, {}, x_q, target)
         kept = after <= before or not math.isfinite(before)
@@ -463,6 +472,7 @@ def reconstruct(
             "mse_before": before,
             "mse_after": after,
             "learned": kept and its > 0,
+            "undecided": round(undecided, 4),
             "iterations": its,
             "cut_by_time": cut,
             "seconds": round(time.perf_counter() - t_block, 2),

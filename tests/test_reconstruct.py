@@ -83,6 +83,19 @@ def test_toy_net_blocks_improve_and_weights_stay_on_the_grid():
     assert rec.timings["reconstruct"] > 0
 
 
+def test_undecided_roundings_are_reported_and_a_stronger_regulariser_decides_them():
+    """At few iterations AdaRound's soft rounding is left between grid points; the report says
+    how much, and a stronger regulariser (faster rounding steps) leaves less."""
+    model, data, _, base = _setup()
+    weak = quantize_model(model, _rec(base, iterations=20), calib_data=data).reconstruction
+    strong = quantize_model(
+        model, _rec(base, iterations=20, round_lr=0.2, round_weight=50.0), calib_data=data
+    ).reconstruction
+    share = lambda r: [b["undecided"] for b in r.values() if b["iterations"]]  # noqa: E731
+    assert share(weak) and all(0 <= u <= 1 for u in share(weak))
+    assert sum(share(weak)) > 0.1 and sum(share(strong)) < 0.5 * sum(share(weak))
+
+
 @pytest.mark.slow
 def test_resnet20_w4a4_logits_closer_to_fp32_than_round_to_nearest():
     """On a real network and real images, held-out logits move towards FP32."""
