@@ -138,6 +138,11 @@ class ReconstructConfig:
             raise DfqError(f"--reconstruct-seconds {self.seconds} must be positive.")
         if not 0 <= self.fp_input_mix <= 1 or not 0 <= self.warmup < 1:
             raise DfqError("reconstruction: fp_input_mix must be in [0, 1] and warmup in [0, 1).")
+        if not self.round_lr > 0 or not self.round_weight >= 0:
+            raise DfqError(
+                f"--reconstruct-round-lr {self.round_lr} must be > 0 and "
+                f"--reconstruct-round-weight {self.round_weight} >= 0."
+            )
 
 
 @dataclass(frozen=True)

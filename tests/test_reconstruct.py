@@ -13,6 +13,7 @@ from conftest import CatNet, SmallNet, randomize_bn, resnet20_args, shared
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.cli import main
 from dfq.config import ReconstructConfig
+from dfq.errors import DfqError
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.reconstruct import find_blocks
 
@@ -200,6 +201,10 @@ def test_cli_reconstruct_reports_blocks(tmp_path, capsys):
             "--reconstruct",
             "--reconstruct-iters",
             "4",
+            "--reconstruct-round-lr",
+            "0.05",
+            "--reconstruct-round-weight",
+            "2",
             "--limit",
             "8",
             "--quiet",
@@ -212,5 +217,14 @@ def test_cli_reconstruct_reports_blocks(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert list(r["reconstruction"])[:3] == ["conv1", "layer1.0", "layer1.1"]
     assert r["reconstruction"]["layer1.0"]["layers"] == ["layer1.0.conv1", "layer1.0.conv2"]
-    assert r["config"]["reconstruct"] and r["config"]["reconstruction"]["iterations"] == 4
+    rc = r["config"]["reconstruction"]
+    assert r["config"]["reconstruct"] and rc["iterations"] == 4
+    assert (rc["round_lr"], rc["round_weight"]) == (0.05, 2.0)
+    assert 0 <= r["reconstruction"]["layer1.0"]["undecided"] <= 1
     assert "reconstruct" in r["timings"]
+
+
+@pytest.mark.parametrize("bad", [{"round_lr": 0.0}, {"round_weight": -1.0}])
+def test_bad_rounding_settings_are_refused_by_name(bad):
+    with pytest.raises(DfqError, match="--reconstruct-round"):
+        ReconstructConfig(**bad)

@@ -108,6 +108,8 @@ def pipeline_config(
         "seconds": getattr(args, "reconstruct_seconds", None),
         "batch_size": getattr(args, "reconstruct_batch", None),
         "fp_input_mix": getattr(args, "reconstruct_fp_mix", None),
+        "round_lr": getattr(args, "reconstruct_round_lr", None),
+        "round_weight": getattr(args, "reconstruct_round_weight", None),
     }
     fields["reconstruct"] = getattr(args, "reconstruct", False)
     fields["reconstruction"] = ReconstructConfig(

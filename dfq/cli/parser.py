@@ -12,7 +12,10 @@ from dfq.config import (
     DISTILL_SIDE,
     RANGE_STD,
     TARGETS,
+    ReconstructConfig,
 )
+
+_REC = ReconstructConfig()  # the defaults the help texts quote
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +130,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "against FP32 on distilled (or --true_data) images",
     )
     r.add_argument(
-        "--reconstruct-iters", type=int, default=None, help="Adam steps per block (default 200)"
+        "--reconstruct-iters",
+        type=int,
+        default=None,
+        help=f"Adam steps per block (default {_REC.iterations})",
     )
     r.add_argument(
         "--reconstruct-seconds",
@@ -136,14 +142,30 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help="time cap for all blocks (it warns when it cuts; default none)",
     )
     r.add_argument(
-        "--reconstruct-batch", type=int, default=None, help="images per step (default 32)"
+        "--reconstruct-batch",
+        type=int,
+        default=None,
+        help=f"images per step (default {_REC.batch_size})",
+    )
+    r.add_argument(
+        "--reconstruct-round-lr",
+        type=float,
+        default=None,
+        help=f"Adam step size of AdaRound's rounding variables (default {_REC.round_lr})",
+    )
+    r.add_argument(
+        "--reconstruct-round-weight",
+        type=float,
+        default=None,
+        help="weight of AdaRound's regulariser against the block's output error, which pushes "
+        f"each rounding to a grid point (default {_REC.round_weight})",
     )
     r.add_argument(
         "--reconstruct-fp-mix",
         type=float,
         default=None,
         help="share of block-input elements taken from FP32 instead of the quantized model "
-        "(QDrop; default 0)",
+        f"(QDrop; default {_REC.fp_input_mix})",
     )
     r.add_argument(
         "--save-quantized",
