@@ -313,6 +313,11 @@ class _BlockState:
             over[f"{k}.bias"] = b
         return over
 
+    def undecided(self) -> float:
+        """The share of the block's rounding variables the hard decisions will change."""
+        counts = [r.undecided() for r in self.roundings.values()]
+        return sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
+
     def commit_(self) -> None:
         """The hard rounding, learned scales and (grid) biases into the modules."""
         with torch.no_grad():
@@ -454,8 +459,7 @@ def reconstruct(
                 bar.close()
                 for aq in state.quantizers.values():
                     aq.learn_scale = False
-        counts = [r.undecided() for r in state.roundings.values()] if its else []
-        undecided = sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
+        undecided = state.undecided() if its else 0.0
         state.commit_()
         after = _mse(q_block, {}, x_q, target)
         kept = after <= before or not math.isfinite(before)

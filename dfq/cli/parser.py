@@ -14,6 +14,8 @@ from dfq.config import (
     TARGETS,
     ReconstructConfig,
 )
+from dfq.distill import FOR_RANGES as _RANGES
+from dfq.distill import FOR_RECONSTRUCTION as _RECON
 
 _REC = ReconstructConfig()  # the defaults the help texts quote
 
@@ -221,8 +223,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "--dis_iterations",
         type=int,
         default=None,
-        help="Adam steps per batch (default 150 with --reconstruct; else at most 500, "
-        "stopping early once the loss is below 5 x (BN layers + 1))",
+        help=f"Adam steps per batch (default {_RECON['iterations']} with --reconstruct; else "
+        f"at most {_RANGES['iterations']}, stopping early once the loss is below "
+        f"{_RANGES['threshold_factor']:g} x (BN layers + 1))",
     )
     d.add_argument(
         "--dis_early_stop",
@@ -230,21 +233,23 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="FACTOR",
         help="stop a batch once its loss is below FACTOR x (BN layers + 1); 0 = never "
-        "(default 5 for ranges, 0 with --reconstruct)",
+        f"(default {_RANGES['threshold_factor']:g} for ranges, "
+        f"{_RECON['threshold_factor']:g} with --reconstruct)",
     )
     d.add_argument(
         "--dis_label_loss",
         type=float,
         default=None,
         help="weight of a cross-entropy towards a seeded label per image (classifiers; "
-        "default 1 for `dfq cls --reconstruct`, else 0)",
+        f"default {_RECON['label_loss']:g} for `dfq cls --reconstruct`, else "
+        f"{_RANGES['label_loss']:g})",
     )
     d.add_argument(
         "--dis_jitter",
         type=int,
         default=None,
         help="roll the images by a seeded random offset of up to this many pixels each step "
-        "(default 2 with --reconstruct, else 0)",
+        f"(default {_RECON['jitter']} with --reconstruct, else {_RANGES['jitter']})",
     )
     d.add_argument(
         "--dis_stats",
