@@ -13,8 +13,14 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from dfq.config import PipelineConfig
-from dfq.distill import DistillConfig
+from dfq.config import (
+    DISTILL_BATCH_SIZE,
+    DISTILL_BATCHES,
+    DISTILL_BATCHES_RECONSTRUCT,
+    DISTILL_SIDE,
+    PipelineConfig,
+)
+from dfq.distill import DistillConfig, preset
 from dfq.errors import DfqError
 
 
@@ -25,6 +31,28 @@ class DataSpec:
     distill: DistillConfig | None = None
     load: Path | None = None
     save: Path | None = None
+
+
+def default_distill(
+    config: PipelineConfig, input_hw: tuple[int, ...] = (), classifier: bool = False
+) -> DistillConfig:
+    """The distillation both the CLI and the Python API run when none is given: 32-image
+    batches (2 for ranges, 4 for reconstruction) at the input's shape scaled down to at most
+    DISTILL_SIDE px, with the preset measured best for that use (class-conditioned for
+    classifiers) and the reconstruction's seed. The full-size 8 x 64 of DistillConfig()
+    would cost about 16x for nothing measured better."""
+    res = None
+    if input_hw and max(input_hw) > DISTILL_SIDE:
+        res = tuple(max(1, round(v * DISTILL_SIDE / max(input_hw))) for v in input_hw)
+    return DistillConfig(
+        batch_size=DISTILL_BATCH_SIZE,
+        num_batches=DISTILL_BATCHES_RECONSTRUCT if config.reconstruct else DISTILL_BATCHES,
+        resolution=res,
+        seed=config.reconstruction.seed,
+        mean=config.input_mean,
+        std=config.input_std,
+        **preset(config.reconstruct, classifier=classifier),
+    )
 
 
 def first_images(batches: Iterable, n: int) -> list[torch.Tensor]:
@@ -46,12 +74,14 @@ def pipeline_data(
     progress: bool = True,
     input_shape: tuple[int, ...] | None = None,
     device: torch.device | None = None,
+    classifier: bool = False,
 ) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
     """The input batches `config` needs (None if it is data-free), on the CPU where the pipeline
     runs, and where they came from.
 
     Distilled images take `input_shape` (C, H, W), else the shape of the first real batch; they
-    are distilled on `device` (default: the model's).
+    are distilled on `device` (default: the model's), per `spec.distill`, else per
+    `default_distill` (`classifier`: the model's output is (N, classes) logits).
     """
     if not config.needs_data:
         return None, {"source": "none (data-free)"}
@@ -64,7 +94,7 @@ def pipeline_data(
                 "pass --data",
             )
         return images, {"source": "real", "images": real}
-    from dfq.distill import distill, load_distilled, preset, save_distilled
+    from dfq.distill import distill, load_distilled, save_distilled
 
     if spec.load:
         data, dcfg = load_distilled(spec.load)
@@ -74,12 +104,8 @@ def pipeline_data(
             "images": len(data),
             "config": dcfg.to_dict(),
         }
-    dcfg = spec.distill or DistillConfig(
-        mean=config.input_mean,
-        std=config.input_std,
-        **preset(config.reconstruct, classifier=False),
-    )
     shape = tuple(input_shape or next(iter(batches))[0].shape[1:])
+    dcfg = spec.distill or default_distill(config, shape[1:], classifier)
     res = distill(model, dcfg, input_shape=shape, progress=progress, device=device)
     if spec.save:
         save_distilled(spec.save, res.data, res.config)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import resnet20_args, shared
+from torch import nn
 
 from dfq import PipelineConfig
 from dfq.cli import main
@@ -217,6 +218,33 @@ def test_distillation_defaults_are_the_measured_best():
     mixed = spec("mobilenet_v2", "--reconstruct", "--dis_stats", "image", "--dis_jitter", "0")
     assert (mixed.stats, mixed.param, mixed.jitter) == ("image", "fourier", 0)
     assert spec("mobilenet_v2", "--dis_early_stop", "0").threshold_factor == 0
+
+
+def test_python_api_distils_what_the_cli_distils(monkeypatch):
+    """run_one without calib data makes the CLI's images (128 at 112 px, class-conditioned,
+    the run's seed for --reconstruct), not DistillConfig()'s 512 at full size."""
+    import dfq.distill
+    from dfq.cli.options import data_spec, pipeline_config
+    from dfq.cli.parser import build_parser
+    from dfq.quantization_data import pipeline_data
+
+    made = []
+
+    def fake_distill(model, config, input_shape, progress, device):
+        made.append(config)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(dfq.distill, "distill", fake_distill)
+    argv = ["cls", "--arch", "mobilenet_v2", "--data", "d", "--crop", "224", "--quantize"]
+    args = build_parser().parse_args([*argv, "--reconstruct", "--seed", "3"])
+    config = pipeline_config(args)
+    batches = [(torch.zeros(2, 3, 224, 224), torch.zeros(2))]
+    with pytest.raises(RuntimeError, match="stop after"):
+        pipeline_data(nn.Identity(), config, batches, progress=False, classifier=True)
+    api = made[0]
+    assert api == data_spec(args, config).distill
+    assert (api.batch_size * api.num_batches, api.resolution) == (128, (112, 112))
+    assert api.label_loss == 1.0 and api.seed == 3
 
 
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):

@@ -9,19 +9,15 @@ import dataclasses
 import torch
 
 from dfq.config import (
-    DISTILL_BATCHES,
-    DISTILL_BATCHES_RECONSTRUCT,
-    DISTILL_SIDE,
     EqualizeConfig,
     PipelineConfig,
     QuantConfig,
     ReconstructConfig,
 )
-from dfq.distill import DistillConfig, preset
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, input_config
 from dfq.models.spec import ModelSpec
-from dfq.quantization_data import DataSpec
+from dfq.quantization_data import DataSpec, default_distill
 from dfq.tasks.base import DataOptions, Task
 
 
@@ -131,12 +127,15 @@ def input_size(args: argparse.Namespace, inputs: InputConfig) -> tuple[int, int,
 
 
 def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
-    """--dis_* / --save / --load as a DataSpec (distillation runs only if the config needs data)."""
-    res = (args.dis_resolution,) * 2 if args.dis_resolution else None
+    """--dis_* / --save / --load as a DataSpec (distillation runs only if the config needs data):
+    the flags given over `default_distill`, what the Python API runs too."""
     hw = tuple(config.input_size[1:]) if config.input_size else ()
-    if res is None and hw and max(hw) > DISTILL_SIDE:  # the input's shape, scaled down
-        res = tuple(max(1, round(v * DISTILL_SIDE / max(hw))) for v in hw)
-    chosen = {  # the flags given; the rest from the preset for this run's use of the images
+    chosen = {  # the flags given; the rest from the defaults for this run's use of the images
+        "batch_size": args.dis_batch_size,
+        "num_batches": args.dis_num_batch,
+        "resolution": (args.dis_resolution,) * 2 if args.dis_resolution else None,
+        "seconds": args.distill_seconds,
+        "seed": args.seed,
         "iterations": args.dis_iterations,
         "threshold_factor": args.dis_early_stop,
         "label_loss": args.dis_label_loss,
@@ -144,18 +143,9 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
         "stats": args.dis_stats,
         "param": args.dis_param,
     }
-    fields = preset(config.reconstruct, classifier=args.command == "cls")
-    fields.update({k: v for k, v in chosen.items() if v is not None})
-    dcfg = DistillConfig(
-        batch_size=args.dis_batch_size,
-        num_batches=args.dis_num_batch
-        or (DISTILL_BATCHES_RECONSTRUCT if config.reconstruct else DISTILL_BATCHES),
-        resolution=res,
-        seconds=args.distill_seconds,
-        seed=args.seed,
-        mean=config.input_mean,
-        std=config.input_std,
-        **fields,
+    dcfg = dataclasses.replace(
+        default_distill(config, hw, classifier=args.command == "cls"),
+        **{k: v for k, v in chosen.items() if v is not None},
     )
     return DataSpec(distill=dcfg, load=args.load, save=args.save)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dfq.config import (
     CLIP_WEIGHT,
+    DISTILL_BATCH_SIZE,
     DISTILL_BATCHES,
     DISTILL_BATCHES_RECONSTRUCT,
     DISTILL_SIDE,
@@ -204,13 +205,17 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help="use N real images of --data instead of distilled ones (for comparison)",
     )
     d.add_argument(
-        "--dis_batch_size", type=int, default=32, help="images per distillation batch (32)"
+        "--dis_batch_size",
+        type=int,
+        default=None,
+        help=f"images per distillation batch (default {DISTILL_BATCH_SIZE})",
     )
     d.add_argument(
         "--dis_num_batch",
         type=int,
         default=None,
-        help=f"distillation batches (default {DISTILL_BATCHES}: {32 * DISTILL_BATCHES} images, "
+        help=f"distillation batches (default {DISTILL_BATCHES}: "
+        f"{DISTILL_BATCH_SIZE * DISTILL_BATCHES} images, "
         f"the measured best for ranges; {DISTILL_BATCHES_RECONSTRUCT} with --reconstruct)",
     )
     d.add_argument(

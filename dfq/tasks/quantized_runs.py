@@ -63,7 +63,14 @@ def run_one(
     and deterministic); the fake-quant model is evaluated on `device`. `restore`: a saved result
     (dfq.saved.load_quantized) instead of the data-driven steps; `save`: write the result."""
     if calib_data is None and config.needs_data and restore is None:
-        calib_data, _ = pipeline_data(model, config, data.batches, progress=progress, device=device)
+        calib_data, _ = pipeline_data(
+            model,
+            config,
+            data.batches,
+            progress=progress,
+            device=device,
+            classifier=task.name == "cls",
+        )
     result = quantize_model(
         model, config, calib_data=calib_data, progress=progress, restore=restore
     )
