@@ -135,7 +135,6 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
         "num_batches": args.dis_num_batch,
         "resolution": (args.dis_resolution,) * 2 if args.dis_resolution else None,
         "seconds": args.distill_seconds,
-        "seed": args.seed,
         "iterations": args.dis_iterations,
         "threshold_factor": args.dis_early_stop,
         "label_loss": args.dis_label_loss,
