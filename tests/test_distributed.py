@@ -111,6 +111,9 @@ def _evaluate_in_group(rank: int, path: str, batches, out: str) -> None:
     ev = TASK.evaluate(model, batches)
     if rank == 0:
         torch.save((ev.logits, ev.labels), out)
+    # both ranks done with every collective before either tears gloo down: a rank that
+    # destroys the group while its peer still holds the connection can abort the peer
+    dist.barrier()
     dist.destroy_process_group()
 
 
