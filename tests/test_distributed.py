@@ -62,6 +62,7 @@ def test_two_processes_equal_one_on_resnet20(tmp_path):
         ],
     )
     assert two["processes"] == 2 and one["processes"] == 1
+    assert one["threads"] == two["threads"] == 1  # OMP_NUM_THREADS, recorded for reproduction
     assert {k: one[k] for k in FIGURES} == {k: two[k] for k in FIGURES}
     assert one["layers"] == two["layers"] and one["activations"] == two["activations"]
 

@@ -9,6 +9,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dfq import targets, tasks
 from dfq.cli import options
 from dfq.coverage import summary
@@ -54,6 +56,9 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(args.data),
         "device": str(device),
         "processes": world()[1],
+        # float sums run in another order at another thread count: distillation and
+        # reconstruction are reproducible for a seed *and* this
+        "threads": torch.get_num_threads(),
         **data.meta,
     }
     reference = None
