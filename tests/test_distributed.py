@@ -151,7 +151,7 @@ def _join_and_leave(rank: int, port: int, out: str) -> None:
     torch.save((me, size, inside, dist.is_initialized()), f"{out}.{rank}")
 
 
-def test_the_cli_leaves_the_process_group_it_joined(tmp_path):
+def test_process_group_is_left_after_the_run(tmp_path):
     """torchrun's ranks join the group for the run and destroy it after (a group left alive
     at exit makes torch warn, and a rank that exits while its peer talks can abort it)."""
     import socket
