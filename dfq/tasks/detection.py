@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
 from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_loader
-from dfq.tasks.voc import VOC_CLASSES, check_split, find_voc_root
+from dfq.tasks.voc import VOC_CLASSES, open_voc
 
 IMAGE_SIZE = 300
 YEAR, SPLIT = "2007", "test"
@@ -121,13 +121,7 @@ class VOCDetectionEval(Dataset):
     def __init__(
         self, root: str | Path, year: str = "2007", split: str = "test", size: int = IMAGE_SIZE
     ):
-        import torchvision
-
-        voc_root = find_voc_root(root, year)
-        check_split(voc_root, year, "Main", split)
-        self.voc = torchvision.datasets.VOCDetection(
-            str(voc_root), year=year, image_set=split, download=False
-        )
+        self.voc = open_voc(root, year, split, segmentation=False)
         self.size = size
 
     def __len__(self) -> int:

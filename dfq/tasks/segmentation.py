@@ -22,7 +22,7 @@ from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
 from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_loader
-from dfq.tasks.voc import VOC_CLASSES, check_split, find_voc_root
+from dfq.tasks.voc import VOC_CLASSES, open_voc
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 YEAR, SPLIT, CROP = "2012", "val", 513
@@ -60,13 +60,7 @@ class VOCSegmentationVal(Dataset):
     def __init__(
         self, root: str | Path, split: str = "val", year: str = "2012", crop_size: int = 513
     ):
-        import torchvision
-
-        voc_root = find_voc_root(root, year)
-        check_split(voc_root, year, "Segmentation", split)
-        self.voc = torchvision.datasets.VOCSegmentation(
-            str(voc_root), year=year, image_set=split, download=False
-        )
+        self.voc = open_voc(root, year, split, segmentation=True)
         self.crop_size = crop_size
 
     def __len__(self) -> int:

@@ -42,3 +42,16 @@ def check_split(root: Path, year: str, kind: str, split: str) -> None:
             if present
             else "check the VOCdevkit layout",
         )
+
+
+def open_voc(root: str | Path, year: str, split: str, segmentation: bool):
+    """torchvision's VOC dataset of a split (segmentation masks or detection annotations), found
+    from any level of the folder and failing with dfq's errors, not a bare FileNotFoundError."""
+    import torchvision
+
+    voc_root = find_voc_root(root, year)
+    check_split(voc_root, year, "Segmentation" if segmentation else "Main", split)
+    kind = (
+        torchvision.datasets.VOCSegmentation if segmentation else torchvision.datasets.VOCDetection
+    )
+    return kind(str(voc_root), year=year, image_set=split, download=False)
