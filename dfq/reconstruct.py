@@ -39,7 +39,7 @@ from dfq.errors import DfqError
 from dfq.graph.subgraph import subgraph
 from dfq.quant.activations import input_quantizer, snap_clips_to_grid_
 from dfq.quant.modules import ActQuant, QuantizedLayer
-from dfq.quant.primitives import dequantize
+from dfq.quant.primitives import dequantize, round_ste
 from dfq.stats import Stats
 from dfq.transforms import Transformed
 
@@ -232,10 +232,6 @@ def _stack(batches: Iterable[torch.Tensor], limit: int | None) -> torch.Tensor:
     return x[:limit] if limit else x
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (torch.round(x) - x).detach() + x
-
-
 class _BlockState:
     """What one block learns: rounding variables, log step sizes, bias offsets. `overrides()`
     gives the block's parameters for `functional_call`, soft or hard; biases are always put on
@@ -309,7 +305,7 @@ class _BlockState:
                 b = b + self.biases[k]
             if k in self.input_q:
                 s = self.layers[k].weight_scale * self._scale(self.input_q[k])
-                b = _round_ste(b / s) * s
+                b = round_ste(b / s) * s
             over[f"{k}.bias"] = b
         return over
 

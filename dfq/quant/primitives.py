@@ -106,13 +106,17 @@ def fake_quantize(
     return dequantize(quantize(x, scale, zp, grid, axis, rounding), scale, zp, axis, x.dtype)
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with the gradient passed straight through (identity)."""
+    return (torch.round(x) - x).detach() + x
+
+
 def fake_quantize_ste(
     x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid
 ) -> torch.Tensor:
     """Per-tensor fake quantization differentiable in x and in `scale` (LSQ, Esser et al. 2020):
     rounding passes the gradient straight through, clamping stops it."""
-    v = x / scale
-    q = (torch.round(v) - v).detach() + v + zp
+    q = round_ste(x / scale) + zp
     return (q.clamp(grid.qmin, grid.qmax) - zp) * scale
 
 
