@@ -228,7 +228,14 @@ class _Rounding:
 
 
 def _stack(batches: Iterable[torch.Tensor], limit: int | None) -> torch.Tensor:
-    x = torch.cat([b.detach().float().cpu() for b in batches])
+    batches = [b.detach().float().cpu() for b in batches]
+    shapes = sorted({tuple(b.shape[1:]) for b in batches})
+    if len(shapes) > 1:
+        raise DfqError(
+            f"--reconstruct needs its images in one size; got batches of {shapes}.",
+            "resize or crop the calibration images to the model's input size",
+        )
+    x = torch.cat(batches)
     return x[:limit] if limit else x
 
 

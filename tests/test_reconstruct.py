@@ -138,6 +138,13 @@ def test_same_seed_same_model_other_seed_other_model():
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
+def test_images_of_two_sizes_are_refused_by_name():
+    model, data, _, base = _setup()
+    mixed = [*data, torch.randn(4, 3, 20, 20)]
+    with pytest.raises(DfqError, match=r"one size.*\(3, 12, 12\), \(3, 20, 20\)"):
+        quantize_model(model, _rec(base), calib_data=mixed)
+
+
 def test_blocks_follow_the_graph():
     model, _, _, base = _setup()
     gm = quantize_model(model, base).model
