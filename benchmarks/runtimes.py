@@ -107,6 +107,7 @@ def main(argv=None) -> dict:
                 "top1",
                 "agreement_with_sim",
                 "max_abs_logit_diff",
+                "images_off_sim",
                 "profile",
                 "files",
                 "agreement",

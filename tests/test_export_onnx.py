@@ -194,6 +194,9 @@ def test_cli_export_and_backend(tmp_path, capsys):
 
     res = json.loads(out.read_text())
     assert res["agreement_with_sim"] == 100.0 and res["integer_ops"]["QLinearConv"] >= 19
+    # onnxruntime gives 18 of the 20 images' logits exactly; on 2 all ten logits move, by up to
+    # 0.14 (a flip upstream of the last layer, source not found yet): this catches anything more
+    assert res["images_off_sim"] <= 2 and res["max_abs_logit_diff"] < 0.2
     # a format needs its own profile
     assert (
         main(

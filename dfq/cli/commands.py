@@ -185,7 +185,8 @@ def _print_runtime(task: Task, res: dict[str, Any], common: dict[str, Any]) -> d
     diff = {
         k: v
         for k, v in res.items()
-        if k in ("agreement_with_sim", "max_abs_logit_diff") or k.endswith("_vs_sim")
+        if k in ("agreement_with_sim", "max_abs_logit_diff", "images_off_sim")
+        or k.endswith("_vs_sim")
     }
     print(", ".join(f"{k}: {v}" for k, v in diff.items()) + f"; files in {res['export_dir']}")
     print(summary(res["coverage"]))
