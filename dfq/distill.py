@@ -155,25 +155,65 @@ class DistillResult:
         return self.config.threshold_factor * (self.bn_layers + 1)
 
 
-def _stat_distance(flat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """||mean - mu||^2 + ||std - sigma||^2 of the mean and std over `flat`'s last dimension.
-
-    Population variance, so a 1x1 feature map gives std sqrt(eps), never NaN.
-    """
-    mu = flat.mean(dim=-1)
-    sigma = torch.sqrt(flat.var(dim=-1, correction=0) + 1e-6)
-    return (mu - mean).square().sum() + (sigma - std).square().sum()
+def _stat_distance(
+    mu: torch.Tensor, var: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """||mean - mu||^2 + ||std - sigma||^2 for sigma = sqrt(var + 1e-6), from population
+    variances, so a 1x1 feature map gives std sqrt(eps), never NaN."""
+    return (mu - mean).square().sum() + (torch.sqrt(var + 1e-6) - std).square().sum()
 
 
 def _image_stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """ZeroQ's: every image's per-channel statistics, the distance averaged over the images."""
-    return _stat_distance(x.flatten(2), mean, std) / x.shape[0]
+    var, mu = torch.var_mean(x.flatten(2), dim=-1, correction=0)
+    return _stat_distance(mu, var, mean, std) / x.shape[0]
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel population variance and mean of an (N, C, ...) batch without autograd's
+    temporaries, and a backward of one fused pass: autograd's var_mean made half of a
+    distillation step's time (MobileNetV2, 2 cores).
+
+    E[x^2] - mean^2 is summed in float64; BN inputs have |mean| of a few std at most.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        channels = x.shape[1]
+        n = x.numel() // channels
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            # a (positions, channels) view; squares summed in cache-sized row blocks, since
+            # column reductions over it are slow and x.square() of it is a large temporary
+            total = torch.zeros(channels, dtype=torch.float64, device=x.device)
+            square = torch.zeros_like(total)
+            for rows in x.permute(0, 2, 3, 1).reshape(n, channels).split(max(1, 2**18 // channels)):
+                total += rows.sum(0)
+                square += rows.square().sum(0)
+            mean = total / n
+        else:
+            dims = (0, *range(2, x.dim()))
+            mean = x.mean(dims).double()
+            square = torch.linalg.vector_norm(x, dim=dims).double().square()
+        var = (square / n - mean.square()).clamp_min(0)
+        mean = mean.to(x.dtype)
+        ctx.save_for_backward(x, mean)
+        return var.to(x.dtype), mean
+
+    @staticmethod
+    def backward(ctx, grad_var, grad_mean):
+        x, mean = ctx.saved_tensors
+        n = x.numel() // x.shape[1]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        a = (2.0 / n) * grad_var
+        b = grad_mean / n - a * mean
+        return torch.addcmul(b.view(shape), x, a.view(shape))
 
 
 def _batch_stat_loss(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """The batch's per-channel statistics (over images and positions), which is what BN's
     running statistics estimate."""
-    return _stat_distance(x.transpose(0, 1).flatten(1), mean, std)
+    var, mu = _ChannelMoments.apply(x)
+    return _stat_distance(mu, var, mean, std)
 
 
 def _label_loss(out, labels: torch.Tensor) -> torch.Tensor:
@@ -286,6 +326,7 @@ def distill(
     lr = config.lr or (0.01 if fourier else 0.1)
     config = dataclasses.replace(config, resolution=(height, width), lr=lr)
     frozen, bns = _frozen_copy(model)
+    frozen.to(memory_format=torch.channels_last)  # 1.5x faster convolutions on CPUs
     if device is not None:  # e.g. a GPU: the model stays where it is, its frozen copy moves
         frozen.to(device)
     ref = next(frozen.parameters(), bns[0].running_mean)
@@ -347,7 +388,7 @@ def distill(
                 if config.jitter:
                     dy, dx = shifts[steps].tolist()
                     seen = torch.roll(x, (dy, dx), dims=(2, 3))
-                out = frozen(seen)
+                out = frozen(seen.contiguous(memory_format=torch.channels_last))
                 bn_loss = sum(terms) + stat_loss(x, zeros, ones)
                 loss = bn_loss
                 if config.label_loss:

@@ -169,6 +169,24 @@ def test_spectrum_is_an_exact_reparametrisation():
         assert torch.allclose(_Spectrum(x)(), x, atol=1e-12)
 
 
+def test_batch_statistics_and_their_gradient_equal_autograds():
+    """The fused per-channel moments give autograd's value and gradient of the batch loss
+    (float64, NCHW and channels-last, where the forward takes different paths)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 5, 7, 6, dtype=torch.float64, generator=gen) * 3 + 2).requires_grad_()
+    mean = torch.randn(5, dtype=torch.float64, generator=gen)
+    std = torch.rand(5, dtype=torch.float64, generator=gen) + 0.5
+    var, mu = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    reference = (mu - mean).square().sum() + (torch.sqrt(var + 1e-6) - std).square().sum()
+    (grad,) = torch.autograd.grad(reference, x)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.detach().contiguous(memory_format=layout).requires_grad_()
+        loss = _batch_stat_loss(xl, mean, std)
+        loss.backward()
+        assert abs(float(loss.detach() - reference.detach())) < 1e-10
+        assert torch.allclose(xl.grad, grad, atol=1e-12, rtol=1e-9)
+
+
 def _roughness(x: torch.Tensor) -> float:
     return float((x[..., 1:, :] - x[..., :-1, :]).square().mean())
 
