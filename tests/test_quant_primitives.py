@@ -6,7 +6,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dfq.quant.primitives import Grid, dequantize, fake_quantize, qparams, quantize, round_half_away
+from dfq.quant.primitives import (
+    Grid,
+    dequantize,
+    fake_quantize,
+    fake_quantize_ste,
+    qparams,
+    quantize,
+    round_half_away,
+)
 
 grids = st.builds(Grid, bits=st.integers(2, 16), symmetric=st.booleans())
 bounds = st.tuples(st.floats(-100, 100), st.floats(-100, 100)).map(sorted)
@@ -82,3 +90,31 @@ def test_exact_integer_op_equals_float64(cin, x_bound):
     assert torch.equal(
         exact_integer_op(F.linear, xl, wl).double(), F.linear(xl.double(), wl.double())
     )
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learnable_fake_quant_is_lsq_in_float32_and_float64(symmetric):
+    """Value = fake_quantize; gradient: 1 for x inside the grid, 0 outside; for the scale
+    round(x/s) - x/s inside, the clamped level outside (LSQ). Values that round onto qmin or
+    qmax are inside. float32 (PyTorch's fused kernel) and float64 (an expression) agree."""
+    grid = Grid(bits=4, symmetric=symmetric)
+    zp = torch.tensor(0 if symmetric else 5)
+    scale = 0.3
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(20000, dtype=torch.float64, generator=gen) * 2
+    # and values that round exactly onto the grid's ends
+    x64 = torch.cat([x64, (torch.tensor([grid.qmin, grid.qmax]) - zp + 0.3) * scale])
+    u = x64 / scale
+    levels = torch.round(u) + zp
+    inside = (levels >= grid.qmin) & (levels <= grid.qmax)
+    clamped = levels.clamp(grid.qmin, grid.qmax) - zp
+    expected_ds = torch.where(inside, torch.round(u) - u, clamped).sum()
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype).requires_grad_()
+        s = torch.tensor(scale, dtype=dtype, requires_grad=True)
+        y = fake_quantize_ste(x, s, zp, grid)
+        y.sum().backward()
+        reference = fake_quantize(x.detach(), s.detach(), zp, grid)
+        assert torch.allclose(y.detach(), reference, atol=1e-6)
+        assert torch.equal(x.grad, inside.to(dtype))
+        assert float(s.grad) == pytest.approx(float(expected_ds), rel=1e-4)

@@ -115,9 +115,17 @@ def fake_quantize_ste(
     x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid
 ) -> torch.Tensor:
     """Per-tensor fake quantization differentiable in x and in `scale` (LSQ, Esser et al. 2020):
-    rounding passes the gradient straight through, clamping stops it."""
-    q = round_ste(x / scale) + zp
-    return (q.clamp(grid.qmin, grid.qmax) - zp) * scale
+    rounding passes the gradient straight through, clamping stops it; values that round onto
+    qmin/qmax are inside the grid. float32 runs PyTorch's fused kernel (one pass each way)."""
+    if x.dtype == torch.float32:
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, scale.reshape(1).float(), zp.reshape(1).float(), grid.qmin, grid.qmax, 1.0
+        )
+    u = x / scale
+    r = torch.round(u).detach()
+    inside = (r + zp >= grid.qmin) & (r + zp <= grid.qmax)
+    clamped = torch.clamp(r + zp, grid.qmin, grid.qmax) - zp
+    return torch.where(inside, (r - u).detach() + u, clamped) * scale
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
