@@ -144,6 +144,7 @@ def _run(module: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
 
 
 ALPHAS = torch.linspace(0.3, 1.0, 15).tolist()  # scale multipliers searched for weights
+_SCALE_SAMPLES = 1 << 22  # values a step-size search sees (strided; 128 images at 224 px give 150M)
 ACT_ALPHAS = torch.logspace(-1, 0.2, 25).tolist()  # and for activations (BN ranges are wide)
 
 
@@ -364,6 +365,7 @@ class _BlockState:
             for k, aq in self.quantizers.items():
                 if seen[k]:
                     v = torch.cat([t.flatten() for t in seen[k]])
+                    v = v[:: max(1, len(v) // _SCALE_SAMPLES)]  # enough to place a step size
                     best = _best_scale(v, aq.scale, aq.zero_point, aq.grid, None, ACT_ALPHAS)
                     aq.scale.copy_(best)
                     self.log_scales[k].copy_(best.log())
@@ -396,11 +398,14 @@ def reconstruct(
 
     from tqdm.auto import tqdm
 
-    gm_q = copy.deepcopy(gm_q)
-    gm_f = copy.deepcopy(gm_f).eval()
+    # channels-last copies: 1.5x faster convolutions on CPUs (the result is put back)
+    gm_q = copy.deepcopy(gm_q).to(memory_format=torch.channels_last)
+    gm_f = copy.deepcopy(gm_f).eval().to(memory_format=torch.channels_last)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     x_f = _stack(data, config.images)
+    if x_f.dim() == 4:
+        x_f = x_f.contiguous(memory_format=torch.channels_last)
     x_q = x_f
     n = len(x_f)
     bs = min(config.batch_size, n)
@@ -504,4 +509,4 @@ def reconstruct(
         warnings.warn(msg, stacklevel=2)
         log.warning("WARNING: %s", msg)
     snap_clips_to_grid_(gm_q)
-    return Transformed(gm_q, stats, info)
+    return Transformed(gm_q.to(memory_format=torch.contiguous_format), stats, info)
