@@ -17,6 +17,7 @@ import sys
 from dfq.cli.parser import build_parser
 from dfq.distributed import process_group, resolve_device
 from dfq.errors import DfqError
+from dfq.malloc import keep_freed_memory
 
 log = logging.getLogger("dfq")
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="dfq: %(message)s")
     log.setLevel(logging.INFO)  # dfq's own notes; other libraries (onnxscript...) only warnings
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         from dfq.cli import commands
 
