@@ -16,7 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # MobileNetV2, 96.2 % agreement with FP32 against 94.8 % for min/max. Real images use min/max.
 DISTILLED_PERCENTILE = 99.99
 # What dfq.quantization_data.default_distill makes when no distillation is given (CLI and API)
-DISTILL_SIDE = 112  # images at most this side (ranges measured best)
+DISTILL_SIDE = 112  # images for ranges at most this side (measured best; reconstruction: full)
 DISTILL_BATCH_SIZE = 32  # images per batch
 DISTILL_BATCHES = 2  # 2 x 32 images for activation ranges and equalization
 DISTILL_BATCHES_RECONSTRUCT = 4  # and 4 x 32 for --reconstruct (benchmarks/reconstruct.md)

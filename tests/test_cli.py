@@ -214,14 +214,14 @@ def test_distillation_defaults_are_the_measured_best():
     rec = spec("mobilenet_v2", "--reconstruct")
     assert (rec.stats, rec.param, rec.label_loss, rec.jitter) == ("batch", "fourier", 1.0, 2)
     assert rec.iterations == 150 and rec.threshold_factor == 0
-    assert rec.num_batches * rec.batch_size == 128
+    assert rec.num_batches * rec.batch_size == 128 and rec.resolution is None  # input's size
     mixed = spec("mobilenet_v2", "--reconstruct", "--dis_stats", "image", "--dis_jitter", "0")
     assert (mixed.stats, mixed.param, mixed.jitter) == ("image", "fourier", 0)
     assert spec("mobilenet_v2", "--dis_early_stop", "0").threshold_factor == 0
 
 
 def test_python_api_distils_what_the_cli_distils(monkeypatch):
-    """run_one without calib data makes the CLI's images (128 at 112 px, class-conditioned,
+    """run_one without calib data makes the CLI's images (128 at 224 px, class-conditioned,
     the run's seed for --reconstruct), not DistillConfig()'s 512 at full size."""
     import dfq.distill
     from dfq.cli.options import data_spec, pipeline_config
@@ -243,7 +243,7 @@ def test_python_api_distils_what_the_cli_distils(monkeypatch):
         pipeline_data(nn.Identity(), config, batches, progress=False, classifier=True)
     api = made[0]
     assert api == data_spec(args, config).distill
-    assert (api.batch_size * api.num_batches, api.resolution) == (128, (112, 112))
+    assert (api.batch_size * api.num_batches, api.resolution) == (128, None)
     assert api.label_loss == 1.0 and api.seed == 3
 
 

@@ -222,7 +222,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "--dis_resolution",
         type=int,
         default=None,
-        help=f"distilled image side (default: the input's, at most {DISTILL_SIDE})",
+        help=(
+            "distilled image side (default: the input's; for ranges and searches at most "
+            f"{DISTILL_SIDE})"
+        ),
     )
     d.add_argument(
         "--dis_iterations",
