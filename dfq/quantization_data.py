@@ -40,8 +40,9 @@ def default_distill(
     batches (2 for ranges, 4 for reconstruction), with the preset measured best for that use
     (class-conditioned for classifiers) and the reconstruction's seed. Images for ranges are
     at the input's shape scaled down to at most DISTILL_SIDE px; for reconstruction at the
-    input's own size, which fits the rounding to real images better. The 8 x 64 of
-    DistillConfig() would cost 4x for nothing measured better."""
+    input's own size, after which the model agrees with FP32 on more real images (MobileNetV2
+    W4A8: 87.4 % against 86.4 % at 112 px). The 8 x 64 of DistillConfig() would cost 4x for
+    nothing measured better."""
     res = None
     if input_hw and max(input_hw) > DISTILL_SIDE and not config.reconstruct:
         res = tuple(max(1, round(v * DISTILL_SIDE / max(input_hw))) for v in input_hw)
