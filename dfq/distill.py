@@ -32,6 +32,7 @@ from torch import nn
 from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.distributed import gather_batches, mine, world
 from dfq.errors import DfqError
+from dfq.layout import set_memory_format_
 
 _FORMAT = "dfq-distilled-v1"
 log = logging.getLogger("dfq")
@@ -326,7 +327,7 @@ def distill(
     lr = config.lr or (0.01 if fourier else 0.1)
     config = dataclasses.replace(config, resolution=(height, width), lr=lr)
     frozen, bns = _frozen_copy(model)
-    frozen.to(memory_format=torch.channels_last)  # 1.5x faster convolutions on CPUs
+    set_memory_format_(frozen, torch.channels_last)
     if device is not None:  # e.g. a GPU: the model stays where it is, its frozen copy moves
         frozen.to(device)
     ref = next(frozen.parameters(), bns[0].running_mean)

@@ -37,6 +37,7 @@ from torch.func import functional_call
 from dfq.config import ReconstructConfig
 from dfq.errors import DfqError
 from dfq.graph.subgraph import subgraph
+from dfq.layout import set_memory_format_
 from dfq.quant.activations import input_quantizer, snap_clips_to_grid_
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.quant.primitives import dequantize, round_ste
@@ -398,9 +399,9 @@ def reconstruct(
 
     from tqdm.auto import tqdm
 
-    # channels-last copies: 1.5x faster convolutions on CPUs (the result is put back)
-    gm_q = copy.deepcopy(gm_q).to(memory_format=torch.channels_last)
-    gm_f = copy.deepcopy(gm_f).eval().to(memory_format=torch.channels_last)
+    # channels-last copies (the result is put back)
+    gm_q = set_memory_format_(copy.deepcopy(gm_q), torch.channels_last)
+    gm_f = set_memory_format_(copy.deepcopy(gm_f).eval(), torch.channels_last)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     x_f = _stack(data, config.images)
@@ -509,4 +510,4 @@ def reconstruct(
         warnings.warn(msg, stacklevel=2)
         log.warning("WARNING: %s", msg)
     snap_clips_to_grid_(gm_q)
-    return Transformed(gm_q.to(memory_format=torch.contiguous_format), stats, info)
+    return Transformed(set_memory_format_(gm_q, torch.contiguous_format), stats, info)

@@ -115,6 +115,15 @@ def test_conv_without_bn_is_simply_not_matched():
     assert result.data.shape == (16, *SMALL) and torch.isfinite(result.data).all()
 
 
+def test_a_five_dimensional_tensor_in_the_model_does_not_stop_the_channels_last_copy():
+    """The frozen copy runs channels-last; a 5-D tensor (a Conv3d's weight) stays as it is
+    instead of failing as Module.to(memory_format=channels_last) does."""
+    net = _small_net()
+    net.register_buffer("volume", torch.ones(1, 1, 1, 1, 1))
+    result = distill(net, _config(num_batches=1, iterations=2), SMALL, progress=False)
+    assert result.data.shape == (8, *SMALL) and torch.isfinite(result.data).all()
+
+
 def test_model_without_bn_is_refused():
     with pytest.raises(DfqError, match="BatchNorm"):
         distill(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), _config(), SMALL, progress=False)
