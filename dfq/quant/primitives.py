@@ -123,8 +123,9 @@ def fake_quantize_ste(
         )
     u = x / scale
     r = torch.round(u).detach()
-    inside = (r + zp >= grid.qmin) & (r + zp <= grid.qmax)
-    clamped = torch.clamp(r + zp, grid.qmin, grid.qmax) - zp
+    level = r + zp
+    inside = (level >= grid.qmin) & (level <= grid.qmax)
+    clamped = torch.clamp(level, grid.qmin, grid.qmax) - zp
     return torch.where(inside, (r - u).detach() + u, clamped) * scale
 
 
