@@ -20,6 +20,7 @@ DISTILL_SIDE = 112  # images for ranges at most this side (measured best; recons
 DISTILL_BATCH_SIZE = 32  # images per batch
 DISTILL_BATCHES = 2  # 2 x 32 images for activation ranges and equalization
 DISTILL_BATCHES_RECONSTRUCT = 4  # and 4 x 32 for --reconstruct (benchmarks/reconstruct.md)
+DISTILL_BATCHES_RECONSTRUCT_LOW_ACT = 6  # 6 x 32 when activations are below 8 bits (same)
 AUTO = "auto"
 # The paper's constants, one place each
 RANGE_STD = 6.0  # BN-derived ranges: mean +- 6 std

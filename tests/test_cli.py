@@ -215,6 +215,12 @@ def test_distillation_defaults_are_the_measured_best():
     assert (rec.stats, rec.param, rec.label_loss, rec.jitter) == ("batch", "fourier", 1.0, 2)
     assert rec.iterations == 150 and rec.threshold_factor == 0
     assert rec.num_batches * rec.batch_size == 128 and rec.resolution is None  # input's size
+    # activation step sizes below 8 bits are learned on more images (192)
+    low_act = spec("mobilenet_v2", "--reconstruct", "--bits_activation", "6")
+    assert low_act.num_batches * low_act.batch_size == 192
+    assert spec("mobilenet_v2", "--reconstruct", "--bits_weight", "4").num_batches == 4
+    given = spec("mobilenet_v2", "--reconstruct", "--bits_activation", "6", "--dis_num_batch", "2")
+    assert given.num_batches == 2
     mixed = spec("mobilenet_v2", "--reconstruct", "--dis_stats", "image", "--dis_jitter", "0")
     assert (mixed.stats, mixed.param, mixed.jitter) == ("image", "fourier", 0)
     assert spec("mobilenet_v2", "--dis_early_stop", "0").threshold_factor == 0

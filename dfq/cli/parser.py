@@ -10,6 +10,7 @@ from dfq.config import (
     DISTILL_BATCH_SIZE,
     DISTILL_BATCHES,
     DISTILL_BATCHES_RECONSTRUCT,
+    DISTILL_BATCHES_RECONSTRUCT_LOW_ACT,
     DISTILL_SIDE,
     RANGE_STD,
     TARGETS,
@@ -216,7 +217,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"distillation batches (default {DISTILL_BATCHES}: "
         f"{DISTILL_BATCH_SIZE * DISTILL_BATCHES} images, "
-        f"the measured best for ranges; {DISTILL_BATCHES_RECONSTRUCT} with --reconstruct)",
+        f"the measured best for ranges; {DISTILL_BATCHES_RECONSTRUCT} with --reconstruct, "
+        f"{DISTILL_BATCHES_RECONSTRUCT_LOW_ACT} with --reconstruct below 8-bit activations)",
     )
     d.add_argument(
         "--dis_resolution",
