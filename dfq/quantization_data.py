@@ -38,14 +38,15 @@ def default_distill(
     config: PipelineConfig, input_hw: tuple[int, ...] = (), classifier: bool = False
 ) -> DistillConfig:
     """The distillation both the CLI and the Python API run when none is given: 32-image
-    batches (2 for ranges; 4 for reconstruction, 6 when it learns activation step sizes below
-    8 bits), with the preset measured best for that use (class-conditioned for classifiers)
-    and the reconstruction's seed. Images for ranges are at the input's shape scaled down to
-    at most DISTILL_SIDE px; for reconstruction at the input's own size, after which the model
-    agrees with FP32 on more real images (MobileNetV2 W4A8: 87.4 % against 86.4 % at 112 px).
-    More images pay where the activations have few levels (MobileNetV2 W6A6: −1.12 over four
-    seeds with 192, −1.92 with 128), not at 8 bits (W4A8: −3.26 against −3.29). The 8 x 64 of
-    DistillConfig() would cost 4x for nothing measured better."""
+    batches (2 for ranges; 4 for reconstruction, 6 when --bits_activation is below 8:
+    per-layer overrides do not count), with the preset measured best for that use
+    (class-conditioned for classifiers) and the reconstruction's seed. Images for ranges are
+    at the input's shape scaled down to at most DISTILL_SIDE px; for reconstruction at the
+    input's own size, after which the model agrees with FP32 on more real images (MobileNetV2
+    W4A8: 87.4 % against 86.4 % at 112 px). More images pay where the activations have few
+    levels (MobileNetV2 W6A6: −1.12 over four seeds with 192, −1.92 with 128), not at 8 bits
+    (W4A8: −3.26 against −3.29). The 8 x 64 of DistillConfig() would cost 4x for nothing
+    measured better."""
     res = None
     if input_hw and max(input_hw) > DISTILL_SIDE and not config.reconstruct:
         res = tuple(max(1, round(v * DISTILL_SIDE / max(input_hw))) for v in input_hw)
