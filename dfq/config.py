@@ -112,7 +112,9 @@ class ReconstructConfig:
     a cap, which warns when it cuts. AdaRound's soft rounding (`round_lr`, regulariser weight
     `round_weight`, beta annealed `beta` over the steps after `warmup`) and LSQ activation step
     sizes (`scale_lr`, on log scale). `fp_input_mix`: the share of input elements taken from the
-    FP32 model instead of the quantized one (QDrop); `images`: at most this many images."""
+    FP32 model instead of the quantized one (QDrop); `images`: at most this many images;
+    `mirror`: learn on their mirror images too (left-right flipped; images only), which are
+    new inputs for the FP32 model to be matched on at no distillation cost."""
 
     iterations: int = 200
     batch_size: int = 32
@@ -128,6 +130,7 @@ class ReconstructConfig:
     init_scales: bool = True  # start weight and activation scales at their least-MSE multiple
     fp_input_mix: float = 0.5
     images: int | None = None
+    mirror: bool = True
     seed: int = 0
 
     def __post_init__(self):

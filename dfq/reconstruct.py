@@ -15,6 +15,8 @@ and BRECQ (Li et al. 2021) do with real data:
 - Each activation quantizer in the block learns log(scale) with straight-through rounding.
 - Inputs come from the already-reconstructed quantized model (errors of earlier blocks are
   seen and compensated), optionally mixed with FP32 inputs element-wise (QDrop's idea).
+- Images are used with their mirror images (by default): twice the inputs to match FP32 on,
+  which the activation step sizes want where they have few levels.
 - A block whose error does not decrease keeps its round-to-nearest weights and scales.
 
 The number of iterations decides the result (seeded batch order and masks); the time budget is
@@ -406,6 +408,8 @@ def reconstruct(
     gen = torch.Generator().manual_seed(config.seed)
     x_f = _stack(data, config.images)
     if x_f.dim() == 4:
+        if config.mirror:  # more inputs to match FP32 on, for free (a flip keeps them images)
+            x_f = torch.cat([x_f, x_f.flip(-1)])
         x_f = x_f.contiguous(memory_format=torch.channels_last)
     x_q = x_f
     n = len(x_f)

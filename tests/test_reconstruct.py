@@ -138,6 +138,21 @@ def test_same_seed_same_model_other_seed_other_model():
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
+def test_mirror_learns_on_the_images_and_their_mirror_images():
+    """mirror=True (the default) is the same reconstruction as mirror=False on the images
+    followed by their left-right flips: nothing else changes."""
+    model, data, _, base = _setup()
+    x = torch.cat(data)
+    mirrored = quantize_model(model, _rec(base, iterations=20), calib_data=[x])
+    by_hand = quantize_model(
+        model, _rec(base, iterations=20, mirror=False), calib_data=[x, x.flip(-1)]
+    )
+    plain = quantize_model(model, _rec(base, iterations=20, mirror=False), calib_data=[x])
+    sm, sh, sp = (r.model.state_dict() for r in (mirrored, by_hand, plain))
+    assert all(torch.equal(sm[k], sh[k]) for k in sm)
+    assert any(not torch.equal(sm[k], sp[k]) for k in sm)
+
+
 def test_images_of_two_sizes_are_refused_by_name():
     model, data, _, base = _setup()
     mixed = [*data, torch.randn(4, 3, 20, 20)]

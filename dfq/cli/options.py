@@ -106,6 +106,7 @@ def pipeline_config(
         "fp_input_mix": getattr(args, "reconstruct_fp_mix", None),
         "round_lr": getattr(args, "reconstruct_round_lr", None),
         "round_weight": getattr(args, "reconstruct_round_weight", None),
+        "mirror": False if getattr(args, "reconstruct_no_mirror", False) else None,
     }
     fields["reconstruct"] = getattr(args, "reconstruct", False)
     fields["reconstruction"] = ReconstructConfig(
