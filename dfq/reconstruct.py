@@ -16,7 +16,7 @@ and BRECQ (Li et al. 2021) do with real data:
 - Inputs come from the already-reconstructed quantized model (errors of earlier blocks are
   seen and compensated), optionally mixed with FP32 inputs element-wise (QDrop's idea).
 - Images are used with their mirror images (by default): twice the inputs to match FP32 on,
-  which the activation step sizes want where they have few levels.
+  at no distillation cost.
 - A block whose error does not decrease keeps its round-to-nearest weights and scales.
 
 The number of iterations decides the result (seeded batch order and masks); the time budget is
