@@ -175,7 +175,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "--reconstruct-no-mirror",
         action="store_true",
         help="learn on the images only, not also on their mirror images (the default adds "
-        "them: MobileNetV2 W6A6 logits 0.4 dB closer to FP32 at no distillation cost)",
+        "them, at no distillation cost: MobileNetV2 agrees with FP32 on 0.2-1.8 points more "
+        "images in three paired runs)",
     )
     r.add_argument(
         "--save-quantized",
