@@ -81,6 +81,15 @@ class QuantConfig:
             )
 
     @property
+    def lowest_activation_bits(self) -> int:
+        """The fewest bits any activation quantizer is asked for: the model-wide width, the
+        first/last layers' and the per-layer overrides' (each pattern matches a layer, as
+        dfq.quant.mixed.check_layer_bits makes sure before any distillation)."""
+        widths = [self.bits_activation, self.keep_first_last]
+        widths += [a for _, _, a in self.layer_bits]
+        return min(b for b in widths if b is not None)
+
+    @property
     def weight_grid(self) -> Grid:
         return Grid(self.bits_weight, self.weight_symmetric)
 

@@ -38,8 +38,8 @@ def default_distill(
     config: PipelineConfig, input_hw: tuple[int, ...] = (), classifier: bool = False
 ) -> DistillConfig:
     """The distillation both the CLI and the Python API run when none is given: 32-image
-    batches (2 for ranges; 4 for reconstruction, 6 when --bits_activation is below 8:
-    per-layer overrides do not count), with the preset measured best for that use
+    batches (2 for ranges; 4 for reconstruction, 6 when any activation is below 8 bits,
+    model-wide or per layer), with the preset measured best for that use
     (class-conditioned for classifiers) and the reconstruction's seed. Images for ranges are
     at the input's shape scaled down to at most DISTILL_SIDE px; for reconstruction at the
     input's own size, after which the model agrees with FP32 on more real images (MobileNetV2
@@ -52,7 +52,7 @@ def default_distill(
         res = tuple(max(1, round(v * DISTILL_SIDE / max(input_hw))) for v in input_hw)
     batches = DISTILL_BATCHES
     if config.reconstruct:
-        low_act = config.quant.bits_activation < 8
+        low_act = config.quant.lowest_activation_bits < 8
         batches = DISTILL_BATCHES_RECONSTRUCT_LOW_ACT if low_act else DISTILL_BATCHES_RECONSTRUCT
     return DistillConfig(
         batch_size=DISTILL_BATCH_SIZE,

@@ -219,6 +219,11 @@ def test_distillation_defaults_are_the_measured_best():
     low_act = spec("mobilenet_v2", "--reconstruct", "--bits_activation", "6")
     assert low_act.num_batches * low_act.batch_size == 192
     assert spec("mobilenet_v2", "--reconstruct", "--bits_weight", "4").num_batches == 4
+    # any activation below 8 bits counts: per layer, or the first and last layers'
+    per_layer = spec("mobilenet_v2", "--reconstruct", "--layer_bits", "features.1.*=8,6")
+    assert per_layer.num_batches == 6
+    assert spec("mobilenet_v2", "--reconstruct", "--keep_first_last", "6").num_batches == 6
+    assert spec("mobilenet_v2", "--reconstruct", "--layer_bits", "features.1.*=4").num_batches == 4
     given = spec("mobilenet_v2", "--reconstruct", "--bits_activation", "6", "--dis_num_batch", "2")
     assert given.num_batches == 2
     mixed = spec("mobilenet_v2", "--reconstruct", "--dis_stats", "image", "--dis_jitter", "0")
