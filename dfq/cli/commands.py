@@ -182,12 +182,7 @@ def _print_runtime(task: Task, res: dict[str, Any], common: dict[str, Any]) -> d
         rows.insert(0, ["FP32", res[f"fp32_{metric}"]])
     print(f"--target {res['backend']}: {res['profile']}")
     print(markdown_table(["model", metric], rows))
-    diff = {
-        k: v
-        for k, v in res.items()
-        if k in ("agreement_with_sim", "max_abs_logit_diff", "images_off_sim")
-        or k.endswith("_vs_sim")
-    }
+    diff = {k: v for k, v in res["vs_simulation"].items() if not k.startswith("sim_")}
     print(", ".join(f"{k}: {v}" for k, v in diff.items()) + f"; files in {res['export_dir']}")
     print(summary(res["coverage"]))
     return {**res, **common}
