@@ -225,7 +225,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help=f"distillation batches (default {DISTILL_BATCHES}: "
         f"{DISTILL_BATCH_SIZE * DISTILL_BATCHES} images, "
         f"the measured best for ranges; {DISTILL_BATCHES_RECONSTRUCT} with --reconstruct, "
-        f"{DISTILL_BATCHES_RECONSTRUCT_LOW_ACT} with --reconstruct below 8-bit activations)",
+        f"{DISTILL_BATCHES_RECONSTRUCT_LOW_ACT} with --reconstruct where any activation is "
+        "below 8 bits)",
     )
     d.add_argument(
         "--dis_resolution",
