@@ -80,13 +80,25 @@ class Task:
         return self.score(gather_batches(self.per_batch(model, mine, progress, desc), indices))
 
 
-def voc_loader(dataset, options: DataOptions, collate=None):
-    """A re-iterable DataLoader over the first `options.limit` items (nothing held in memory)."""
+def voc_eval_data(
+    options: DataOptions,
+    year: str,
+    split: str,
+    dataset_of: Callable[[str, str], Any],
+    collate=None,
+    note: str = "",
+    **detail: Any,
+) -> EvalData:
+    """A VOC split (`options.year`/`split`, else the task's `year`/`split`) as a re-iterable
+    DataLoader over the first `options.limit` items of `dataset_of(year, split)` (nothing held
+    in memory), described for the report."""
     from torch.utils.data import DataLoader, Subset
 
+    year, split = options.year or year, options.split or split
+    dataset = dataset_of(year, split)
     if options.limit is not None:
         dataset = Subset(dataset, range(min(options.limit, len(dataset))))
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=options.batch_size,
         shuffle=False,
@@ -94,6 +106,8 @@ def voc_loader(dataset, options: DataOptions, collate=None):
         collate_fn=collate,
         pin_memory=options.pin_memory,
     )
+    n, about = len(dataset), {"year": year, "split": split, **detail}
+    return EvalData(loader, n, f"{n} images of VOC{year} {split}{note}", about)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
-from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_loader
+from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_eval_data
 from dfq.tasks.voc import VOC_CLASSES, open_voc
 
 IMAGE_SIZE = 300
@@ -362,14 +362,14 @@ def evaluate(
 
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
-    year, split = options.year or YEAR, options.split or SPLIT
-    loader = voc_loader(
-        VOCDetectionEval(options.path, year=year, split=split, size=options.size or IMAGE_SIZE),
+    size = options.size or IMAGE_SIZE
+    return voc_eval_data(
         options,
+        YEAR,
+        SPLIT,
+        lambda year, split: VOCDetectionEval(options.path, year=year, split=split, size=size),
         collate,
     )
-    n = len(loader.dataset)
-    return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
 
 
 TASK = Task(

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
-from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_loader
+from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_eval_data
 from dfq.tasks.voc import VOC_CLASSES, open_voc
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
@@ -158,13 +158,13 @@ def evaluate(
 
 
 def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> EvalData:
-    year, split = options.year or YEAR, options.split or SPLIT
-    loader = voc_loader(
-        VOCSegmentationVal(options.path, split=split, year=year, crop_size=options.size or CROP),
+    crop = options.size or CROP
+    return voc_eval_data(
         options,
+        YEAR,
+        SPLIT,
+        lambda year, split: VOCSegmentationVal(options.path, split, year=year, crop_size=crop),
     )
-    n = len(loader.dataset)
-    return EvalData(loader, n, f"{n} images of VOC{year} {split}", {"year": year, "split": split})
 
 
 TASK = Task(

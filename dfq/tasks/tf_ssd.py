@@ -27,7 +27,7 @@ from PIL import Image
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
 from dfq.tasks import detection as det
-from dfq.tasks.base import DataOptions, EvalData, voc_loader
+from dfq.tasks.base import DataOptions, EvalData, voc_eval_data
 from dfq.tasks.voc import VOC_CLASSES
 
 IMAGE_SIZE = 300
@@ -176,14 +176,14 @@ def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> E
             f"(--size {options.size}).",
             "drop --size",
         )
-    year, split = options.year or det.YEAR, options.split or det.SPLIT
-    loader = voc_loader(VOCDetectionTF(options.path, year=year, split=split), options, det.collate)
-    n = len(loader.dataset)
-    return EvalData(
-        loader,
-        n,
-        f"{n} images of VOC{year} {split} (person only, the model's class)",
-        {"year": year, "split": split, "classes": ["person"]},
+    return voc_eval_data(
+        options,
+        det.YEAR,
+        det.SPLIT,
+        lambda year, split: VOCDetectionTF(options.path, year=year, split=split),
+        det.collate,
+        " (person only, the model's class)",
+        classes=["person"],
     )
 
 
