@@ -243,3 +243,28 @@ def test_model_spec_errors(env, capsys):
         capsys, "--arch", "cifar_resnet20", "--model", "a.py:b", "--data", str(env / "imgs.npz")
     )
     _one_line_error(code, err, "exactly one of --arch and --model")
+
+
+class _FailsOnSecondBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 21, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("second batch")
+        return self.conv(x)
+
+
+def test_an_evaluation_that_fails_gives_the_model_back_in_training_mode():
+    from dfq.tasks.classification import logits_per_batch
+    from dfq.tasks.segmentation import confusion_per_batch
+
+    batches = [(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))] * 3
+    for run in (logits_per_batch, confusion_per_batch):
+        m = _FailsOnSecondBatch().train()
+        with pytest.raises(RuntimeError, match="second batch"):
+            run(m, batches)
+        assert m.calls == 2 and m.training and m.conv.training

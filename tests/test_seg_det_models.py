@@ -16,19 +16,9 @@ from torch.utils.data import DataLoader
 from voc_fixture import make_voc
 
 from dfq.models import available, build
+from dfq.models.blocks import MOBILENETV2_STAGES
 from dfq.tasks import detection as det
 from dfq.tasks import segmentation as seg
-
-# MobileNetV2: expansion t, channels c, repeats n, stride s
-STAGES = [
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-]
 
 
 def bn(prefix, c):
@@ -56,7 +46,7 @@ def mobilenetv2_blocks(prefix_of):
     """Layers 0..17 of MobileNetV2 `features`; prefix_of(i) names layer i."""
     keys = {f"{prefix_of(0)}.0.weight": (32, 3, 3, 3), **bn(f"{prefix_of(0)}.1", 32)}
     i, inp = 1, 32
-    for t, c, n, _ in STAGES:
+    for t, c, n, _ in MOBILENETV2_STAGES:
         for _ in range(n):
             keys.update(inverted_residual(prefix_of(i), inp, c, t))
             i, inp = i + 1, c

@@ -7,9 +7,11 @@ The run layer (dfq.tasks.quantized_runs) and the CLI only ever talk to these two
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
+import torch
 from torch import nn
 
 from dfq.models.registry import InputConfig
@@ -140,3 +142,16 @@ class MetricScore:
             f"delta_{k}_vs_sim": round(self.values[k] - simulation.values[k], 3)
             for k in self.metrics
         }
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[torch.device]:
+    """The model in eval mode (its training mode given back afterwards, also on an error),
+    and the device its inputs must go to: an evaluation never leaves the user's model changed."""
+    param = next(iter(model.parameters()), None)
+    was_training = model.training
+    model.eval()
+    try:
+        yield param.device if param is not None else torch.device("cpu")
+    finally:
+        model.train(was_training)

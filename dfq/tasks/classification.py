@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
-from dfq.tasks.base import DataOptions, EvalData, Task
+from dfq.tasks.base import DataOptions, EvalData, Task, evaluating
 
 
 @dataclass(frozen=True)
@@ -244,15 +244,10 @@ def logits_per_batch(
     """(logits, labels) of each batch, on the CPU; inputs go to the model's device."""
     from tqdm import tqdm
 
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     out = []
-    with torch.no_grad():
+    with evaluating(model) as device, torch.no_grad():
         for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
             out.append((model(x.to(device)).float().cpu(), y))
-    model.train(was_training)
     return out
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
-from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_eval_data
+from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, evaluating, voc_eval_data
 from dfq.tasks.voc import VOC_CLASSES, open_voc
 
 IMAGE_SIZE = 300
@@ -314,12 +314,8 @@ def detect_per_batch(
     from tqdm import tqdm
 
     priors = ssd_priors() if priors is None else priors
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with evaluating(model) as device:
         for images, targets in tqdm(loader, desc="detection", disable=not progress):
             confidences, locations = model(images.to(device))
             if locations.shape[1] != priors.shape[0]:
@@ -338,8 +334,6 @@ def detect_per_batch(
                     targets,
                 )
             )
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from dfq.config import IMAGENET_MEAN, IMAGENET_STD
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig
-from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, voc_eval_data
+from dfq.tasks.base import DataOptions, EvalData, MetricScore, Task, evaluating, voc_eval_data
 from dfq.tasks.voc import VOC_CLASSES, open_voc
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
@@ -111,12 +111,8 @@ def confusion_per_batch(
     """(confusion matrix, images) of each (image, mask) batch; inputs go to the model's device."""
     from tqdm import tqdm
 
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with evaluating(model) as device:
         for images, masks in tqdm(loader, desc="segmentation", disable=not progress):
             logits = model(images.to(device))
             if logits.shape[-2:] != masks.shape[-2:]:
@@ -128,8 +124,6 @@ def confusion_per_batch(
             out.append(
                 (confusion_matrix(masks, logits.argmax(1).cpu(), num_classes), images.shape[0])
             )
-    finally:
-        model.train(was_training)
     return out
 
 
