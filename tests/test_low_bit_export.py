@@ -33,11 +33,19 @@ def _runtime(target, model, tmp_path):
 
 @pytest.mark.parametrize("target", ["ort", "ncnn"])
 @pytest.mark.parametrize(
-    "bits_weight, bits_activation, reconstruct",
-    [(4, 8, False), (6, 8, False), (4, 8, True), (6, 6, False), (4, 4, False), (4, 6, True)],
+    "bits_weight, bits_activation, reconstruct, input_bits",
+    [
+        (4, 8, False, None),
+        (6, 8, False, None),
+        (4, 8, True, None),
+        (6, 6, False, None),  # the image at 8 bits, the rest at 6
+        (6, 6, False, 6),
+        (4, 4, False, 4),
+        (4, 6, True, 6),
+    ],
 )
 def test_low_bit_models_run_as_simulated(
-    small_net, tmp_path, target, bits_weight, bits_activation, reconstruct
+    small_net, tmp_path, target, bits_weight, bits_activation, reconstruct, input_bits
 ):
     g = torch.Generator().manual_seed(3)
     calib = [torch.randn(16, 3, 16, 16, generator=g)]
@@ -51,6 +59,7 @@ def test_low_bit_models_run_as_simulated(
             bits_weight=bits_weight,
             bits_activation=bits_activation,
             per_channel=True,
+            input_bits=input_bits,
         ),
     )
     r = quantize_model(small_net, config, calib_data=calib if reconstruct else None)
@@ -60,8 +69,9 @@ def test_low_bit_models_run_as_simulated(
             assert layer["bits_weight"] == bits_weight, name
     weights = [m for m in r.model.modules() if hasattr(m, "int_weight")]
     assert weights and all(int(m.int_weight().abs().max()) <= levels for m in weights)
-    acts = [m for m in r.model.modules() if isinstance(m, ActQuant) and m.quantizing]
-    assert acts and all(m.grid.bits == bits_activation for m in acts)
+    acts = {n: m for n, m in r.model.named_modules() if isinstance(m, ActQuant) and m.quantizing}
+    assert acts.pop("act_quant_x").grid.bits == (input_bits or max(bits_activation, 8))
+    assert acts and all(m.grid.bits == bits_activation for m in acts.values())
     x = torch.randn(64, 3, 16, 16, generator=g)
     with torch.no_grad():
         sim = r.model(x)

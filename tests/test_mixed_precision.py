@@ -65,6 +65,40 @@ def test_default_bits_are_untouched():
     assert {v["bits"] for v in r.activations.values()} == {8}
 
 
+def _input_levels(r) -> int:
+    """Distinct values the network input's quantizer lets through, on a fine ramp."""
+    placeholder = next(n for n in r.model.graph.nodes if n.op == "placeholder")
+    aq = r.model.get_submodule(f"act_quant_{placeholder.name}")
+    return int(aq(torch.linspace(-3, 3, 10_000)).unique().numel())
+
+
+@pytest.mark.parametrize(
+    "quant, input_bits",
+    [
+        (QuantConfig(bits_weight=6, bits_activation=6), 8),  # an image keeps its 8 bits
+        (QuantConfig(bits_weight=6, bits_activation=6, input_bits=6), 6),
+        (QuantConfig(bits_activation=12), 12),  # never fewer bits than the activations
+        (QuantConfig(bits_activation=4, input_bits=6, keep_first_last=8), 8),  # first layer's
+        (QuantConfig(bits_activation=4, layer_bits=(("stem.0", 4, 4),)), 4),  # its override
+    ],
+)
+def test_the_network_input_is_quantized_at_its_own_width(quant, input_bits):
+    r = quantize_model(_model(), PipelineConfig(quant=quant))
+    assert r.layers["stem.0"]["bits_input"] == input_bits
+    assert 2 ** (input_bits - 1) < _input_levels(r) <= 2**input_bits
+    others = [v["bits"] for k, v in r.activations.items() if k != "x"]
+    assert others.count(quant.bits_activation) >= len(others) - 2
+    # the summary line counts every width, the input's included
+    widths = r.coverage["bits"]["activations"]
+    assert sum(widths.values()) == len(r.activations)
+    assert widths.get(str(input_bits), 0) >= 1
+
+
+def test_an_int8_runtime_refuses_a_wider_input():
+    with pytest.raises(DfqError, match="input of 12 bits"):
+        quantize_model(_model(), PipelineConfig(quant=QuantConfig(input_bits=12, target="ort")))
+
+
 def test_unmatched_pattern_names_it_and_lists_layers():
     q = QuantConfig(layer_bits=(("features.*", 8, None),))
     with pytest.raises(DfqError, match=r"'features\.\*' matches no .*stem\.0, dw\.0"):

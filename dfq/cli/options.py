@@ -76,6 +76,7 @@ def pipeline_config(
         reduce_range=getattr(args, "reduce_range", None),
         keep_first_last=args.keep_first_last,
         layer_bits=parse_layer_bits(args.layer_bits),
+        input_bits=args.input_bits,
     )
     fields = dict(
         quantize=args.quantize,

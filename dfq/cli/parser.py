@@ -98,6 +98,14 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help="first and last conv/linear layers (weights and inputs) at BITS bits",
     )
     g.add_argument(
+        "--input_bits",
+        type=int,
+        default=None,
+        metavar="BITS",
+        help="bits of the network input's quantizer (default: the activations' and at least 8, "
+        "the precision of an image; e.g. 6 for W6A6 with the image on the 6-bit grid too)",
+    )
+    g.add_argument(
         "--layer_bits",
         action="append",
         default=[],

@@ -82,7 +82,8 @@ def insert_quantizers(
     reciprocal: bool = False,
     reads_quantized: Callable[[fx.GraphModule, fx.Node], bool] | None = None,
 ) -> fx.GraphModule:
-    """Return a copy of `gm` with an ActQuant (unset range) after each point, by node name.
+    """Return a copy of `gm` with an ActQuant (unset range) after each point, by node name, on
+    the activation grid (the network inputs: on `config.input_grid`).
 
     `reciprocal`: the quantizers multiply by float32 1/scale (ncnn); `reads_quantized(gm, user)`:
     which users of a point read the quantized value (default: all; ncnn: its int8 layers only).
@@ -93,9 +94,8 @@ def insert_quantizers(
         if node.name not in names:
             continue
         target = f"act_quant_{node.name}"
-        gm.add_submodule(
-            target, ActQuant(config.activation_grid, config.rounding, reciprocal=reciprocal)
-        )
+        grid = config.input_grid if node.op == "placeholder" else config.activation_grid
+        gm.add_submodule(target, ActQuant(grid, config.rounding, reciprocal=reciprocal))
         with gm.graph.inserting_after(node):
             q = gm.graph.call_module(target, (node,))
         node.replace_all_uses_with(

@@ -32,6 +32,12 @@ def require_int8(q: QuantConfig) -> None:
             "cannot be exported.",
             "use --bits_weight <= 8 and --bits_activation <= 8, or --target generic",
         )
+    if q.network_input_bits > 8:
+        raise DfqError(
+            f"--target {q.target} runs int8: an input of {q.network_input_bits} bits "
+            "cannot be exported.",
+            "use --input_bits 8 or fewer, or --target generic",
+        )
     if not q.weight_symmetric:
         raise DfqError(
             f"--target {q.target} uses symmetric int8 weights.", "drop --asymmetric_weight"
