@@ -53,9 +53,9 @@ class QuantConfig:
     layer_bits: tuple[tuple[str, int, int | None], ...] = ()
     # The network input's quantizer (an image: 8-bit data). None: max(bits_activation, 8), as
     # a grid below the data's own precision only throws information away (W6A6 MobileNetV2:
-    # +0.3 top-1, +0.7 dB logits SQNR; benchmarks/reconstruct.md, session 20); AdaRound, BRECQ
-    # and QDrop do not quantize the input at all. keep_first_last / layer_bits on the first
-    # layer's input still override it.
+    # +0.8 dB logits SQNR on each of four seeds; benchmarks/reconstruct.md, session 20);
+    # AdaRound, BRECQ and QDrop do not quantize the input at all. keep_first_last / layer_bits
+    # on the first layer's input still override it.
     input_bits: int | None = None
 
     def __post_init__(self):
