@@ -58,6 +58,9 @@ def load_quantized(path: str | Path) -> tuple[PipelineConfig, dict[str, Any]]:
         ) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise DfqError(f"'{path}' is not a dfq quantized-model file.", fix)
+    quant = blob["config"].setdefault("quant", {})
+    # files from before `input_bits` quantized the network input like every activation
+    quant.setdefault("input_bits", quant.get("bits_activation", 8))
     return PipelineConfig.from_dict(blob["config"]), {
         "state": blob["state"],
         "modes": blob["modes"],

@@ -44,6 +44,24 @@ def test_restored_model_equals_the_saved_one(tmp_path):
         load_quantized(tmp_path / "bad.pt")
 
 
+def test_a_file_from_before_input_bits_keeps_its_input_grid(tmp_path):
+    """Saved before the network input had its own width: that input was at the activations'."""
+    torch.manual_seed(0)
+    model = randomize_bn(SmallNet())
+    cfg = PipelineConfig(quant=QuantConfig(bits_weight=6, bits_activation=6, input_bits=6))
+    res = quantize_model(model, cfg)
+    save_quantized(tmp_path / "q.pt", res.model, res.config)
+    blob = torch.load(tmp_path / "q.pt", weights_only=True)
+    del blob["config"]["quant"]["input_bits"]
+    torch.save(blob, tmp_path / "old.pt")
+    config, restore = load_quantized(tmp_path / "old.pt")
+    assert config.quant.network_input_bits == 6
+    back = quantize_model(model, config, restore=restore)
+    x = torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(res.model(x), back.model(x))
+
+
 def test_cli_save_then_load_gives_the_same_predictions(tmp_path, capsys):
     common = [
         "cls",
