@@ -59,14 +59,10 @@ class QuantConfig:
     input_bits: int | None = None
 
     def __post_init__(self):
-        for name in ("bits_weight", "bits_activation", "input_bits"):
+        for name in ("bits_weight", "bits_activation", "input_bits", "keep_first_last"):
             value = getattr(self, name)
             if value is not None and not 2 <= value <= 16:
                 raise DfqError(f"--{name} {value} is out of range.", "use 2..16 bits")
-        if self.keep_first_last is not None and not 2 <= self.keep_first_last <= 16:
-            raise DfqError(
-                f"--keep_first_last {self.keep_first_last} is out of range.", "use 2..16 bits"
-            )
         # lists (from JSON) become tuples, so the config stays hashable and comparable
         rules = tuple(
             (str(p), int(w), None if a is None else int(a)) for p, w, a in self.layer_bits

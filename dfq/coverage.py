@@ -117,7 +117,7 @@ def coverage(
                 )
         gaps["ranged"].update(missing)
         total = len(points) + len(missing)
-        out["bits"] = _widths(model, points)
+        out["bits"] = _widths(model, quantized, points)
         out.update(
             layers_quantized=len(all_layers) - len(gaps["quantized"]),
             activations_ranged=total - len(gaps["ranged"]),
@@ -127,14 +127,12 @@ def coverage(
     return out
 
 
-def _widths(model: fx.GraphModule, points: dict[str, fx.Node]) -> dict[str, dict[str, int]]:
-    """How many layers' weights and how many activation quantizers are at each bit width, so
-    that a "W6A6" whose input or first/last layers differ says so."""
-    weights: Counter[int] = Counter()
-    for n in model.graph.nodes:
-        m = weighted_module(model, n)
-        if isinstance(m, QuantizedLayer):
-            weights[m.weight_grid.bits] += 1
+def _widths(
+    model: fx.GraphModule, quantized: set[str], points: dict[str, fx.Node]
+) -> dict[str, dict[str, int]]:
+    """How many quantized layers' weights and how many activation quantizers are at each bit
+    width, so that a "W6A6" whose input or first/last layers differ says so."""
+    weights = Counter(model.get_submodule(name).weight_grid.bits for name in quantized)
     acts = Counter(
         aq.grid.bits for q in points.values() if (aq := model.get_submodule(q.target)).quantizing
     )
