@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfq import EqualizeConfig, PipelineConfig, QuantConfig, quantize_model  # noqa: E402
-from dfq.checkpoints import load_weights  # noqa: E402
+from dfq.app.runs import ablation, ablation_table, run_one  # noqa: E402
 from dfq.models import build  # noqa: E402
+from dfq.models.checkpoints import load_weights  # noqa: E402
 from dfq.tasks.base import EvalData  # noqa: E402
 from dfq.tasks.classification import TASK, Preprocess, evaluate, load_images, materialize  # noqa: E402
-from dfq.tasks.quantized_runs import ablation, ablation_table, run_one  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DIRS = [DATA]

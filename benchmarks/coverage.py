@@ -31,7 +31,7 @@ from conftest import randomize_bn  # noqa: E402
 
 from dfq import DfqError, EqualizeConfig, PipelineConfig, quantize_model  # noqa: E402
 from dfq.models import build  # noqa: E402
-from dfq.report import markdown_table  # noqa: E402
+from dfq.reporting.tables import markdown_table  # noqa: E402
 
 # more than ~60M parameters (or VGG's 100M-weight classifiers): minutes each on 2 cores
 HUGE = {

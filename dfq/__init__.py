@@ -14,10 +14,10 @@ from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructC
 from dfq.errors import DfqError
 from dfq.graph.layers import find_pairs
 from dfq.graph.trace import trace
-from dfq.moments import input_moments, propagate
 from dfq.pipeline import QuantizationResult, quantize_model
 from dfq.quant.weights import quantize_weights
-from dfq.stats import BNStats
+from dfq.statistics.bn import BNStats
+from dfq.statistics.moments import input_moments, propagate
 from dfq.transforms.bias_absorb import absorb_high_bias
 from dfq.transforms.bias_correct import correct_bias
 from dfq.transforms.bn_fold import fold_batchnorm

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dfq.errors import DfqError
-from dfq.quant.primitives import Grid
 
 TARGETS = ("generic", "ort", "ncnn")  # the runtime profiles of dfq/targets
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the one copy of ImageNet's normalisation
@@ -15,7 +14,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Distilled images carry a few far-out synthetic pixels, so their ranges use a percentile:
 # MobileNetV2, 96.2 % agreement with FP32 against 94.8 % for min/max. Real images use min/max.
 DISTILLED_PERCENTILE = 99.99
-# What dfq.quantization_data.default_distill makes when no distillation is given (CLI and API)
+# What dfq.data.quantization_data.default_distill makes when no distillation is given (CLI and API)
 DISTILL_SIDE = 112  # images for ranges at most this side (measured best; reconstruction: full)
 DISTILL_BATCH_SIZE = 32  # images per batch
 DISTILL_BATCHES = 2  # 2 x 32 images for activation ranges and equalization
@@ -26,6 +25,26 @@ AUTO = "auto"
 RANGE_STD = 6.0  # BN-derived ranges: mean +- 6 std
 ABSORB_STD = 3.0  # high-bias absorption: c = max(0, beta - 3 gamma)
 CLIP_WEIGHT = 15.0  # --clip_weight without a value: clamp to [-15, 15]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An integer grid: bit width and whether it is symmetric (signed, zero point 0)."""
+
+    bits: int
+    symmetric: bool
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 32:
+            raise ValueError(f"bit width {self.bits} is out of range 2..32")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
 @dataclass(frozen=True)
@@ -129,14 +148,14 @@ class EqualizeConfig:
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    """Post-training reconstruction (dfq.reconstruct): per block, `iterations` Adam steps on
-    batches of `batch_size` images decide the result; `seconds` (all blocks together) is only
-    a cap, which warns when it cuts. AdaRound's soft rounding (`round_lr`, regulariser weight
-    `round_weight`, beta annealed `beta` over the steps after `warmup`) and LSQ activation step
-    sizes (`scale_lr`, on log scale). `fp_input_mix`: the share of input elements taken from the
-    FP32 model instead of the quantized one (QDrop); `images`: at most this many images;
-    `mirror`: learn on their mirror images too (left-right flipped; images only), which are
-    new inputs for the FP32 model to be matched on at no distillation cost."""
+    """Post-training reconstruction (dfq.transforms.reconstruct): per block, `iterations` Adam
+    steps on batches of `batch_size` images decide the result; `seconds` (all blocks together)
+    is only a cap, which warns when it cuts. AdaRound's soft rounding (`round_lr`, regulariser
+    weight `round_weight`, beta annealed `beta` over the steps after `warmup`) and LSQ
+    activation step sizes (`scale_lr`, on log scale). `fp_input_mix`: the share of input
+    elements taken from the FP32 model instead of the quantized one (QDrop); `images`: at most
+    this many images; `mirror`: learn on their mirror images too (left-right flipped; images
+    only), which are new inputs for the FP32 model to be matched on at no distillation cost."""
 
     iterations: int = 200
     batch_size: int = 32
@@ -195,13 +214,14 @@ class PipelineConfig:
     # data ranges at this percentile instead of min/max (None); "auto": DISTILLED_PERCENTILE for
     # distilled images, min/max for real ones
     range_percentile: float | None | str = AUTO
-    # learn weight rounding and activation step sizes block by block on the data (dfq.reconstruct)
+    # learn weight rounding and activation step sizes block by block on the data
+    # (dfq.transforms.reconstruct)
     reconstruct: bool = False
     reconstruction: ReconstructConfig = field(default_factory=ReconstructConfig)
     input_mean: tuple[float, ...] = IMAGENET_MEAN
     input_std: tuple[float, ...] = IMAGENET_STD
     # refuse (DfqError) a result with any BN left unfolded, layer left unquantized or activation
-    # quantizer left without a range (dfq.coverage names them)
+    # quantizer left without a range (dfq.reporting.coverage names them)
     strict: bool = False
     # (C, H, W) the model will see: used only where a model traces with static shapes (dfq.graph
     # .trace's fallback); None: 3x224x224

@@ -20,10 +20,8 @@ from torch import fx, nn
 
 from dfq import targets
 from dfq.config import PipelineConfig, QuantConfig
-from dfq.coverage import check_strict, coverage
 from dfq.graph.ops import layer_kind, weighted_module
 from dfq.graph.trace import check_finite, trace
-from dfq.moments import Moments, input_moments, propagate
 from dfq.quant.activations import (
     calibrate_,
     insert_quantizers,
@@ -32,18 +30,20 @@ from dfq.quant.activations import (
     snap_clips_to_grid_,
 )
 from dfq.quant.mixed import layer_bits, set_input_bits_
+from dfq.quant.saved import restore_
 from dfq.quant.weights import quantize_weights
-from dfq.reconstruct import reconstruct
-from dfq.saved import restore_
-from dfq.stats import Stats
+from dfq.records import Transformed
+from dfq.reporting.coverage import check_strict, coverage
+from dfq.statistics.bn import Stats
+from dfq.statistics.moments import Moments, input_moments, propagate
 from dfq.targets.base import Profile
-from dfq.transforms import Transformed
 from dfq.transforms.bias_absorb import absorb_high_bias
 from dfq.transforms.bias_correct import correct_bias, correct_bias_empirical_
 from dfq.transforms.bn_fold import fold_batchnorm
 from dfq.transforms.clip import clip_weights
 from dfq.transforms.equalize import equalize
 from dfq.transforms.equalize_search import search_scales_
+from dfq.transforms.reconstruct import reconstruct
 from dfq.transforms.relu6 import replace_relu6
 
 
@@ -59,7 +59,7 @@ class QuantizationResult:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     activations: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    # what was folded / quantized / ranged / equalized of the whole graph (dfq.coverage)
+    # what was folded / quantized / ranged / equalized of the whole graph (dfq.reporting.coverage)
     coverage: dict[str, Any] = field(default_factory=dict)
     reconstruction: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block
 
@@ -190,8 +190,9 @@ def quantize_model(
 
     `calib_data` (input batches, distilled or real) is needed only when config.needs_data:
     data-driven activation ranges (calib, distill_range), empirical bias correction or
-    reconstruction (whose progress bars `progress` shows). `restore` (dfq.saved.load_quantized)
-    puts a saved result in place of those data-driven steps: no data is needed then.
+    reconstruction (whose progress bars `progress` shows). `restore`
+    (dfq.quant.saved.load_quantized) puts a saved result in place of those data-driven steps:
+    no data is needed then.
     """
     if config.needs_data and calib_data is None and restore is None:
         raise ValueError(

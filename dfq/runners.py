@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfq.deps import require
 from dfq.errors import DfqError
+from dfq.utils.deps import require
 
 # onnxruntime's integer kernels (what QDQ groups become after graph optimization)
 INTEGER_OPS = {

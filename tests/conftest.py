@@ -88,8 +88,8 @@ def resnet20_args() -> list[str]:
 
 
 def load_cifar_resnet(depth: int = 20) -> nn.Module:
-    from dfq.checkpoints import load_weights
     from dfq.models import build
+    from dfq.models.checkpoints import load_weights
 
     name = {20: "cifar10_resnet20-12fca82f.th", 56: "cifar10_resnet56-4bfd9763.th"}[depth]
     return load_weights(build(f"cifar_resnet{depth}"), str(shared(name))).eval()

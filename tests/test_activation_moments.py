@@ -16,9 +16,9 @@ from conftest import randomize_bn
 from torch import nn
 
 from dfq import PipelineConfig, fold_batchnorm, propagate, quantize_model, trace
-from dfq.activation_moments import SHAPES, activation_moments, activation_range, evaluate
 from dfq.graph.ops import pointwise_of
-from dfq.moments import input_moments
+from dfq.statistics.activation_moments import SHAPES, activation_moments, activation_range, evaluate
+from dfq.statistics.moments import input_moments
 
 KINDS = [
     ("silu", None),

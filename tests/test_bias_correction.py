@@ -8,8 +8,8 @@ from conftest import randomize_bn
 from torch import nn
 
 from dfq import PipelineConfig, QuantConfig, fold_batchnorm, propagate, trace
-from dfq.moments import Moments, clipped_normal_moments
 from dfq.quant.weights import quantize_weights
+from dfq.statistics.moments import Moments, clipped_normal_moments
 from dfq.transforms.bias_correct import correct_bias
 
 

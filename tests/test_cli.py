@@ -234,10 +234,10 @@ def test_distillation_defaults_are_the_measured_best():
 def test_python_api_distils_what_the_cli_distils(monkeypatch):
     """run_one without calib data makes the CLI's images (128 at 224 px, class-conditioned,
     the run's seed for --reconstruct), not DistillConfig()'s 512 at full size."""
-    import dfq.distill
+    import dfq.data.distill
     from dfq.cli.options import data_spec, pipeline_config
     from dfq.cli.parser import build_parser
-    from dfq.quantization_data import pipeline_data
+    from dfq.data.quantization_data import pipeline_data
 
     made = []
 
@@ -245,7 +245,7 @@ def test_python_api_distils_what_the_cli_distils(monkeypatch):
         made.append(config)
         raise RuntimeError("stop after the config")
 
-    monkeypatch.setattr(dfq.distill, "distill", fake_distill)
+    monkeypatch.setattr(dfq.data.distill, "distill", fake_distill)
     argv = ["cls", "--arch", "mobilenet_v2", "--data", "d", "--crop", "224", "--quantize"]
     args = build_parser().parse_args([*argv, "--reconstruct", "--seed", "3"])
     config = pipeline_config(args)
@@ -259,8 +259,8 @@ def test_python_api_distils_what_the_cli_distils(monkeypatch):
 
 
 def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):
-    """`dfq export` quantizes through dfq.quantization_data.pipeline_data: distilled ranges work
-    without --data, and real ones without --data are a one-line error."""
+    """`dfq export` quantizes through dfq.data.quantization_data.pipeline_data: distilled ranges
+    work without --data, and real ones without --data are a one-line error."""
     pytest.importorskip("onnx")
     w = str(shared("cifar10_resnet20-12fca82f.th"))
     code, _, err = _run(
@@ -305,7 +305,7 @@ def test_freed_memory_stays_in_the_heap_on_glibc():
     activations then reuse heap memory instead of page-faulting a fresh mapping each time."""
     import platform
 
-    from dfq.malloc import keep_freed_memory
+    from dfq.utils.malloc import keep_freed_memory
 
     on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is on_glibc

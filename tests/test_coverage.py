@@ -12,7 +12,7 @@ from torch import nn
 
 from dfq import DfqError, PipelineConfig, quantize_model
 from dfq.cli import main
-from dfq.coverage import summary
+from dfq.reporting.coverage import summary
 
 
 class Gappy(nn.Module):

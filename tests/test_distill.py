@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.distill import (
+from dfq.data.distill import (
     DistillConfig,
     _batch_stat_loss,
     _Spectrum,

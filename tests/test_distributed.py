@@ -100,8 +100,8 @@ def test_distilled_images_do_not_depend_on_the_process_count(tmp_path):
 def _evaluate_in_group(rank: int, path: str, batches, out: str) -> None:
     import torch.distributed as dist
 
-    from dfq.checkpoints import load_weights
     from dfq.models import build
+    from dfq.models.checkpoints import load_weights
     from dfq.tasks.classification import TASK
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
@@ -119,8 +119,8 @@ def _evaluate_in_group(rank: int, path: str, batches, out: str) -> None:
 
 
 def test_per_image_logits_are_gathered_in_order(tmp_path):
-    from dfq.checkpoints import load_weights
     from dfq.models import build
+    from dfq.models.checkpoints import load_weights
     from dfq.tasks.classification import TASK, Preprocess, load_images, materialize
 
     batches = materialize(
@@ -141,7 +141,7 @@ def test_per_image_logits_are_gathered_in_order(tmp_path):
 def _join_and_leave(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from dfq.distributed import process_group
+    from dfq.utils.distributed import process_group
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)

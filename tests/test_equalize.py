@@ -77,7 +77,7 @@ def test_zero_channel_gives_no_nan():
 
 def test_relu6_kept_is_equalized_exactly_float64(small_net):
     """ReLU6(x/s)*s = min(ReLU(x), 6/s)*s: per-channel bounds keep the float function."""
-    from dfq.nn import ChannelMin
+    from dfq.graph.modules import ChannelMin
 
     t = _prepared(small_net.double(), relu=False)
     eq = equalize(t.gm, t.stats)
@@ -137,7 +137,7 @@ def test_activation_aware_equalization_is_float_exact_and_balances_joint_ranges(
     fixed point each channel's worse of (weight, activation) range, relative to its tensor's
     maximum, equals the next layer's relative input range."""
     from dfq import EqualizeConfig
-    from dfq.nn import ChannelMin
+    from dfq.graph.modules import ChannelMin
     from dfq.transforms.equalize import _joint_ranges
 
     m = randomize_bn(torchvision.models.mobilenet_v2(), seed=5).double()

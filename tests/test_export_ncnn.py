@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dfq import PipelineConfig, QuantConfig, quantize_model
+from dfq.config import Grid
 from dfq.quant.modules import ActQuant
-from dfq.quant.primitives import Grid
 from dfq.targets import resolve
 from tests.conftest import CatNet, load_cifar_resnet, randomize_bn, shared
 
@@ -124,7 +124,7 @@ def test_resnet20_ncnn_agrees_with_simulation(tmp_path, reduce_range):
 def test_relu6_kept_with_per_channel_bounds_matches_ncnn(small_net, tmp_path):
     """ReLU + ChannelMin (ReLU6 kept through equalization): pnnx writes the bounds as a
     MemoryData + BinaryOp min, which the int8 writer carries over; ncnn computes the simulation."""
-    from dfq.nn import ChannelMin
+    from dfq.graph.modules import ChannelMin
 
     r = quantize_model(
         small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ncnn"))
@@ -175,8 +175,8 @@ def test_ncnn_profile_equals_ncnn_on_real_mobilenet(tmp_path, relu6_kept):
     import torchvision
 
     from dfq import EqualizeConfig
-    from dfq.checkpoints import load_weights
     from dfq.errors import DfqError
+    from dfq.models.checkpoints import load_weights
     from dfq.tasks.classification import Preprocess, load_images, materialize
 
     try:

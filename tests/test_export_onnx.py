@@ -102,7 +102,7 @@ def test_symmetric_activations_are_refused_by_the_onnx_exporter(small_net, tmp_p
 
 def test_import_dfq_does_not_import_runtimes():
     code = (
-        "import sys, dfq, dfq.targets, dfq.runners, dfq.export, dfq.cli, dfq.tasks.quantized_runs; "
+        "import sys, dfq, dfq.targets, dfq.runners, dfq.export, dfq.cli, dfq.app.runs; "
         "print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
     )
     out = subprocess.run(
@@ -222,7 +222,7 @@ def test_relu6_kept_with_per_channel_bounds_matches_onnxruntime(small_net, tmp_p
     """Equalization with ReLU6 kept leaves ReLU + ChannelMin: exported as Min with the bounds
     (snapped onto the quantizer's grid) and the same Q/DQ after it, so ORT still runs QLinearConv
     everywhere and computes the simulation's values."""
-    from dfq.nn import ChannelMin
+    from dfq.graph.modules import ChannelMin
 
     r = quantize_model(
         small_net, PipelineConfig(equalize=True, correction=True, quant=QuantConfig(target="ort"))
@@ -247,7 +247,7 @@ def test_ort_profile_simulates_qlinearconv_exactly(tmp_path, relu6_kept):
     rounding ties flipped, the deep net amplified them to |dlogit| ~ 1 and 2 % argmax flips)."""
     import torchvision
 
-    from dfq.checkpoints import load_weights
+    from dfq.models.checkpoints import load_weights
     from dfq.tasks.classification import Preprocess, load_images, materialize
 
     try:

@@ -10,8 +10,8 @@ from torch import fx, nn
 
 from dfq import PipelineConfig, fold_batchnorm, propagate, quantize_model, trace
 from dfq.graph.ops import is_mul
-from dfq.moments import Moments, _product, input_moments
 from dfq.quant.activations import quantizer_nodes
+from dfq.statistics.moments import Moments, _product, input_moments
 
 
 class SE(nn.Module):

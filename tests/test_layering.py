@@ -1,5 +1,6 @@
-"""The library's import graph: nothing outside dfq.cli imports it, and no module imports itself
-back through others (lazy imports inside functions count too)."""
+"""The library's import graph: every import points down the layer order below (lazy imports
+inside functions count too), nothing imports itself back through others, and the package root
+stays small."""
 
 from __future__ import annotations
 
@@ -7,6 +8,25 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "dfq"
+
+# Bottom to top: a module may import its own layer and the layers below it, never one above.
+LAYERS = [
+    {"dfq.errors", "dfq.utils"},
+    {"dfq.config"},
+    {"dfq.graph", "dfq.models"},
+    {"dfq.statistics"},
+    {"dfq.records"},
+    {"dfq.quant"},
+    {"dfq.transforms", "dfq.data"},
+    {"dfq.runtimes", "dfq.targets", "dfq.export", "dfq.runners"},
+    {"dfq.reporting"},
+    {"dfq.pipeline"},
+    {"dfq.tasks"},
+    {"dfq.app"},
+    {"dfq.cli", "dfq.__main__"},
+    {"dfq"},  # the public face
+]
+MAX_ROOT_MODULES = 8
 
 
 def _module_name(path: Path) -> str:
@@ -29,6 +49,32 @@ def import_graph() -> dict[str, set[str]]:
                 deps |= subs or {node.module}
         graph[name] = {d for d in deps if d in modules and d != name}
     return graph
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest listed prefix of `module`."""
+    best, depth = None, -1
+    for i, layer in enumerate(LAYERS):
+        for prefix in layer:
+            if (module == prefix or module.startswith(prefix + ".")) and prefix.count(".") > depth:
+                best, depth = i, prefix.count(".")
+    assert best is not None, f"{module} is in no layer of tests/test_layering.py"
+    return best
+
+
+def test_every_module_has_a_layer():
+    for m in import_graph():
+        layer_of(m)
+
+
+def test_no_import_points_up():
+    climbs = sorted(
+        f"{m} -> {d}"
+        for m, deps in import_graph().items()
+        for d in deps
+        if layer_of(d) > layer_of(m)
+    )
+    assert climbs == [], "\n".join(climbs)
 
 
 def test_nothing_outside_the_cli_imports_it():
@@ -64,8 +110,14 @@ def test_the_import_graph_has_no_cycle():
             assert cycle is None, " -> ".join(cycle)
 
 
+def test_the_package_root_is_small():
+    root = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(root) <= MAX_ROOT_MODULES, root
+
+
 def test_the_graph_is_read_as_intended():
-    """Guards the two tests above against reading nothing."""
+    """Guards the tests above against reading nothing."""
     g = import_graph()
     assert {"dfq.pipeline", "dfq.targets.ort", "dfq.cli.commands"} <= set(g)
     assert "dfq.targets" in g["dfq.pipeline"] and "dfq.cli.options" in g["dfq.cli.commands"]
+    assert layer_of("dfq.cli.commands") > layer_of("dfq.pipeline") > layer_of("dfq.quant.weights")

@@ -5,10 +5,10 @@ import torchvision
 from conftest import shared
 
 from dfq import PipelineConfig
-from dfq.checkpoints import load_weights
+from dfq.app.runs import run_one
+from dfq.models.checkpoints import load_weights
 from dfq.tasks.base import EvalData
 from dfq.tasks.classification import TASK, Preprocess, evaluate, load_images, materialize
-from dfq.tasks.quantized_runs import run_one
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from dfq.cli import main
 from dfq.config import ReconstructConfig
 from dfq.errors import DfqError
 from dfq.quant.modules import ActQuant, QuantizedLayer
-from dfq.reconstruct import find_blocks
+from dfq.transforms.reconstruct import find_blocks
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.cli import main
 from dfq.config import ReconstructConfig
 from dfq.errors import DfqError
-from dfq.saved import load_quantized, save_quantized
+from dfq.quant.saved import load_quantized, save_quantized
 
 
 def test_restored_model_equals_the_saved_one(tmp_path):

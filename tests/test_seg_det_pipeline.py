@@ -15,7 +15,7 @@ from dfq.config import PipelineConfig
 from dfq.graph.layers import find_pairs
 from dfq.graph.trace import trace
 from dfq.models import build
-from dfq.moments import input_moments, propagate
+from dfq.statistics.moments import input_moments, propagate
 from dfq.transforms.bn_fold import fold_batchnorm
 
 CASES = {"deeplabv3plus_mobilenetv2": 65, "ssdlite_mobilenetv2": 300}

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from voc_fixture import make_voc
 
 import dfq
-from dfq.checkpoints import load_weights, resolve
 from dfq.errors import DfqError
 from dfq.graph.ops import is_pass_through
 from dfq.models import build, input_config
+from dfq.models.checkpoints import load_weights, resolve
 from dfq.models.tf_graphdef import read_graphdef
 from dfq.models.tf_ssdlite import same_padding, state_dict_from_graphdef, tf_unit
 from dfq.tasks import tf_ssd

@@ -8,8 +8,8 @@ import torch
 from conftest import randomize_bn, shared
 
 from dfq import DfqError, PipelineConfig, quantize_model
-from dfq.checkpoints import load_weights
 from dfq.cli import main
+from dfq.models.checkpoints import load_weights
 from dfq.models.registry import build, input_config
 
 timm = pytest.importorskip(

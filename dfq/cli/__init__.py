@@ -15,9 +15,9 @@ import os
 import sys
 
 from dfq.cli.parser import build_parser
-from dfq.distributed import process_group, resolve_device
 from dfq.errors import DfqError
-from dfq.malloc import keep_freed_memory
+from dfq.utils.distributed import process_group, resolve_device
+from dfq.utils.malloc import keep_freed_memory
 
 log = logging.getLogger("dfq")
 

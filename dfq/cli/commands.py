@@ -12,16 +12,16 @@ from typing import Any
 import torch
 
 from dfq import targets, tasks
+from dfq.app.runs import ablation, ablation_table, run_one, runtime_run
 from dfq.cli import options
-from dfq.coverage import summary
-from dfq.distributed import world
+from dfq.data.quantization_data import pipeline_data
 from dfq.errors import DfqError
 from dfq.quant.mixed import check_layer_bits
-from dfq.quantization_data import pipeline_data
-from dfq.report import layer_table, markdown_table
-from dfq.seed import seed_everything
+from dfq.reporting.coverage import summary
+from dfq.reporting.tables import layer_table, markdown_table
 from dfq.tasks.base import Task
-from dfq.tasks.quantized_runs import ablation, ablation_table, run_one, runtime_run
+from dfq.utils.distributed import world
+from dfq.utils.seed import seed_everything
 
 
 def run_task(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "save_quantized", None):
         print(f"saved the quantized model to {args.save_quantized}")
     if getattr(args, "plot", None):
-        from dfq.report import plot_weight_ranges
+        from dfq.reporting.tables import plot_weight_ranges
 
         png = plot_weight_ranges(res["layers"], args.plot)
         print(f"wrote {png}" if png else "--plot: no layer was equalized (add --equalize)")
@@ -166,7 +166,7 @@ def _restored(args: argparse.Namespace, cfg, unsupported: bool = False):
             "--load-quantized evaluates one saved model with --backend torch.",
             "drop --ablation / --backend, or quantize again",
         )
-    from dfq.saved import load_quantized
+    from dfq.quant.saved import load_quantized
 
     saved, restore = load_quantized(path)
     print(
@@ -246,7 +246,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         )
     result = quantize_model(model, cfg, calib_data=calib, progress=True, restore=restore)
     if getattr(args, "save_quantized", None):
-        from dfq.saved import save_quantized
+        from dfq.quant.saved import save_quantized
 
         save_quantized(args.save_quantized, result.model, result.config)
     files = write(result, Path(args.output), shape)

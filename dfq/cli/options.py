@@ -14,10 +14,10 @@ from dfq.config import (
     QuantConfig,
     ReconstructConfig,
 )
+from dfq.data.quantization_data import DataSpec, default_distill
 from dfq.errors import DfqError
 from dfq.models.registry import InputConfig, input_config
 from dfq.models.spec import ModelSpec
-from dfq.quantization_data import DataSpec, default_distill
 from dfq.tasks.base import DataOptions, Task
 
 

@@ -16,8 +16,8 @@ from dfq.config import (
     TARGETS,
     ReconstructConfig,
 )
-from dfq.distill import FOR_RANGES as _RANGES
-from dfq.distill import FOR_RECONSTRUCTION as _RECON
+from dfq.data.distill import FOR_RANGES as _RANGES
+from dfq.data.distill import FOR_RECONSTRUCTION as _RECON
 
 _REC = ReconstructConfig()  # the defaults the help texts quote
 

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from dfq.deps import require
 from dfq.errors import DfqError
 from dfq.graph.ops import weighted_module
 from dfq.quant.modules import ActQuant, QuantizedLayer, layer_like
 from dfq.targets.ncnn import INT8_TAG, ncnn_weight_scales
+from dfq.utils.deps import require
 
 WEIGHTED = {"Convolution", "ConvolutionDepthWise", "InnerProduct"}
 # layer types the int8 rewrite walks through; anything else with data in the .bin is refused

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import fx
 
-from dfq.deps import require
 from dfq.errors import DfqError
-from dfq.nn import ChannelMin, GlobalAvgPool
+from dfq.graph.modules import ChannelMin, GlobalAvgPool
 from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.utils.deps import require
 
 log = logging.getLogger("dfq")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dfq.nn import ChannelMin, GlobalAvgPool
+from dfq.graph.modules import ChannelMin, GlobalAvgPool
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
@@ -131,13 +131,13 @@ def activation_of(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
 @dataclass(frozen=True)
 class Pointwise:
     """An elementwise activation that is neither a clip nor scale-invariant (SiLU, GELU, ...):
-    it gets data-free moments (dfq.activation_moments), and equalization stops at it."""
+    it gets data-free moments (dfq.statistics.activation_moments), and equalization stops at it."""
 
     kind: str
     param: float | str | None = None
 
 
-# op -> kind of dfq.activation_moments.SHAPES; in-place variants compute the same values
+# op -> kind of dfq.statistics.activation_moments.SHAPES; in-place variants compute the same values
 POINTWISE_MODULES = {
     nn.SiLU: "silu",
     nn.GELU: "gelu",

@@ -59,7 +59,7 @@ def available() -> list[str]:
 
 def _timm(name: str):
     """The timm module, after checking that `name` (without the prefix) is one of its models."""
-    from dfq.deps import require
+    from dfq.utils.deps import require
 
     timm = require("timm", f"--arch {TIMM}{name}")
     if name not in timm.list_models():

@@ -34,10 +34,10 @@ class ModelSpec:
 
     def load(self) -> nn.Module:
         """The float model, with its weights, in eval mode."""
-        from dfq.checkpoints import load_weights
+        from dfq.models.checkpoints import load_weights
 
         if self.builder:
-            from dfq.userspec import load_callable
+            from dfq.models.userspec import load_callable
 
             model = load_callable(self.builder)()
             if model.training:

@@ -184,7 +184,7 @@ def read_graphdef(path: str | Path) -> list[TFNode]:
             f"frozen graph {path} does not exist.",
             "check --weights (a TensorFlow frozen_inference_graph.pb)",
         )
-    from dfq.deps import require
+    from dfq.utils.deps import require
 
     DecodeError = require(
         "google.protobuf.message", "reading a TensorFlow frozen graph (.pb)"

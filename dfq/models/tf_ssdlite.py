@@ -222,7 +222,8 @@ _WEIGHT_SUFFIXES = (
 def state_dict_from_graphdef(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of `TFSSDLite` from a TF OD API frozen graph, strictly: every weight constant
     feeds exactly one tensor, every conv is SAME-padded and undilated, every BN is in inference mode
-    with epsilon 1e-3. Missing or extra keys against the model are checked by dfq.checkpoints."""
+    with epsilon 1e-3. Missing or extra keys against the model are checked by
+    dfq.models.checkpoints."""
     from dfq.models.tf_graphdef import read_graphdef
 
     nodes = read_graphdef(path)

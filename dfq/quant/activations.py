@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from dfq.config import QuantConfig
+from dfq.graph.modules import ChannelMin
 from dfq.graph.ops import (
     activation_of,
     is_add,
@@ -28,10 +29,9 @@ from dfq.graph.ops import (
     pointwise_of,
     weighted_module,
 )
-from dfq.moments import Moments
-from dfq.nn import ChannelMin
 from dfq.quant.modules import FLOAT, OBSERVE, QUANTIZE, ActQuant, QuantizedLayer
 from dfq.quant.primitives import qparams
+from dfq.statistics.moments import Moments
 
 
 def _fused_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:

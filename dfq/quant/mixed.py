@@ -15,11 +15,10 @@ import math
 
 from torch import fx, nn
 
-from dfq.config import QuantConfig
+from dfq.config import Grid, QuantConfig
 from dfq.errors import DfqError
 from dfq.graph.layers import weighted_nodes
 from dfq.quant.activations import input_quantizer
-from dfq.quant.primitives import Grid
 
 
 def layer_bits(gm: fx.GraphModule, q: QuantConfig) -> dict[str, tuple[int | None, int | None]]:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.quant.primitives import ROUNDING, Grid, dequantize, fake_quantize_ste, quantize
+from dfq.config import Grid
+from dfq.quant.primitives import ROUNDING, dequantize, fake_quantize_ste, quantize
 
 QUANTIZE, OBSERVE, FLOAT = "quantize", "observe", "float"
 
@@ -36,7 +37,8 @@ class ActQuant(nn.Module):
         self.register_buffer("observed_min", torch.tensor(float("inf")))
         self.register_buffer("observed_max", torch.tensor(float("-inf")))
         self.mode = QUANTIZE
-        # set by dfq.reconstruct while it learns `scale`: gradients then reach the scale (LSQ)
+        # set by dfq.transforms.reconstruct while it learns `scale`: gradients then reach the
+        # scale (LSQ)
         self.learn_scale = False
 
     @property

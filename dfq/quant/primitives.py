@@ -6,29 +6,9 @@ zeros). Symmetric grids are narrow ([-127, 127] at 8 bits), as int8 runtimes use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Grid:
-    """An integer grid: bit width and whether it is symmetric (signed, zero point 0)."""
-
-    bits: int
-    symmetric: bool
-
-    def __post_init__(self):
-        if not 2 <= self.bits <= 32:
-            raise ValueError(f"bit width {self.bits} is out of range 2..32")
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+from dfq.config import Grid
 
 
 def round_half_even(x: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from dfq.config import QuantConfig
 from dfq.graph.layers import weighted_nodes
 from dfq.quant.modules import quantized_copy
 from dfq.quant.primitives import qparams, quantize, sqnr_db
-from dfq.stats import Stats
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import Stats
 
 
 def weight_qparams(

@@ -14,8 +14,8 @@ from typing import Any
 from torch import fx, nn
 
 from dfq.config import QuantConfig
-from dfq.deps import require
 from dfq.quant.activations import default_quantization_points, quantize_biases_
+from dfq.utils.deps import require
 
 
 class Profile:

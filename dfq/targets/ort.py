@@ -25,8 +25,8 @@ from torch import fx, nn
 
 from dfq.config import QuantConfig
 from dfq.errors import DfqError
+from dfq.graph.modules import ChannelMin, GlobalAvgPool
 from dfq.graph.ops import activation_of, weighted_module
-from dfq.nn import ChannelMin, GlobalAvgPool
 from dfq.quant.activations import input_quantizer, input_quantizer_node
 from dfq.quant.modules import ActQuant, QuantizedLayer, Requant
 from dfq.targets.base import Profile

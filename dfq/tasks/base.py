@@ -2,7 +2,7 @@
 
 A `Task` names its default architecture and headline metrics, loads its evaluation data from
 `DataOptions`, and evaluates a model (float, fake-quant, or an int8 runtime) into a `Score`.
-The run layer (dfq.tasks.quantized_runs) and the CLI only ever talk to these two types.
+The run layer (dfq.app.runs) and the CLI only ever talk to these two types.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Task:
         self, model: nn.Module, batches: Iterable, progress: bool = False, desc: str = "eval"
     ) -> Score:
         """Score `model` on `batches` (split over the processes of a torchrun, see
-        dfq.distributed)."""
-        from dfq.distributed import gather_batches, shard_batches
+        dfq.utils.distributed)."""
+        from dfq.utils.distributed import gather_batches, shard_batches
 
         mine, indices = shard_batches(batches)
         return self.score(gather_batches(self.per_batch(model, mine, progress, desc), indices))

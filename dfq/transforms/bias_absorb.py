@@ -20,10 +20,10 @@ from torch import fx, nn
 from dfq.config import ABSORB_STD
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.layers import find_pairs
+from dfq.graph.modules import ChannelMin
 from dfq.graph.ops import is_shape_query, pads_input
-from dfq.nn import ChannelMin
-from dfq.stats import Stats, freeze
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import Stats, freeze
 
 
 def _zero_padding_between(gm: fx.GraphModule, first: str, second: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Quantizing W to Q(W) shifts each output's mean by (Q(W) - W) E[x]. E[x] of every layer input
 comes from the BN statistics of the producing layers (clipped-normal means through ReLU and
-ReLU6, sums across residual adds: see dfq.moments), so the shift can be subtracted from
+ReLU6, sums across residual adds: see dfq.statistics.moments), so the shift can be subtracted from
 the bias without data. Works for any weight bit width.
 
 With data (distilled or real), `correct_bias_empirical_` measures the shift instead: the
@@ -19,10 +19,10 @@ from torch import fx
 
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.ops import weighted_module
-from dfq.moments import Moments
 from dfq.quant.modules import QuantizedLayer
-from dfq.stats import Stats
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import Stats
+from dfq.statistics.moments import Moments
 
 
 def correct_bias(

@@ -19,8 +19,8 @@ from torch import fx, nn
 
 from dfq.graph.channels import ensure_bias
 from dfq.graph.ops import BatchNormSpec, batchnorm_of, is_cat, is_shape_query, weighted_module
-from dfq.stats import BNStats, Stats, freeze
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import BNStats, Stats, freeze
 
 
 def _fold_into(layer: nn.Module, bn: BatchNormSpec) -> BNStats:

@@ -12,8 +12,8 @@ from torch import fx
 
 from dfq.config import CLIP_WEIGHT
 from dfq.graph.layers import weighted_nodes
-from dfq.stats import Stats
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import Stats
 
 
 def clip_weights(gm: fx.GraphModule, stats: Stats, bound: float = CLIP_WEIGHT) -> Transformed:

@@ -28,11 +28,11 @@ from torch import fx, nn
 from dfq.config import EqualizeConfig
 from dfq.graph.channels import features_per_channel
 from dfq.graph.layers import Pair, find_pairs
+from dfq.graph.modules import ChannelMin
 from dfq.graph.ops import activation_of
 from dfq.graph.regions import Region, channels_of, find_regions
-from dfq.nn import ChannelMin
-from dfq.stats import Stats, freeze
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import Stats, freeze
 
 
 def output_ranges(m: nn.Module) -> torch.Tensor:

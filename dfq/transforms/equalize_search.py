@@ -23,7 +23,7 @@ from dfq.graph.layers import Pair
 from dfq.graph.subgraph import subgraph
 from dfq.quant.primitives import fake_quantize, qparams
 from dfq.quant.weights import weight_qparams
-from dfq.stats import Stats
+from dfq.statistics.bn import Stats
 from dfq.transforms.equalize import scale_pair_
 
 POWERS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5)  # t of S**t; 1 = the closed form

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.graph.ops import RELU6, activation_of
-from dfq.stats import Stats
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import Stats
 
 log = logging.getLogger("dfq")
 

@@ -82,7 +82,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file (timm / Hugging Face weights): a flat state dict, no code."""
-    from dfq.deps import require
+    from dfq.utils.deps import require
 
     st = require("safetensors.torch", "--weights *.safetensors")
     try:

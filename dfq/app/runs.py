@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from dfq.config import CLIP_WEIGHT, PipelineConfig
-from dfq.distributed import check_identical, world
+from dfq.data.quantization_data import pipeline_data
 from dfq.pipeline import quantize_model
 from dfq.quant.mixed import weight_size
-from dfq.quantization_data import pipeline_data
 from dfq.tasks.base import EvalData, Score, Task
+from dfq.utils.distributed import check_identical, world
 
 ABLATION = [  # the rows of the DFQ paper's ablation, each quantized
     ("Original", {}),
@@ -61,7 +61,7 @@ def run_one(
     """Quantize per `config` (with `calib_data` if it needs any), score it on `data`, pair it
     with `reference` (FP32). The pipeline runs on the CPU (where its float transforms are exact
     and deterministic); the fake-quant model is evaluated on `device`. `restore`: a saved result
-    (dfq.saved.load_quantized) instead of the data-driven steps; `save`: write the result."""
+    (dfq.quant.saved.load_quantized) instead of the data-driven steps; `save`: write the result."""
     if calib_data is None and config.needs_data and restore is None:
         calib_data, _ = pipeline_data(
             model,
@@ -78,7 +78,7 @@ def run_one(
     if restore is not None and not result.reconstruction:
         result.reconstruction = restore["meta"].get("reconstruction", {})
     if save is not None and world()[0] == 0:
-        from dfq.saved import save_quantized
+        from dfq.quant.saved import save_quantized
 
         save_quantized(save, result.model, result.config, {"reconstruction": result.reconstruction})
     t = time.perf_counter()
@@ -120,7 +120,7 @@ def ablation(
 
 
 def ablation_table(task: Task, rows: list[dict[str, Any]]) -> str:
-    from dfq.report import markdown_table
+    from dfq.reporting.tables import markdown_table
 
     headers = ["experiment"]
     for k in task.metrics:

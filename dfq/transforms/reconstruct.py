@@ -39,12 +39,12 @@ from torch.func import functional_call
 from dfq.config import ReconstructConfig
 from dfq.errors import DfqError
 from dfq.graph.subgraph import subgraph
-from dfq.layout import set_memory_format_
 from dfq.quant.activations import input_quantizer, snap_clips_to_grid_
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.quant.primitives import dequantize, round_ste
-from dfq.stats import Stats
-from dfq.transforms import Transformed
+from dfq.records import Transformed
+from dfq.statistics.bn import Stats
+from dfq.utils.memory_format import set_memory_format_
 
 log = logging.getLogger("dfq")
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1

@@ -21,7 +21,7 @@ from dfq.config import (
     DISTILL_SIDE,
     PipelineConfig,
 )
-from dfq.distill import DistillConfig, preset
+from dfq.data.distill import DistillConfig, preset
 from dfq.errors import DfqError
 
 
@@ -104,7 +104,7 @@ def pipeline_data(
                 "pass --data",
             )
         return images, {"source": "real", "images": real}
-    from dfq.distill import distill, load_distilled, save_distilled
+    from dfq.data.distill import distill, load_distilled, save_distilled
 
     if spec.load:
         data, dcfg = load_distilled(spec.load)

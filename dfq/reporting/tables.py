@@ -65,7 +65,7 @@ def plot_weight_ranges(layers: dict[str, dict[str, Any]], out_dir: str | Path) -
     )
     if worst is None:
         return None
-    from dfq.deps import require
+    from dfq.utils.deps import require
 
     require("matplotlib", "--plot").use("Agg")
     import matplotlib.pyplot as plt

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from dfq.config import IMAGENET_MEAN, IMAGENET_STD
-from dfq.distributed import gather_batches, mine, world
 from dfq.errors import DfqError
-from dfq.layout import set_memory_format_
+from dfq.utils.distributed import gather_batches, mine, world
+from dfq.utils.memory_format import set_memory_format_
 
 _FORMAT = "dfq-distilled-v1"
 log = logging.getLogger("dfq")
@@ -460,7 +460,7 @@ def load_distilled(
 ) -> tuple[torch.Tensor, DistillConfig]:
     """Load what `save_distilled` wrote; with `input_shape` (C, H, W), also check it fits the
     model."""
-    fix = "delete it and distil again (or save it with dfq.distill.save_distilled)"
+    fix = "delete it and distil again (or save it with dfq.data.distill.save_distilled)"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -3,8 +3,8 @@
 Each node's output gets per-channel moments (mean, var) of a normal approximation and a
 range [lo, hi]. Conv outputs with folded BN are N(beta, gamma^2); clipping activations map
 moments through the clipped normal (exact for a normal input); smooth activations (SiLU, GELU,
-Hardswish, ...) map them through the activation (dfq.activation_moments: exact for a normal
-input; a clipped input is taken as the normal of its moments); residual adds sum means and
+Hardswish, ...) map them through the activation (dfq.statistics.activation_moments: exact for
+a normal input; a clipped input is taken as the normal of its moments); residual adds sum means and
 variances (independent branches); products (squeeze-excitation gates) multiply independent
 factors; multiplying or adding a Python number maps them affinely; spatial means (timm's
 squeeze-excitation x.mean((2, 3))) pass them through like pooling; concatenations stack
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from dfq.activation_moments import activation_moments, activation_range, normal_pdf
 from dfq.config import RANGE_STD
 from dfq.graph.channels import channel_matrix, to_features
 from dfq.graph.lift import NotConstant, constant_value
@@ -42,7 +41,8 @@ from dfq.graph.ops import (
     scalar_affine,
     weighted_module,
 )
-from dfq.stats import Stats
+from dfq.statistics.activation_moments import activation_moments, activation_range, normal_pdf
+from dfq.statistics.bn import Stats
 
 
 @dataclass(frozen=True)
