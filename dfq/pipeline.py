@@ -1,8 +1,11 @@
 """The whole data-free pipeline as one call: trace -> fold BN -> ReLU6 policy -> equalize ->
 absorb high bias -> clip -> quantize weights -> correct bias -> activation ranges -> biases.
 
-Every step is also a public function of its own; this module only sequences them, times
-them, and merges their per-layer notes into one report.
+Every step is also a public function of its own. Here each is wrapped in a step object
+(`Step`: a `name`, the config slice it owns, whether it needs calibration data, and a call
+`(state) -> Transformed`); `build_steps` lists them as a PipelineConfig asks, and `run_steps`
+runs any such list with one loop that times each step and merges its per-layer notes into one
+report. `quantize_model(..., steps=[...])` runs a list of the caller's own.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import fx, nn
 
 from dfq import targets
-from dfq.config import PipelineConfig, QuantConfig
+from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructConfig
 from dfq.graph.ops import layer_kind, weighted_module
 from dfq.graph.trace import check_finite, trace
 from dfq.quant.activations import (
@@ -76,66 +79,208 @@ def single_threaded(n_threads: int = 1):
         torch.set_num_threads(n)
 
 
-class _Steps:
-    """Runs steps, timing each and merging their per-layer info."""
+# ---------------------------------------------------------------------------------------------
+# The state the steps pass along, and the step protocol
 
-    def __init__(self, layers: dict, timings: dict):
-        self.layers, self.timings = layers, timings
 
-    @contextlib.contextmanager
-    def timed(self, name: str):
+@dataclass
+class State:
+    """What a step reads. `gm`/`stats`: the current graph and its BN statistics (None before
+    `trace`). `float_gm`/`float_stats`: the float model the quantization steps compare against,
+    set by `Moments` (the first quantization step). `layers`/`activations`/`reconstruction`:
+    the reports the loop merges each step's info into; `extras`: free for user steps."""
+
+    model: nn.Module
+    config: PipelineConfig
+    profile: Profile
+    data: list[torch.Tensor] | None = None
+    progress: bool = False
+    n_threads: int = 1  # the caller's threads (the pipeline itself runs single-threaded)
+    gm: fx.GraphModule | None = None
+    stats: Stats | None = None
+    float_gm: fx.GraphModule | None = None
+    float_stats: Stats | None = None
+    moments: dict[str, Moments] | None = None
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    activations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reconstruction: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def mixed(self) -> dict[str, tuple[int | None, int | None]]:
+        """Per-layer (weight, input) widths of the float model (dfq.quant.mixed.layer_bits)."""
+        return layer_bits(self.float_gm, self.config.quant)
+
+
+@runtime_checkable
+class Step(Protocol):
+    """One pipeline step. `name` is its timing key; `needs_data` says it cannot run without
+    calibration data; `report` names the State report its info is merged into. Called with the
+    state, it returns the new graph, statistics and per-layer info; it must not mutate
+    `state.gm` (work on a copy)."""
+
+    name: str
+    needs_data: bool
+    report: Literal["layers", "activations", "reconstruction"]
+
+    def __call__(self, state: State) -> Transformed: ...
+
+
+class FloatStep:
+    """Base of the built-in steps: class-level defaults for the protocol's attributes."""
+
+    name: ClassVar[str]
+    needs_data: ClassVar[bool] = False
+    report: ClassVar[str] = "layers"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def run_steps(steps: Sequence[Step], state: State) -> State:
+    """Run `steps` in order on `state`: time each (state.timings[step.name]), merge its info
+    into the report it names, and hand its graph and statistics to the next."""
+    for step in steps:
+        if step.needs_data and state.data is None:
+            raise ValueError(f"step {step.name!r} uses calibration data: pass calib_data")
         t = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - t, 4)
-
-    def run(self, name: str, fn, *args, into: dict | None = None) -> Transformed:
-        """Run one step; its per-layer notes go into the layer report (or `into`)."""
-        with self.timed(name):
-            out = fn(*args)
-        report = self.layers if into is None else into
+        out = step(state)
+        state.timings[step.name] = round(time.perf_counter() - t, 4)
+        report = getattr(state, step.report)
         for layer, notes in out.info.items():
             report.setdefault(layer, {}).update(notes)
-        return out
+        state.gm, state.stats = out.gm, out.stats
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The float steps
+
+
+@dataclass(repr=False)
+class Trace(FloatStep):
+    """Trace the model (at the config's input size); info: each weighted layer's type, kind,
+    weight shape, and how it was lifted to a module when it was a functional call."""
+
+    input_size: tuple[int, ...]
+    name: ClassVar[str] = "trace"
+
+    def __call__(self, state: State) -> Transformed:
+        gm = trace(state.model, self.input_size)
+        check_finite(gm)
+        info: dict[str, dict[str, Any]] = {}
+        lifted = gm.meta.get("dfq_lifted", {})
+        for node in gm.graph.nodes:
+            m = weighted_module(gm, node)
+            if m is not None:
+                info[node.target] = {
+                    "type": type(m).__name__,
+                    "kind": layer_kind(m),
+                    "shape": list(m.weight.shape),
+                }
+                if node.target in lifted:
+                    info[node.target]["lifted"] = lifted[node.target]
+        return Transformed(gm, {}, info)
+
+
+@dataclass(repr=False)
+class FoldBN(FloatStep):
+    name: ClassVar[str] = "fold_bn"
+
+    def __call__(self, state: State) -> Transformed:
+        return fold_batchnorm(state.gm)
+
+
+@dataclass(repr=False)
+class ReplaceReLU6(FloatStep):
+    name: ClassVar[str] = "relu6"
+
+    def __call__(self, state: State) -> Transformed:
+        return replace_relu6(state.gm, state.stats)
 
 
 SEARCH_IMAGES = 64  # images the equalization search measures each pair's error on
 
 
-def prepare(
-    model: nn.Module,
-    config: PipelineConfig,
-    steps: _Steps,
-    data: list[torch.Tensor] | None = None,
-) -> Transformed:
-    """The float part: everything up to (not including) quantization. `data` (input batches)
-    lets equalization choose its scales on data when config.equalization.search is set."""
-    with steps.timed("trace"):
-        gm = trace(model, config.input_size)
-        check_finite(gm)
-    for node in gm.graph.nodes:
-        m = weighted_module(gm, node)
-        if m is not None:
-            steps.layers[node.target] = {
-                "type": type(m).__name__,
-                "kind": layer_kind(m),
-                "shape": list(m.weight.shape),
-            }
-            if node.target in gm.meta.get("dfq_lifted", {}):
-                steps.layers[node.target]["lifted"] = gm.meta["dfq_lifted"][node.target]
-    t = steps.run("fold_bn", fold_batchnorm, gm)
-    if config.relu:
-        t = steps.run("relu6", replace_relu6, t.gm, t.stats)
-    if config.equalize:
+@dataclass(repr=False)
+class Equalize(FloatStep):
+    """Cross-layer equalization; with `search` (and data at hand) the scales are then searched
+    on up to SEARCH_IMAGES images at the `quant` grids."""
+
+    config: EqualizeConfig
+    quant: QuantConfig
+    search: bool = False
+    name: ClassVar[str] = "equalize"
+
+    def __call__(self, state: State) -> Transformed:
         search = None
-        if config.equalization.search and data is not None:
-            images = torch.cat([x.detach().cpu().float() for x in data])[:SEARCH_IMAGES]
-            search = functools.partial(search_scales_, data=[images], quant=config.quant)
-        t = steps.run("equalize", equalize, t.gm, t.stats, config.equalization, search)
-    if config.absorb:
-        t = steps.run("absorb_bias", absorb_high_bias, t.gm, t.stats, config.absorb_std)
-    if config.clip_weight:
-        t = steps.run("clip_weight", clip_weights, t.gm, t.stats, config.clip_weight)
-    return t
+        if self.search and state.data is not None:
+            images = torch.cat([x.detach().cpu().float() for x in state.data])[:SEARCH_IMAGES]
+            search = functools.partial(search_scales_, data=[images], quant=self.quant)
+        return equalize(state.gm, state.stats, self.config, search)
+
+
+@dataclass(repr=False)
+class AbsorbBias(FloatStep):
+    std: float
+    name: ClassVar[str] = "absorb_bias"
+
+    def __call__(self, state: State) -> Transformed:
+        return absorb_high_bias(state.gm, state.stats, self.std)
+
+
+@dataclass(repr=False)
+class ClipWeights(FloatStep):
+    limit: float
+    name: ClassVar[str] = "clip_weight"
+
+    def __call__(self, state: State) -> Transformed:
+        return clip_weights(state.gm, state.stats, self.limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantization steps
+
+
+@dataclass(repr=False)
+class PropagateMoments(FloatStep):
+    """Marks the end of the float part (state.float_gm / float_stats) and propagates the
+    data-free activation moments from the input normalisation through it."""
+
+    input_mean: Sequence[float]
+    input_std: Sequence[float]
+    range_std: float
+    name: ClassVar[str] = "moments"
+
+    def __call__(self, state: State) -> Transformed:
+        state.float_gm, state.float_stats = state.gm, state.stats
+        state.moments = propagate(
+            state.gm, state.stats, input_moments(self.input_mean, self.input_std), self.range_std
+        )
+        return Transformed(state.gm, state.stats, {})
+
+
+@dataclass(repr=False)
+class QuantizeWeights(FloatStep):
+    quant: QuantConfig
+    name: ClassVar[str] = "quantize_weights"
+
+    def __call__(self, state: State) -> Transformed:
+        bits = {k: w for k, (w, _) in state.mixed.items() if w is not None}
+        return quantize_weights(
+            state.float_gm, state.float_stats, self.quant, state.profile.weight_bits, bits
+        )
+
+
+@dataclass(repr=False)
+class CorrectBias(FloatStep):
+    """Bias correction from the BN statistics (data-free)."""
+
+    name: ClassVar[str] = "bias_correction"
+
+    def __call__(self, state: State) -> Transformed:
+        return correct_bias(state.gm, state.float_gm, state.float_stats, state.moments)
 
 
 def quantize_activations(
@@ -172,11 +317,154 @@ def quantize_activations(
     return Transformed(gm, stats, info)
 
 
+@dataclass(repr=False)
+class ActivationRanges(FloatStep):
+    """Insert the activation quantizers; ranged on the calibration data when `on_data`, else
+    from the moments. Info goes to the activations report (`bits_input` to the layers')."""
+
+    quant: QuantConfig
+    on_data: bool = False
+    percentile: float | None = None
+    name: ClassVar[str] = "activation_ranges"
+    report: ClassVar[str] = "activations"
+
+    @property
+    def needs_data(self) -> bool:  # type: ignore[override]
+        return self.on_data
+
+    def __call__(self, state: State) -> Transformed:
+        return quantize_activations(
+            state.gm,
+            state.stats,
+            self.quant,
+            state.profile,
+            state.moments,
+            state.data if self.on_data else None,
+            self.percentile,
+            {k: a for k, (_, a) in state.mixed.items() if a is not None},
+            state.layers,
+        )
+
+
 def on_copy(helper_: Callable[..., dict], gm: fx.GraphModule, stats: Stats, *args) -> Transformed:
     """A mutating helper (name ending in `_`, returning per-layer notes) as a step: it works on a
     copy of `gm`, so every step of the pipeline leaves its input untouched."""
     gm = copy.deepcopy(gm)
     return Transformed(gm, stats, helper_(gm, *args))
+
+
+@dataclass(repr=False)
+class CorrectBiasOnData(FloatStep):
+    """Empirical bias correction: the quantized layers' output means matched to the float
+    model's on the calibration data."""
+
+    name: ClassVar[str] = "bias_correction"
+    needs_data: ClassVar[bool] = True
+
+    def __call__(self, state: State) -> Transformed:
+        return on_copy(correct_bias_empirical_, state.gm, state.stats, state.float_gm, state.data)
+
+
+@dataclass(repr=False)
+class Restore(FloatStep):
+    """Put a saved result (dfq.quant.saved.load_quantized) in place of the data-driven steps."""
+
+    saved: dict[str, Any]
+    name: ClassVar[str] = "restore"
+
+    def __repr__(self) -> str:
+        return "Restore(...)"
+
+    def __call__(self, state: State) -> Transformed:
+        return on_copy(restore_, state.gm, state.stats, self.saved)
+
+
+@dataclass(repr=False)
+class Reconstruct(FloatStep):
+    """Block reconstruction on the calibration data (with the caller's threads: big
+    convolutions). Info goes to the reconstruction report."""
+
+    config: ReconstructConfig
+    int32_bias: bool = True
+    name: ClassVar[str] = "reconstruct"
+    needs_data: ClassVar[bool] = True
+    report: ClassVar[str] = "reconstruction"
+
+    def __call__(self, state: State) -> Transformed:
+        with single_threaded(state.n_threads):
+            return reconstruct(
+                state.gm,
+                state.stats,
+                state.float_gm,
+                state.data,
+                self.config,
+                state.progress,
+                self.int32_bias,
+            )
+
+
+@dataclass(repr=False)
+class QuantizeBias(FloatStep):
+    quant: QuantConfig
+    name: ClassVar[str] = "quantize_bias"
+
+    def __call__(self, state: State) -> Transformed:
+        return on_copy(state.profile.quantize_biases_, state.gm, state.stats, self.quant)
+
+
+@dataclass(repr=False)
+class Simulation(FloatStep):
+    """Make the fake-quant model compute what the target runtime computes (profile.make_exact_)."""
+
+    name: ClassVar[str] = "simulation"
+
+    def __call__(self, state: State) -> Transformed:
+        def exact_(gm: fx.GraphModule) -> dict:
+            return {k: {"simulation": v} for k, v in state.profile.make_exact_(gm).items()}
+
+        return on_copy(exact_, state.gm, state.stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# The default list, and the one call
+
+
+def build_steps(
+    config: PipelineConfig, profile: Profile, restore: dict[str, Any] | None = None
+) -> list[Step]:
+    """The steps `config` asks for, in order (config.quant already resolved by `profile`).
+    `restore`: a saved result replaces the data-driven steps (then none of them needs data)."""
+    qc = config.quant
+    steps: list[Step] = [Trace(config.input_size), FoldBN()]
+    if config.relu:
+        steps.append(ReplaceReLU6())
+    if config.equalize:
+        # a restored result carries the searched scales in its state: no search then
+        search = bool(config.equalization.search) and restore is None
+        steps.append(Equalize(config.equalization, qc, search))
+    if config.absorb:
+        steps.append(AbsorbBias(config.absorb_std))
+    if config.clip_weight:
+        steps.append(ClipWeights(config.clip_weight))
+    if not config.quantize:
+        return steps
+    steps += [
+        PropagateMoments(config.input_mean, config.input_std, config.range_std),
+        QuantizeWeights(qc),
+    ]
+    if config.correction == "bn":
+        steps.append(CorrectBias())
+    ranged_on_data = bool(config.calib or config.distill_range) and restore is None
+    steps.append(ActivationRanges(qc, ranged_on_data, config.range_percentile))
+    if config.correction == "data" and restore is None:
+        steps.append(CorrectBiasOnData())
+    if restore is not None:
+        steps.append(Restore(restore))
+    elif config.reconstruct:
+        int32_bias = qc.bits_bias == 32 and profile.int32_bias_at_input_scale
+        steps.append(Reconstruct(config.reconstruction, int32_bias))
+    steps += [QuantizeBias(qc), Simulation()]
+    return steps
 
 
 def quantize_model(
@@ -185,6 +473,7 @@ def quantize_model(
     calib_data: Iterable[torch.Tensor] | None = None,
     progress: bool = False,
     restore: dict[str, Any] | None = None,
+    steps: Sequence[Step] | Callable[[list[Step]], Sequence[Step]] | None = None,
 ) -> QuantizationResult:
     """Run the DFQ pipeline on a copy of `model`.
 
@@ -193,6 +482,11 @@ def quantize_model(
     reconstruction (whose progress bars `progress` shows). `restore`
     (dfq.quant.saved.load_quantized) puts a saved result in place of those data-driven steps:
     no data is needed then.
+
+    `steps`: the steps to run instead of `build_steps(config, profile, restore)`: a list, or a
+    function given that default list that returns the one to run. The first must trace (its
+    state.gm is None); the float model is the graph at the `moments` step (or the last graph
+    when no step is named so).
     """
     if config.needs_data and calib_data is None and restore is None:
         raise ValueError(
@@ -203,97 +497,36 @@ def quantize_model(
     profile = targets.profile(config.quant.target)
     # the runtime profile becomes concrete grids; result.config records them
     config = dataclasses.replace(config, quant=profile.resolve(config.quant))
-    qc = config.quant
-    steps = _Steps({}, {})
+    default = build_steps(config, profile, restore)
+    if steps is None:
+        steps = default
+    elif callable(steps):
+        steps = steps(default)
+    state = State(model, config, profile, calib_data, progress, torch.get_num_threads())
     t_start = time.perf_counter()
-    n_threads = torch.get_num_threads()
     with single_threaded():
-        # a restored result carries the searched scales in its state: no data then
-        prepared = prepare(model, config, steps, None if restore is not None else calib_data)
+        run_steps(steps, state)
+        float_gm = state.float_gm if state.float_gm is not None else state.gm
+        float_stats = state.float_stats if state.float_gm is not None else state.stats
         result = QuantizationResult(
-            prepared.gm, prepared.gm, prepared.stats, config, steps.layers, {}, steps.timings
+            state.gm if config.quantize else float_gm,
+            float_gm,
+            float_stats,
+            config,
+            state.layers,
+            state.activations,
+            state.timings,
+            reconstruction=state.reconstruction,
         )
-        if config.quantize:
-            with steps.timed("moments"):
-                moments = propagate(
-                    prepared.gm,
-                    prepared.stats,
-                    input_moments(config.input_mean, config.input_std),
-                    config.range_std,
-                )
-            mixed = layer_bits(prepared.gm, qc)
-            t = steps.run(
-                "quantize_weights",
-                quantize_weights,
-                prepared.gm,
-                prepared.stats,
-                qc,
-                profile.weight_bits,
-                {k: w for k, (w, _) in mixed.items() if w is not None},
-            )
-            if config.correction == "bn":
-                t = steps.run(
-                    "bias_correction", correct_bias, t.gm, prepared.gm, prepared.stats, moments
-                )
-            ranged_on_data = bool(config.calib or config.distill_range) and restore is None
-            t = steps.run(
-                "activation_ranges",
-                quantize_activations,
-                t.gm,
-                t.stats,
-                qc,
-                profile,
-                moments,
-                calib_data if ranged_on_data else None,
-                config.range_percentile,
-                {k: a for k, (_, a) in mixed.items() if a is not None},
-                steps.layers,
-                into=result.activations,
-            )
-            if config.correction == "data" and restore is None:
-                t = steps.run(
-                    "bias_correction",
-                    on_copy,
-                    correct_bias_empirical_,
-                    t.gm,
-                    t.stats,
-                    prepared.gm,
-                    calib_data,
-                )
-            if restore is not None:
-                t = steps.run("restore", on_copy, restore_, t.gm, t.stats, restore)
-            elif config.reconstruct:
-                with single_threaded(n_threads):  # big convolutions: the caller's threads
-                    t = steps.run(
-                        "reconstruct",
-                        reconstruct,
-                        t.gm,
-                        t.stats,
-                        prepared.gm,
-                        calib_data,
-                        config.reconstruction,
-                        progress,
-                        qc.bits_bias == 32 and profile.int32_bias_at_input_scale,
-                        into=result.reconstruction,
-                    )
-            t = steps.run("quantize_bias", on_copy, profile.quantize_biases_, t.gm, t.stats, qc)
-            t = steps.run(
-                "simulation",
-                on_copy,
-                lambda gm: {k: {"simulation": v} for k, v in profile.make_exact_(gm).items()},
-                t.gm,
-                t.stats,
-            )
-            result.model = t.gm
         result.coverage = coverage(
-            prepared.gm.meta.get("dfq_tracer", "torch.fx.symbolic_trace"),
-            prepared.gm,
+            float_gm.meta.get("dfq_tracer", "torch.fx.symbolic_trace"),
+            float_gm,
             result.model if config.quantize else None,
             result.layers,
             result.activations,
             config,
         )
-    steps.timings["total"] = round(time.perf_counter() - t_start, 4)
+    state.timings["total"] = round(time.perf_counter() - t_start, 4)
     if config.strict:
         check_strict(result.coverage)
     return result

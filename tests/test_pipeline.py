@@ -123,3 +123,65 @@ def test_linear_without_bn_gets_moments_propagated():
     m = randomize_bn(SmallNet())
     res = quantize_model(m, PipelineConfig(correction=True))
     assert "bias_correction_max" in res.layers["fc"]
+
+
+def test_default_steps_are_the_timed_ones(small_net):
+    from dfq import targets
+    from dfq.pipeline import Step, build_steps
+
+    cfg = PipelineConfig(relu=True, equalize=True, correction=True, clip_weight=15.0)
+    res = quantize_model(small_net, cfg)
+    steps = build_steps(res.config, targets.profile(cfg.quant.target))
+    assert all(isinstance(s, Step) for s in steps)
+    assert [s.name for s in steps] + ["total"] == list(res.timings)
+
+
+def test_a_custom_step_list_runs(small_net):
+    from dfq.records import Transformed
+
+    class Count:
+        """A user step after folding: notes each layer's weight count."""
+
+        name, needs_data, report = "count", False, "layers"
+
+        def __call__(self, state):
+            notes = {n: {"weights": int(m.weight.numel())} for n, m in _weighted(state.gm)}
+            return Transformed(state.gm, state.stats, notes)
+
+    def edit(default):
+        names = [s.name for s in default]
+        assert "bias_correction" in names
+        steps = [s for s in default if s.name != "bias_correction"]
+        steps.insert(names.index("fold_bn") + 1, Count())
+        return steps
+
+    x = torch.randn(4, 3, 16, 16)
+    cfg = PipelineConfig(correction=True)
+    res = quantize_model(small_net, cfg, steps=edit)
+    assert "count" in res.timings and "bias_correction" not in res.timings
+    assert list(res.timings).index("count") == list(res.timings).index("fold_bn") + 1
+    assert res.layers and all("weights" in v for v in res.layers.values())
+    assert not any("bias_correction_max" in v for v in res.layers.values())
+    # the same as the default pipeline without bias correction
+    plain = quantize_model(small_net, PipelineConfig(correction=False))
+    assert torch.equal(res.model(x), plain.model(x))
+
+
+def test_a_step_that_needs_data_refuses_to_run_without(small_net):
+    import pytest
+
+    from dfq.pipeline import CorrectBiasOnData
+
+    with pytest.raises(ValueError, match="bias_correction"):
+        quantize_model(
+            small_net, PipelineConfig(), steps=lambda d: [*d[:-2], CorrectBiasOnData(), *d[-2:]]
+        )
+
+
+def _weighted(gm):
+    from dfq.graph.ops import weighted_module
+
+    for node in gm.graph.nodes:
+        m = weighted_module(gm, node)
+        if m is not None:
+            yield node.target, m
