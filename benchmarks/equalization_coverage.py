@@ -21,6 +21,7 @@ from conftest import randomize_bn  # noqa: E402
 
 from dfq import EqualizeConfig, equalize, fold_batchnorm, replace_relu6, trace  # noqa: E402
 from dfq.models import build  # noqa: E402
+from dfq.records import Records  # noqa: E402
 from dfq.reporting.tables import markdown_table  # noqa: E402
 
 MODELS = {
@@ -33,8 +34,8 @@ MODELS = {
 }
 
 
-def left_alone(info: dict, layers: set[str]) -> list[str]:
-    return sorted(k for k, v in info.items() if k in layers and "equalize_note" in v)
+def left_alone(info: Records, layers: set[str]) -> list[str]:
+    return sorted(k for k, v in info.items() if k in layers and v.is_set("equalize_note"))
 
 
 def main(argv=None) -> dict:

@@ -35,7 +35,7 @@ from dfq.quant.activations import (
 from dfq.quant.mixed import layer_bits, set_input_bits_
 from dfq.quant.saved import restore_
 from dfq.quant.weights import quantize_weights
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed, merge_records
 from dfq.reporting.coverage import check_strict, coverage
 from dfq.statistics.bn import Stats
 from dfq.statistics.moments import Moments, input_moments, propagate
@@ -59,12 +59,12 @@ class QuantizationResult:
     float_model: fx.GraphModule  # after the float transforms, before quantization
     stats: Stats
     config: PipelineConfig
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    activations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layers: Records = field(default_factory=dict)
+    activations: Records = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     # what was folded / quantized / ranged / equalized of the whole graph (dfq.reporting.coverage)
     coverage: dict[str, Any] = field(default_factory=dict)
-    reconstruction: dict[str, dict[str, Any]] = field(default_factory=dict)  # per block
+    reconstruction: Records = field(default_factory=dict)  # per block
 
 
 @contextlib.contextmanager
@@ -101,9 +101,9 @@ class State:
     float_gm: fx.GraphModule | None = None
     float_stats: Stats | None = None
     moments: dict[str, Moments] | None = None
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    activations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reconstruction: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layers: Records = field(default_factory=dict)
+    activations: Records = field(default_factory=dict)
+    reconstruction: Records = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -147,9 +147,7 @@ def run_steps(steps: Sequence[Step], state: State) -> State:
         t = time.perf_counter()
         out = step(state)
         state.timings[step.name] = round(time.perf_counter() - t, 4)
-        report = getattr(state, step.report)
-        for layer, notes in out.info.items():
-            report.setdefault(layer, {}).update(notes)
+        merge_records(getattr(state, step.report), out.info)
         state.gm, state.stats = out.gm, out.stats
     return state
 
@@ -169,18 +167,17 @@ class Trace(FloatStep):
     def __call__(self, state: State) -> Transformed:
         gm = trace(state.model, self.input_size)
         check_finite(gm)
-        info: dict[str, dict[str, Any]] = {}
+        info: Records = {}
         lifted = gm.meta.get("dfq_lifted", {})
         for node in gm.graph.nodes:
             m = weighted_module(gm, node)
             if m is not None:
-                info[node.target] = {
-                    "type": type(m).__name__,
-                    "kind": layer_kind(m),
-                    "shape": list(m.weight.shape),
-                }
+                rec = LayerRecord(
+                    type=type(m).__name__, kind=layer_kind(m), shape=list(m.weight.shape)
+                )
                 if node.target in lifted:
-                    info[node.target]["lifted"] = lifted[node.target]
+                    rec.lifted = lifted[node.target]
+                info[node.target] = rec
         return Transformed(gm, {}, info)
 
 
@@ -292,7 +289,7 @@ def quantize_activations(
     data: Iterable[torch.Tensor] | None = None,
     percentile: float | None = None,
     input_bits: dict[str, int] | None = None,
-    layer_notes: dict[str, dict] | None = None,
+    layer_notes: Records | None = None,
 ) -> Transformed:
     """A copy of `gm` with the profile's activation quantizers, ranged from the data-free
     `moments`, or from `data` when given (the network input's range then still comes from the
@@ -302,9 +299,9 @@ def quantize_activations(
     gm = insert_quantizers(
         gm, profile.quantization_points(gm), qc, profile.reciprocal_scales, profile.reads_quantized
     )
-    for layer, notes in set_input_bits_(gm, input_bits or {}).items():
-        if layer_notes is not None:
-            layer_notes.setdefault(layer, {}).update(notes)
+    input_notes = set_input_bits_(gm, input_bits or {})
+    if layer_notes is not None:
+        merge_records(layer_notes, input_notes)
     if data is not None:
         info = calibrate_(gm, data, percentile)
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
@@ -313,7 +310,7 @@ def quantize_activations(
         info = set_ranges_from_moments_(gm, moments)
     snap_clips_to_grid_(gm)
     for src, qnode in quantizer_nodes(gm).items():
-        info.setdefault(src, {})["bits"] = gm.get_submodule(qnode.target).grid.bits
+        info.setdefault(src, LayerRecord()).bits = gm.get_submodule(qnode.target).grid.bits
     return Transformed(gm, stats, info)
 
 
@@ -346,7 +343,9 @@ class ActivationRanges(FloatStep):
         )
 
 
-def on_copy(helper_: Callable[..., dict], gm: fx.GraphModule, stats: Stats, *args) -> Transformed:
+def on_copy(
+    helper_: Callable[..., Records], gm: fx.GraphModule, stats: Stats, *args
+) -> Transformed:
     """A mutating helper (name ending in `_`, returning per-layer notes) as a step: it works on a
     copy of `gm`, so every step of the pipeline leaves its input untouched."""
     gm = copy.deepcopy(gm)
@@ -419,8 +418,8 @@ class Simulation(FloatStep):
     name: ClassVar[str] = "simulation"
 
     def __call__(self, state: State) -> Transformed:
-        def exact_(gm: fx.GraphModule) -> dict:
-            return {k: {"simulation": v} for k, v in state.profile.make_exact_(gm).items()}
+        def exact_(gm: fx.GraphModule) -> Records:
+            return {k: LayerRecord(simulation=v) for k, v in state.profile.make_exact_(gm).items()}
 
         return on_copy(exact_, state.gm, state.stats)
 

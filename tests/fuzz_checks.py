@@ -101,7 +101,7 @@ def _absorption_premise_holds(res_abs, res_plain, x: torch.Tensor) -> bool:
     """Do all absorbed channels see x - c >= 0 on this input (so absorption is exact)?"""
     shifts = {}
     for name, notes in res_abs.layers.items():
-        if notes.get("absorbed_channels"):
+        if notes.absorbed_channels:
             b_abs = res_abs.float_model.get_submodule(name).bias.detach()
             b_plain = res_plain.float_model.get_submodule(name).bias.detach()
             shifts[name] = (b_plain - b_abs) > 0

@@ -193,6 +193,4 @@ def test_swish_net_gets_every_activation_range():
         )
     )
     res = quantize_model(net, PipelineConfig(correction=True))
-    assert res.activations and all(
-        a["activation_range"] is not None for a in res.activations.values()
-    )
+    assert res.activations and all(a.activation_range is not None for a in res.activations.values())

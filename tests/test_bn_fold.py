@@ -63,7 +63,7 @@ def test_bn_after_add_is_left_and_reported():
 
     m = randomize_bn(AddBN())
     out = fold_batchnorm(trace(m))
-    assert "input is not a conv/linear" in out.info["bn"]["note"]
+    assert "input is not a conv/linear" in out.info["bn"].note
     x = torch.randn(1, 3, 4, 4)
     assert torch.allclose(out.gm(x), m(x), atol=1e-6)
 
@@ -88,7 +88,7 @@ def test_conv_bn_with_two_users_is_not_folded():
 
     m = randomize_bn(Fork())
     out = fold_batchnorm(trace(m))
-    assert "other users" in out.info["bn"]["note"]
+    assert "other users" in out.info["bn"].note
     x = torch.randn(1, 3, 4, 4)
     assert torch.allclose(out.gm(x), m(x), atol=1e-6)
 
@@ -140,7 +140,8 @@ def test_functional_batchnorm_folds_like_the_module_float64():
     assert not any(n.target is F.batch_norm or n.op == "get_attr" for n in out.gm.graph.nodes)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert (out.gm(x) - m(x)).abs().max() <= 1e-6
-    assert out.info["0"] == {"bn_folded": "1"} and out.info["4"] == {"bn_folded": "5"}
+    assert out.info["0"].to_dict() == {"bn_folded": "1"}
+    assert out.info["4"].to_dict() == {"bn_folded": "5"}
     # the same weights and statistics as folding the plain modules
     plain = _timm_like(lambda n, act=nn.SiLU: nn.BatchNorm2d(n)).double()
     ref = fold_batchnorm(trace(plain))
@@ -165,8 +166,8 @@ def test_functional_batchnorm_not_foldable_is_reported():
 
     m = randomize_bn(Odd())
     out = fold_batchnorm(trace(m))
-    assert "input is not a conv/linear" in out.info["bn1"]["note"]
-    assert "training mode" in out.info["bn2"]["note"]
+    assert "input is not a conv/linear" in out.info["bn1"].note
+    assert "training mode" in out.info["bn2"].note
     assert sum(n.target is F.batch_norm for n in out.gm.graph.nodes) == 2
 
 
@@ -174,9 +175,9 @@ def test_pipeline_on_timm_like_blocks_folds_every_bn_and_ranges_every_quantizer(
     from dfq import PipelineConfig, quantize_model
 
     res = quantize_model(_timm_like(), PipelineConfig(equalize=True, correction=True))
-    assert [res.layers[n]["bn_folded"] for n in ("0", "2", "4")] == ["1", "3", "5"]
-    assert res.layers["2"]["equalized_with"] == "4"  # the assert's shape reads are no second user
-    assert all(a["activation_range"] is not None for a in res.activations.values())
+    assert [res.layers[n].bn_folded for n in ("0", "2", "4")] == ["1", "3", "5"]
+    assert res.layers["2"].equalized_with == "4"  # the assert's shape reads are no second user
+    assert all(a.activation_range is not None for a in res.activations.values())
 
 
 class MixedConv(nn.Module):
@@ -201,7 +202,7 @@ def test_bn_after_a_concatenation_of_convs_folds_into_each_slice():
 
     model = randomize_bn(MixedConv()).double()
     t = fold_batchnorm(trace(model))
-    assert t.info["k3"]["bn_folded"] == t.info["k5"]["bn_folded"] == "bn"
+    assert t.info["k3"].bn_folded == t.info["k5"].bn_folded == "bn"
     assert torch.allclose(t.stats["k5"].mean, model.bn.bias.detach()[4:].to(t.stats["k5"].mean))
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     with torch.no_grad():

@@ -172,8 +172,8 @@ def test_functional_layers_on_constant_weights_are_lifted_and_covered():
     r = quantize_model(model, PipelineConfig(quantize=False, equalize=True))
     with torch.no_grad():
         assert (r.model(x) - model(x)).abs().max() < 1e-12  # lifting keeps the function
-    assert "conv2d call" in r.layers["conv2d_lifted"]["lifted"]
-    assert r.layers["fc"]["lifted"].startswith("linear call")
+    assert "conv2d call" in r.layers["conv2d_lifted"].lifted
+    assert r.layers["fc"].lifted.startswith("linear call")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the user's model is untouched
     c = quantize_model(copy.deepcopy(model).float(), PipelineConfig(strict=True)).coverage

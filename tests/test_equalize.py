@@ -21,8 +21,8 @@ def test_equalize_small_net_invariant_float64(small_net):
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     eq = equalize(t.gm, t.stats)
     assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-6
-    assert eq.info["dw.0"]["equalized_with"] == "pw.0"
-    assert "residual add" in eq.info["stem.0"]["equalize_note"]
+    assert eq.info["dw.0"].equalized_with == "pw.0"
+    assert "residual add" in eq.info["stem.0"].equalize_note
 
 
 def test_equalize_mobilenet_v2_invariant_and_balanced():
@@ -81,13 +81,11 @@ def test_relu6_kept_is_equalized_exactly_float64(small_net):
 
     t = _prepared(small_net.double(), relu=False)
     eq = equalize(t.gm, t.stats)
-    assert (
-        eq.info["dw.0"]["equalized_with"] == "pw.0" and "ReLU6 kept" in eq.info["dw.0"]["kept_clip"]
-    )
+    assert eq.info["dw.0"].equalized_with == "pw.0" and "ReLU6 kept" in eq.info["dw.0"].kept_clip
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 3
     assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-9
     clip = [m for m in eq.gm.modules() if isinstance(m, ChannelMin)][0]
-    scales = torch.tensor(eq.info["dw.0"]["scale_min"]), torch.tensor(eq.info["dw.0"]["scale_max"])
+    scales = torch.tensor(eq.info["dw.0"].scale_min), torch.tensor(eq.info["dw.0"].scale_max)
     assert clip.hi.min() >= 6 / scales[1] - 1e-6 and clip.hi.max() <= 6 / scales[0] + 1e-6
 
 
@@ -97,7 +95,7 @@ def test_mobilenet_v2_relu6_kept_invariant_float64():
     eq = equalize(t.gm, t.stats)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64) * 2
     assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
-    assert sum(1 for v in eq.info.values() if v.get("equalized")) == 37
+    assert sum(1 for v in eq.info.values() if v.equalized) == 37
 
 
 def test_equalize_through_flatten_into_linear_float64():
@@ -112,7 +110,7 @@ def test_equalize_through_flatten_into_linear_float64():
     net = randomize_bn(net).double()
     t = _prepared(net)
     eq = equalize(t.gm, t.stats)
-    assert eq.info["0"]["equalized_with"] == "5"
+    assert eq.info["0"].equalized_with == "5"
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-6
 
@@ -126,7 +124,7 @@ def test_absorption_keeps_output_when_shift_never_clips():
         net[1].weight.fill_(0.5)
     t = _prepared(net.double())
     ab = absorb_high_bias(t.gm, t.stats)
-    assert ab.info["0"]["absorbed_channels"] == 6
+    assert ab.info["0"].absorbed_channels == 6
     assert torch.allclose(ab.stats["0"].mean, torch.full((6,), 1.5, dtype=torch.float64))
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 0.01
     assert (ab.gm(x) - t.gm(x)).abs().max() <= 1e-9
@@ -179,7 +177,7 @@ def test_residual_regions_equalize_mobilenet_resnet_and_regnet_exactly():
         assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
         regions, skipped = find_regions(eq.gm)
         assert len(regions) == n_regions and not skipped
-        left = [k for k, v in eq.info.items() if "equalize_note" in v]
+        left = [k for k, v in eq.info.items() if v.is_set("equalize_note")]
         assert left == [next(k for k in eq.info if k in ("classifier.1", "fc"))]
         for r in regions:  # the largest producer and consumer ranges now match per channel
             r1, r2 = _region_ranges(eq.gm, r)
@@ -200,7 +198,7 @@ def test_region_through_channel_padding_is_exact():
     eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
-    assert [k for k, v in eq.info.items() if "equalize_note" in v] == ["linear"]
+    assert [k for k, v in eq.info.items() if v.is_set("equalize_note")] == ["linear"]
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
@@ -234,7 +232,7 @@ def test_concatenation_regions_are_channel_sliced_and_exact(act):
     assert torch.allclose(r1, r2, rtol=0.05)
     before, after = (_region_ranges(g, cat)[0] for g in (t.gm, eq.gm))
     assert after.max() / after.median() < before.max() / before.median()
-    assert eq.info["a.0"]["equalized_region"].startswith("concatenation region")
+    assert eq.info["a.0"].equalized_region.startswith("concatenation region")
     if act is nn.ReLU6:
         assert len(find_regions(eq.gm)[0][0].clips + find_regions(eq.gm)[0][1].clips) == 3
         assert not any(isinstance(mod, nn.ReLU6) for mod in eq.gm.modules())
@@ -251,12 +249,12 @@ def test_deeplab_concatenations_and_fan_outs_are_equalized():
     eq = equalize(t.gm, t.stats, EqualizeConfig(residual_regions=True))
     x = torch.randn(1, 3, 65, 65, dtype=torch.float64)
     assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
-    left = [k for k, v in eq.info.items() if "equalize_note" in v]
+    left = [k for k, v in eq.info.items() if v.is_set("equalize_note")]
     assert left == ["decoder.last_conv.6"]
     cats = sorted(
-        v["equalized_region"]
+        v.equalized_region
         for v in eq.info.values()
-        if v.get("equalized_region", "").startswith("concatenation")
+        if (v.equalized_region or "").startswith("concatenation")
     )
     assert (
         len(cats) == 7
@@ -287,7 +285,7 @@ def test_add_with_a_constant_is_no_region():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         assert (eq.gm(x) - m(x)).abs().max() <= 1e-6
-    assert "add with a constant" in eq.info["add"]["equalize_note"]
+    assert "add with a constant" in eq.info["add"].equalize_note
 
 
 @pytest.mark.parametrize(
@@ -410,14 +408,12 @@ def test_near_dead_channels_neither_blow_up_ranges_nor_outputs():
         m = _near_dead_net(dead)
         r = quantize_model(m, PipelineConfig(equalize=True, correction=True))
         ranges[dead] = max(
-            v["activation_range"][1] for k, v in r.activations.items() if k != "input_1"
+            v.activation_range[1] for k, v in r.activations.items() if k != "input_1"
         )
         with torch.no_grad():
             errors[dead] = float((r.model(x) - m(x)).pow(2).mean() / m(x).pow(2).mean())
         if dead:
-            assert (
-                r.layers["0"]["absorbed_max"] > 100
-            )  # the blown-up constants went to the next layer
+            assert r.layers["0"].absorbed_max > 100  # the blown-up constants went to the next layer
     assert ranges[True] <= 2 * ranges[False] + 6
     assert errors[True] <= 3 * errors[False] + 1e-4
     # exact in float64: equalization and absorption of constant channels change nothing

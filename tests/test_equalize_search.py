@@ -27,11 +27,11 @@ def test_searched_scales_keep_the_float_function_float64():
     eq = equalize(t.gm, t.stats, search=search)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     assert (eq.gm(x) - t.gm(x)).abs().max() <= 1e-6
-    chosen = {k: v for k, v in eq.info.items() if "equalize_power" in v}
+    chosen = {k: v for k, v in eq.info.items() if v.equalize_power is not None}
     assert set(chosen) == {"dw.0", "head.0"}
     for v in chosen.values():
-        assert v["equalize_power"] in POWERS
-        assert v["pair_mse_chosen"] <= v["pair_mse_closed_form"]
+        assert v.equalize_power in POWERS
+        assert v.pair_mse_chosen <= v.pair_mse_closed_form
 
 
 def test_search_lowers_the_w4a4_error_and_clips_follow():

@@ -84,8 +84,8 @@ def test_residual_region_through_stochastic_depth_is_equalized_exactly(kind):
 @pytest.mark.parametrize("kind", list(DROPS))
 def test_identities_get_moments_and_no_quantizer(kind):
     res = quantize_model(net(kind), PipelineConfig(equalize=True, correction=True))
-    assert all(a["activation_range"] is not None for a in res.activations.values())
-    assert not any("skipped" in n.get("bias_correction", "") for n in res.layers.values())
+    assert all(a.activation_range is not None for a in res.activations.values())
+    assert not any("skipped" in (n.bias_correction or "") for n in res.layers.values())
     # input, stem, per block: ReLU, conv, add; the head's conv and pool; none after a drop
     assert len(res.activations) == 10
 

@@ -161,7 +161,7 @@ def test_ncnn_depthwise_multipliers_are_what_ncnn_computes():
 
 def test_simulation_marks_each_int8_layer_integer_exact(ncnn_small):
     r, info = ncnn_small
-    notes = {k: v["simulation"] for k, v in r.layers.items() if "simulation" in v}
+    notes = {k: v.simulation for k, v in r.layers.items() if v.simulation is not None}
     assert set(notes) == set(info.int8_layers.values())
     assert "read off ncnn" in notes["dw.0"]
 

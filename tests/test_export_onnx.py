@@ -264,7 +264,7 @@ def test_ort_profile_simulates_qlinearconv_exactly(tmp_path, relu6_kept):
             relu=not relu6_kept, equalize=True, correction=True, quant=QuantConfig(target="ort")
         ),
     )
-    exact = [k for k, v in r.layers.items() if v.get("simulation", "").startswith("integer-exact")]
+    exact = [k for k, v in r.layers.items() if (v.simulation or "").startswith("integer-exact")]
     # every conv and the global pool; the classifier (float logits, QGemm) stays a float op
     assert len(exact) == 53 and "exact_adaptive_avg_pool2d" in exact
     _, run = _ort(r, tmp_path, (1, 3, 224, 224))

@@ -53,7 +53,7 @@ def test_w16a16_int32_bias_does_not_overflow(seed):
     from dfq.quant.primitives import sqnr_db
 
     assert sqnr_db(m(x), res.model(x)) > 56
-    notes = [n.get("bias", "") for n in res.layers.values()]
+    notes = [n.bias or "" for n in res.layers.values()]
     assert any("overflows int32" in n for n in notes)
 
 
@@ -123,4 +123,4 @@ def test_absorption_is_not_applied_across_zero_padding(functional):
     res = quantize_model(m, PipelineConfig(quantize=False, equalize=True))
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     assert (res.model(x) - m(x)).abs().max() < 1e-9
-    assert "zero-pads between" in res.layers["a.0"]["absorption_note"]
+    assert "zero-pads between" in res.layers["a.0"].absorption_note

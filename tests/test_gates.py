@@ -92,8 +92,8 @@ def test_gate_moments_and_every_range_hold_the_data(gate, gate_first):
     x = images()
     net = with_true_bn_stats(se_net(gate, gate_first), x)
     res = quantize_model(net, PipelineConfig(correction=True))
-    assert all(a["activation_range"] is not None for a in res.activations.values()), res.activations
-    assert all("skipped" not in notes.get("bias_correction", "") for notes in res.layers.values())
+    assert all(a.activation_range is not None for a in res.activations.values()), res.activations
+    assert all("skipped" not in (n.bias_correction or "") for n in res.layers.values())
     # the ranges hold every value the data produces at each quantizer (nothing would be clipped)
     gm = res.model
     seen = {}
@@ -110,7 +110,7 @@ def test_gate_moments_and_every_range_hold_the_data(gate, gate_first):
     for h in hooks:
         h.remove()
     for src, (lo, hi) in seen.items():
-        r_lo, r_hi = res.activations[src]["activation_range"]
+        r_lo, r_hi = res.activations[src].activation_range
         assert r_lo - 1e-3 <= lo and hi <= r_hi + 1e-3, (src, (lo, hi), (r_lo, r_hi))
 
 
@@ -181,7 +181,7 @@ def test_a_point_without_moments_stays_float_and_says_so_data_ranges_fill_it():
     assert "--distill_range" in res.coverage["gaps"]["ranged"][ln]  # ...but without a range
     calib = [images(8, 10)]
     res = quantize_model(net, PipelineConfig(distill_range=True, strict=True), calib_data=calib)
-    assert res.activations[ln]["activation_range"] is not None
+    assert res.activations[ln].activation_range is not None
 
 
 class Affine(nn.Module):
@@ -231,7 +231,7 @@ def test_an_unfolded_batchnorm_gives_moments_from_its_own_statistics():
     assert c["bn_folded"] == 1 and "input is not a conv/linear" in c["gaps"]["bn"]["norm"]
     assert c["activations_ranged"] == c["activation_quantizers_total"]
     relu = next(n.name for n in res.float_model.graph.nodes if n.target is torch.relu)
-    lo, hi = res.activations[relu]["activation_range"]
+    lo, hi = res.activations[relu].activation_range
     y = node_value(res.float_model, relu, x)
     # the BN's statistics give a range for (almost) all the data: its input is a concatenation of
     # rectified maps, not a normal, so the far tail may pass mean + 6 std
@@ -255,7 +255,7 @@ def test_convnext_block_layer_norm_and_layer_scale_get_ranges_that_hold_the_data
     assert res.coverage["activations_ranged"] == res.coverage["activation_quantizers_total"] > 6
     x = images(32)
     for src, notes in res.activations.items():
-        lo, hi = notes["activation_range"]
+        lo, hi = notes.activation_range
         y = node_value(res.float_model, src, x)
         outside = ((y < lo - 1e-3) | (y > hi + 1e-3)).float().mean()
         assert outside < 1e-3 and hi - lo < 10 * float(y.max() - y.min()), (src, lo, hi)

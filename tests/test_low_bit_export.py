@@ -65,8 +65,8 @@ def test_low_bit_models_run_as_simulated(
     r = quantize_model(small_net, config, calib_data=calib if reconstruct else None)
     levels = 2 ** (bits_weight - 1) - 1
     for name, layer in r.layers.items():
-        if "bits_weight" in layer:
-            assert layer["bits_weight"] == bits_weight, name
+        if layer.bits_weight is not None:
+            assert layer.bits_weight == bits_weight, name
     weights = [m for m in r.model.modules() if hasattr(m, "int_weight")]
     assert weights and all(int(m.int_weight().abs().max()) <= levels for m in weights)
     acts = {n: m for n, m in r.model.named_modules() if isinstance(m, ActQuant) and m.quantizing}

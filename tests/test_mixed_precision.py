@@ -32,7 +32,7 @@ def test_keep_first_last_and_patterns_reach_the_right_layers():
         layer_bits=(("dw.*", 6, 8), ("head.0", 3, None)),
     )
     r = quantize_model(_model(), PipelineConfig(quant=q))
-    bits = {k: (v["bits_weight"], v["bits_input"]) for k, v in r.layers.items()}
+    bits = {k: (v.bits_weight, v.bits_input) for k, v in r.layers.items()}
     assert bits == {
         "stem.0": (8, 8),
         "dw.0": (6, 8),
@@ -51,9 +51,9 @@ def test_keep_first_last_and_patterns_reach_the_right_layers():
         assert torch.equal(layer.weight, (qi.double() * s.double()).float())
     assert _levels(gm.get_submodule("pw.0")) <= 15 < _levels(gm.get_submodule("stem.0"))
     # the quantizer dw.0 reads (the stem's output) has 8 bits; pw.0 reads a 6-bit one
-    assert r.activations["stem_2"]["bits"] == 8 and r.activations["dw_2"]["bits"] == 6
+    assert r.activations["stem_2"].bits == 8 and r.activations["dw_2"].bits == 6
     size = weight_size(r.layers)
-    n = {k: torch.Size(v["shape"]).numel() for k, v in r.layers.items()}
+    n = {k: torch.Size(v.shape).numel() for k, v in r.layers.items()}
     expect = sum(n[k] * w for k, (w, _) in bits.items())
     assert size["weight_bytes"] == -(-expect // 8)
     assert size["fp32_weight_bytes"] == 4 * sum(n.values())
@@ -61,8 +61,8 @@ def test_keep_first_last_and_patterns_reach_the_right_layers():
 
 def test_default_bits_are_untouched():
     r = quantize_model(_model(), PipelineConfig(quant=QuantConfig(bits_weight=4)))
-    assert {v["bits_weight"] for v in r.layers.values()} == {4}
-    assert {v["bits"] for v in r.activations.values()} == {8}
+    assert {v.bits_weight for v in r.layers.values()} == {4}
+    assert {v.bits for v in r.activations.values()} == {8}
 
 
 def _input_levels(r) -> int:
@@ -84,9 +84,9 @@ def _input_levels(r) -> int:
 )
 def test_the_network_input_is_quantized_at_its_own_width(quant, input_bits):
     r = quantize_model(_model(), PipelineConfig(quant=quant))
-    assert r.layers["stem.0"]["bits_input"] == input_bits
+    assert r.layers["stem.0"].bits_input == input_bits
     assert 2 ** (input_bits - 1) < _input_levels(r) <= 2**input_bits
-    others = [v["bits"] for k, v in r.activations.items() if k != "x"]
+    others = [v.bits for k, v in r.activations.items() if k != "x"]
     assert others.count(quant.bits_activation) >= len(others) - 2
     # the summary line counts every width, the input's included
     widths = r.coverage["bits"]["activations"]

@@ -83,9 +83,9 @@ def test_calibration_ranges_come_from_data(small_net):
     data = [torch.randn(8, 3, 16, 16) * 5]
     res = quantize_model(small_net, PipelineConfig(calib=8), calib_data=data)
     stem = small_net.stem(data[0])
-    assert res.activations["stem_2"]["activation_range"] == [0.0, round(float(stem.max()), 4)]
+    assert res.activations["stem_2"].activation_range == [0.0, round(float(stem.max()), 4)]
     # the input's range is known exactly from the normalisation, whatever the data spans
-    assert res.activations["x"]["activation_range"] == [-2.1179, 2.64]
+    assert res.activations["x"].activation_range == [-2.1179, 2.64]
 
 
 def test_percentile_ranges_are_inside_min_max(small_net):
@@ -94,14 +94,14 @@ def test_percentile_ranges_are_inside_min_max(small_net):
     pct = quantize_model(
         small_net, PipelineConfig(calib=8, range_percentile=99.0), calib_data=data
     ).activations
-    assert pct["stem_2"]["activation_range"][1] < full["stem_2"]["activation_range"][1]
+    assert pct["stem_2"].activation_range[1] < full["stem_2"].activation_range[1]
 
 
 def test_empirical_bias_correction_on_data(small_net):
     data = [torch.randn(16, 3, 16, 16)]
     res = quantize_model(small_net, PipelineConfig(correction="distill", calib=16), calib_data=data)
     assert res.config.correction == "data"
-    assert res.layers["stem.0"]["bias_correction"] == "empirical"
+    assert res.layers["stem.0"].bias_correction == "empirical"
 
 
 def test_per_channel_and_asymmetric_weights(small_net):
@@ -122,7 +122,7 @@ def test_result_is_a_graph_module_with_the_same_signature(small_net):
 def test_linear_without_bn_gets_moments_propagated():
     m = randomize_bn(SmallNet())
     res = quantize_model(m, PipelineConfig(correction=True))
-    assert "bias_correction_max" in res.layers["fc"]
+    assert res.layers["fc"].bias_correction_max is not None
 
 
 def test_default_steps_are_the_timed_ones(small_net):
@@ -137,7 +137,7 @@ def test_default_steps_are_the_timed_ones(small_net):
 
 
 def test_a_custom_step_list_runs(small_net):
-    from dfq.records import Transformed
+    from dfq.records import LayerRecord, Transformed
 
     class Count:
         """A user step after folding: notes each layer's weight count."""
@@ -145,7 +145,10 @@ def test_a_custom_step_list_runs(small_net):
         name, needs_data, report = "count", False, "layers"
 
         def __call__(self, state):
-            notes = {n: {"weights": int(m.weight.numel())} for n, m in _weighted(state.gm)}
+            notes = {
+                n: LayerRecord(extra={"weights": int(m.weight.numel())})
+                for n, m in _weighted(state.gm)
+            }
             return Transformed(state.gm, state.stats, notes)
 
     def edit(default):
@@ -160,8 +163,8 @@ def test_a_custom_step_list_runs(small_net):
     res = quantize_model(small_net, cfg, steps=edit)
     assert "count" in res.timings and "bias_correction" not in res.timings
     assert list(res.timings).index("count") == list(res.timings).index("fold_bn") + 1
-    assert res.layers and all("weights" in v for v in res.layers.values())
-    assert not any("bias_correction_max" in v for v in res.layers.values())
+    assert res.layers and all("weights" in v.extra for v in res.layers.values())
+    assert not any(v.is_set("bias_correction_max") for v in res.layers.values())
     # the same as the default pipeline without bias correction
     plain = quantize_model(small_net, PipelineConfig(correction=False))
     assert torch.equal(res.model(x), plain.model(x))

@@ -66,10 +66,8 @@ def test_toy_net_blocks_improve_and_weights_stay_on_the_grid():
     rec = quantize_model(model, _rec(base), calib_data=data)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model untouched
     blocks = rec.reconstruction
-    assert all(b["mse_after"] <= b["mse_before"] for b in blocks.values())
-    assert (
-        sum(b["learned"] and b["mse_after"] < 0.95 * b["mse_before"] for b in blocks.values()) >= 2
-    )
+    assert all(b.mse_after <= b.mse_before for b in blocks.values())
+    assert sum(b.learned and b.mse_after < 0.95 * b.mse_before for b in blocks.values()) >= 2
     changed = 0
     for name, m in rec.model.named_modules():
         if isinstance(m, QuantizedLayer):
@@ -92,7 +90,7 @@ def test_undecided_roundings_are_reported_and_a_stronger_regulariser_decides_the
     strong = quantize_model(
         model, _rec(base, iterations=20, round_lr=0.2, round_weight=50.0), calib_data=data
     ).reconstruction
-    share = lambda r: [b["undecided"] for b in r.values() if b["iterations"]]  # noqa: E731
+    share = lambda r: [b.undecided for b in r.values() if b.iterations]  # noqa: E731
     assert share(weak) and all(0 <= u <= 1 for u in share(weak))
     assert sum(share(weak)) > 0.1 and sum(share(strong)) < 0.5 * sum(share(weak))
 
@@ -132,9 +130,10 @@ def test_same_seed_same_model_other_seed_other_model():
     c = quantize_model(model, _rec(base, iterations=30, fp_input_mix=0.5, seed=1), calib_data=data)
     sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.reconstruction == {
-        k: {**v, "seconds": a.reconstruction[k]["seconds"]} for k, v in b.reconstruction.items()
-    }
+    assert a.reconstruction.keys() == b.reconstruction.keys()
+    for k, v in b.reconstruction.items():
+        v.seconds = a.reconstruction[k].seconds
+        assert a.reconstruction[k] == v
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
@@ -181,7 +180,7 @@ def test_time_cap_warns_and_reports_the_cut():
     model, data, _, base = _setup()
     with pytest.warns(UserWarning, match="reconstruct-seconds .* cut"):
         r = quantize_model(model, _rec(base, iterations=100000, seconds=0.5), calib_data=data)
-    assert any(b["cut_by_time"] for b in r.reconstruction.values())
+    assert any(b.cut_by_time for b in r.reconstruction.values())
     for m in r.model.modules():
         if isinstance(m, QuantizedLayer):  # cut or not, the weights are on their grid
             assert torch.equal(
@@ -201,7 +200,7 @@ def test_without_iterations_nothing_changes():
     rtn = quantize_model(model, base)
     sr, s0 = r.model.state_dict(), rtn.model.state_dict()
     assert all(torch.equal(sr[k], s0[k]) for k in s0)
-    assert not any(b["learned"] for b in r.reconstruction.values())
+    assert not any(b.learned for b in r.reconstruction.values())
 
 
 def test_cli_reconstruct_reports_blocks(tmp_path, capsys):

@@ -55,8 +55,8 @@ def test_equalization_keeps_the_float_output(body, relu):
         name == "ssdlite_mobilenetv2"
     )  # the forward's signature is kept
     assert _max_err(ref, out) <= 1e-6
-    pairs = [k for k, v in res.layers.items() if v.get("equalized_with")]
-    left = {k: v["equalize_note"] for k, v in res.layers.items() if v.get("equalize_note")}
+    pairs = [k for k, v in res.layers.items() if v.equalized_with]
+    left = {k: v.equalize_note for k, v in res.layers.items() if v.equalize_note}
     assert len(pairs) >= (35 if name.startswith("deeplab") else 50)
     assert left and all(
         isinstance(v, str) and v for v in left.values()

@@ -22,6 +22,7 @@ from dfq.config import CLIP_WEIGHT, PipelineConfig
 from dfq.data.quantization_data import pipeline_data
 from dfq.pipeline import quantize_model
 from dfq.quant.mixed import weight_size
+from dfq.records import Records, records_from_dict, records_to_dict
 from dfq.tasks.base import EvalData, Score, Task
 from dfq.utils.distributed import check_identical, world
 
@@ -38,10 +39,10 @@ ABLATION_BASE = dict(
 )
 
 
-def equalization_summary(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def equalization_summary(layers: Records) -> dict[str, Any]:
     """How many layers were equalized, and why the others were left alone (reason: count)."""
-    paired = [k for k, v in layers.items() if v.get("equalized_with")]
-    notes = Counter(v["equalize_note"] for v in layers.values() if v.get("equalize_note"))
+    paired = [k for k, v in layers.items() if v.equalized_with]
+    notes = Counter(v.equalize_note for v in layers.values() if v.equalize_note)
     return {"pairs": len(paired), "left_alone": dict(notes.most_common())}
 
 
@@ -76,23 +77,28 @@ def run_one(
     )
     check_identical(result.model, "the quantized model")
     if restore is not None and not result.reconstruction:
-        result.reconstruction = restore["meta"].get("reconstruction", {})
+        result.reconstruction = records_from_dict(restore["meta"].get("reconstruction", {}))
     if save is not None and world()[0] == 0:
         from dfq.quant.saved import save_quantized
 
-        save_quantized(save, result.model, result.config, {"reconstruction": result.reconstruction})
+        meta = {"reconstruction": records_to_dict(result.reconstruction)}
+        save_quantized(save, result.model, result.config, meta)
     t = time.perf_counter()
     score = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, label)
     out = {
         "name": label,
         **score.summary(),
         "config": config.to_dict(),
-        "layers": result.layers,
-        "activations": result.activations,
+        "layers": records_to_dict(result.layers),  # the JSON report, from the records
+        "activations": records_to_dict(result.activations),
         "coverage": result.coverage,
         "equalization": equalization_summary(result.layers) if config.equalize else None,
         **(weight_size(result.layers) if config.quantize else {}),
-        **({"reconstruction": result.reconstruction} if result.reconstruction else {}),
+        **(
+            {"reconstruction": records_to_dict(result.reconstruction)}
+            if result.reconstruction
+            else {}
+        ),
         "timings": {**result.timings, "evaluate": round(time.perf_counter() - t, 3)},
     }
     if reference is not None:

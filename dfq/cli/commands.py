@@ -17,6 +17,7 @@ from dfq.cli import options
 from dfq.data.quantization_data import pipeline_data
 from dfq.errors import DfqError
 from dfq.quant.mixed import check_layer_bits
+from dfq.records import records_from_dict
 from dfq.reporting.coverage import summary
 from dfq.reporting.tables import layer_table, markdown_table
 from dfq.tasks.base import Task
@@ -119,10 +120,10 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "plot", None):
         from dfq.reporting.tables import plot_weight_ranges
 
-        png = plot_weight_ranges(res["layers"], args.plot)
+        png = plot_weight_ranges(records_from_dict(res["layers"]), args.plot)
         print(f"wrote {png}" if png else "--plot: no layer was equalized (add --equalize)")
     if not args.quiet:
-        print(layer_table(res["layers"]))
+        print(layer_table(records_from_dict(res["layers"])))
     if res["equalization"]:
         eq = res["equalization"]
         print(

@@ -31,6 +31,7 @@ from dfq.graph.ops import (
 )
 from dfq.quant.modules import FLOAT, OBSERVE, QUANTIZE, ActQuant, QuantizedLayer
 from dfq.quant.primitives import qparams
+from dfq.records import LayerRecord, Records
 from dfq.statistics.moments import Moments
 
 
@@ -120,14 +121,14 @@ def quantizer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
 
 def set_ranges_from_moments_(
     gm: fx.GraphModule, moments: dict[str, Moments], only: set[str] | None = None
-) -> dict[str, dict]:
+) -> Records:
     """In place: per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are
     reported and their quantizers stay float.
 
     `only` restricts this to some quantized nodes (by name), e.g. the network input, whose
     range the normalisation constants give exactly even when the other ranges come from data.
     """
-    info = {}
+    info: Records = {}
     for src, qnode in quantizer_nodes(gm).items():
         if only is not None and src not in only:
             continue
@@ -137,16 +138,16 @@ def set_ranges_from_moments_(
         if clip is not None and clip.name in moments:
             m = moments[clip.name]  # values above the per-channel bounds are clipped anyway
         if m is None:
-            info[src] = {
-                "activation_range": None,
-                "note": "no data-free range (moments unknown through this op): kept in float; "
+            info[src] = LayerRecord(
+                activation_range=None,
+                note="no data-free range (moments unknown through this op): kept in float; "
                 "--distill_range (or --calib) ranges it on data",
-            }
+            )
             aq.mode = FLOAT  # never invent a range
             continue
         lo, hi = float(m.lo.min()), float(m.hi.max())
         aq.set_range(*qparams(torch.tensor(lo), torch.tensor(hi), aq.grid))
-        info[src] = {"activation_range": [round(lo, 4), round(hi, 4)]}
+        info[src] = LayerRecord(activation_range=[round(lo, 4), round(hi, 4)])
     return info
 
 
@@ -159,7 +160,7 @@ def _percentiles(x: torch.Tensor, pct: float, max_elements: int = 1 << 22) -> tu
     return float(q[0]), float(q[1])
 
 
-def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> dict[str, dict]:
+def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> Records:
     """In place: ranges of every quantizer's input on data, min/max or the mean per-batch
     percentile."""
     quantizers = {src: gm.get_submodule(q.target) for src, q in quantizer_nodes(gm).items()}
@@ -182,7 +183,7 @@ def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> 
     finally:
         for h in hooks:
             h.remove()
-    info = {}
+    info: Records = {}
     for src, aq in quantizers.items():
         aq.mode = QUANTIZE
         if percentile is not None:
@@ -191,7 +192,7 @@ def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> 
         else:
             lo, hi = aq.observed_min.clone(), aq.observed_max.clone()
         aq.set_range(*qparams(lo, hi, aq.grid))
-        info[src] = {"activation_range": [round(float(lo), 4), round(float(hi), 4)]}
+        info[src] = LayerRecord(activation_range=[round(float(lo), 4), round(float(hi), 4)])
     return info
 
 
@@ -241,10 +242,10 @@ def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
     return aq if aq is not None and aq.quantizing else None
 
 
-def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]:
+def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> Records:
     """In place: biases on their grid, int32 at s_weight * s_input or 8/16 bits on their own
     range."""
-    info = {}
+    info: Records = {}
     for node in gm.graph.nodes:
         m = weighted_module(gm, node)
         if not isinstance(m, QuantizedLayer) or m.bias is None:
@@ -267,5 +268,5 @@ def quantize_biases_(gm: fx.GraphModule, config: QuantConfig) -> dict[str, dict]
                 "" if aq else " (input not quantized)"
             )
         m.set_bias_quant(scale, config.bias_grid)
-        info[node.target] = {"bias": note}
+        info[node.target] = LayerRecord(bias=note)
     return info

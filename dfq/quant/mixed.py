@@ -19,6 +19,7 @@ from dfq.config import Grid, QuantConfig
 from dfq.errors import DfqError
 from dfq.graph.layers import weighted_nodes
 from dfq.quant.activations import input_quantizer
+from dfq.records import LayerRecord, Records
 
 
 def layer_bits(gm: fx.GraphModule, q: QuantConfig) -> dict[str, tuple[int | None, int | None]]:
@@ -51,17 +52,17 @@ def check_layer_bits(model: nn.Module, q: QuantConfig) -> None:
         layer_bits(trace(model), q)
 
 
-def set_input_bits_(gm: fx.GraphModule, bits: dict[str, int]) -> dict[str, dict]:
+def set_input_bits_(gm: fx.GraphModule, bits: dict[str, int]) -> Records:
     """In place, before any range is set: the quantizer each named layer reads its input from
     gets that many bits (the largest asked for when shared). Info: per layer, `bits_input`."""
     wanted: dict[int, tuple[object, int]] = {}
-    info: dict[str, dict] = {}
+    info: Records = {}
     for node in weighted_nodes(gm):
         if node.target not in bits:
             continue
         aq = input_quantizer(gm, node)
         if aq is None:
-            info[node.target] = {"bits_input": None, "note": "its input is not quantized"}
+            info[node.target] = LayerRecord(bits_input=None, note="its input is not quantized")
             continue
         prev = wanted.get(id(aq), (aq, 0))[1]
         wanted[id(aq)] = (aq, max(prev, bits[node.target]))
@@ -70,18 +71,18 @@ def set_input_bits_(gm: fx.GraphModule, bits: dict[str, int]) -> dict[str, dict]
     for node in weighted_nodes(gm):
         aq = input_quantizer(gm, node)
         if aq is not None:
-            info.setdefault(node.target, {})["bits_input"] = aq.grid.bits
+            info.setdefault(node.target, LayerRecord()).bits_input = aq.grid.bits
     return info
 
 
-def weight_size(layers: dict[str, dict]) -> dict[str, int]:
+def weight_size(layers: Records) -> dict[str, int]:
     """Bytes of the conv/linear weights at their bit widths (packed, biases and scales not
     counted) and in float32, from the pipeline's layer report (`shape`, `bits_weight`)."""
     bits = fp32 = 0
-    for info in layers.values():
-        if "shape" not in info:
+    for rec in layers.values():
+        if rec.shape is None:
             continue
-        n = math.prod(info["shape"])
-        bits += n * info.get("bits_weight", 32)
+        n = math.prod(rec.shape)
+        bits += n * (rec.bits_weight if rec.bits_weight is not None else 32)
         fp32 += n * 32
     return {"weight_bytes": math.ceil(bits / 8), "fp32_weight_bytes": fp32 // 8}

@@ -18,6 +18,7 @@ from torch import fx
 from dfq.config import PipelineConfig
 from dfq.errors import DfqError
 from dfq.quant.modules import ActQuant
+from dfq.records import Records
 
 FORMAT = "dfq-quantized-v1"
 
@@ -68,7 +69,7 @@ def load_quantized(path: str | Path) -> tuple[PipelineConfig, dict[str, Any]]:
     }
 
 
-def restore_(gm: fx.GraphModule, restore: dict[str, Any]) -> dict[str, dict]:
+def restore_(gm: fx.GraphModule, restore: dict[str, Any]) -> Records:
     """In place: the saved state into the rebuilt fake-quant model (it must match exactly)."""
     # bias scales are set again by the bias step that follows (per channel only from there on)
     state = {k: v for k, v in restore["state"].items() if not k.endswith("bias_scale")}

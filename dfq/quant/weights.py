@@ -13,7 +13,7 @@ from dfq.config import QuantConfig
 from dfq.graph.layers import weighted_nodes
 from dfq.quant.modules import quantized_copy
 from dfq.quant.primitives import qparams, quantize, sqnr_db
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import Stats
 
 
@@ -60,7 +60,7 @@ def quantize_weights(
     """Return a copy of `gm` whose conv/linear weights sit on the weight grid (`weight_bits`:
     a runtime profile's per-layer bit width; `layer_bits`: the user's, by layer name)."""
     gm = copy.deepcopy(gm)
-    info: dict[str, dict] = {}
+    info: Records = {}
     for node in weighted_nodes(gm):
         m = gm.get_submodule(node.target)
         w = m.weight.detach()
@@ -69,10 +69,10 @@ def quantize_weights(
         q = quantized_copy(m)
         q.init_quant(quantize(w, scale, zp, lc.weight_grid, axis), scale, zp, lc.weight_grid, axis)
         _replace(gm, node.target, q)
-        info[node.target] = {
-            "bits_weight": lc.bits_weight,
-            "weight_sqnr_db": round(sqnr_db(w, q.weight), 2),
-            "weight_range": [float(w.min()), float(w.max())],
-        }
+        info[node.target] = LayerRecord(
+            bits_weight=lc.bits_weight,
+            weight_sqnr_db=round(sqnr_db(w, q.weight), 2),
+            weight_range=[float(w.min()), float(w.max())],
+        )
     gm.recompile()
     return Transformed(gm, stats, info)

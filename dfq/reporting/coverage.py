@@ -20,6 +20,7 @@ from dfq.errors import DfqError
 from dfq.graph.ops import describe, layer_op, weighted_module
 from dfq.quant.activations import input_quantizer_node, quantizer_nodes
 from dfq.quant.modules import QuantizedLayer
+from dfq.records import LayerRecord, Records
 
 # the figures --strict requires to be complete (equalization is an optimisation, and a network's
 # last layer can never be equalized: it is reported, never enforced)
@@ -52,8 +53,8 @@ def coverage(
     tracer: str,
     float_gm: fx.GraphModule,
     model: fx.GraphModule | None,
-    layers: dict[str, dict],
-    activations: dict[str, dict],
+    layers: Records,
+    activations: Records,
     config: PipelineConfig,
 ) -> dict[str, Any]:
     """The coverage figures and gaps of one run: `tracer` made the graph, `float_gm` is the
@@ -62,22 +63,24 @@ def coverage(
     pipeline's per-node notes."""
     gaps: dict[str, dict[str, str]] = {"bn": {}, "quantized": {}, "ranged": {}, "equalized": {}}
     # a folded BN is noted on its layer(s) (several for a BN after a concatenation of convs)
-    folded = {v["bn_folded"] for v in layers.values() if isinstance(v.get("bn_folded"), str)}
+    folded = {v.bn_folded for v in layers.values() if isinstance(v.bn_folded, str)}
     for name, v in layers.items():
-        if v.get("bn_folded") is False:
-            gaps["bn"][name] = v.get("note", "not folded")
+        if v.bn_folded is False:
+            gaps["bn"][name] = v.note if v.is_set("note") else "not folded"
     all_layers = _layers(float_gm)
     nodes = {_layer_name(float_gm, n): n for n in float_gm.graph.nodes}
     for name, op in all_layers.items():
-        info = layers.get(name, {})
-        if info.get("equalized"):
+        rec = layers.get(name) or LayerRecord()
+        if rec.equalized:
             continue
         if not config.equalize:
             gaps["equalized"][name] = "equalization off (--equalize)"
         elif weighted_module(float_gm, nodes[name]) is None:
             gaps["equalized"][name] = f"{op}: dfq equalizes Conv2d and Linear modules only"
         else:
-            gaps["equalized"][name] = info.get("equalize_note", "not equalized")
+            gaps["equalized"][name] = (
+                rec.equalize_note if rec.is_set("equalize_note") else "not equalized"
+            )
     out: dict[str, Any] = {
         "tracer": tracer,
         "bn_folded": len(folded),
@@ -100,9 +103,8 @@ def coverage(
         points = quantizer_nodes(model)
         for src, q in points.items():
             if not model.get_submodule(q.target).quantizing:
-                gaps["ranged"][src] = activations.get(src, {}).get(
-                    "note", "no range: kept in float"
-                )
+                act = activations.get(src) or LayerRecord()
+                gaps["ranged"][src] = act.note if act.is_set("note") else "no range: kept in float"
         missing = {}
         for n in model.graph.nodes:
             if (

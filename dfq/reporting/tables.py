@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from dfq.records import Records
+
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
@@ -41,26 +43,26 @@ LAYER_COLUMNS = [
 ]
 
 
-def layer_table(layers: dict[str, dict[str, Any]]) -> str:
+def layer_table(layers: Records) -> str:
     """One row per conv/linear layer (those with a kind), in model order."""
     rows = []
-    for name, info in layers.items():
-        if "kind" not in info:
+    for name, rec in layers.items():
+        if rec.kind is None:
             continue
         row = [name]
         for _, key in LAYER_COLUMNS[1:]:
-            v = info.get(key)
+            v = getattr(rec, key)
             row.append("yes" if v is True or (key == "bn_folded" and isinstance(v, str)) else v)
         rows.append(row)
     return markdown_table([h for h, _ in LAYER_COLUMNS], rows)
 
 
-def plot_weight_ranges(layers: dict[str, dict[str, Any]], out_dir: str | Path) -> Path | None:
+def plot_weight_ranges(layers: Records, out_dir: str | Path) -> Path | None:
     """Per-channel weight ranges of the worst-conditioned equalized layer, before and after
     (the DFQ paper's Figure 2), as a PNG; None if nothing was equalized."""
     worst = max(
-        (name for name, info in layers.items() if "channel_ranges_before" in info),
-        key=lambda n: layers[n]["range_spread_before"],
+        (name for name, rec in layers.items() if rec.channel_ranges_before is not None),
+        key=lambda n: layers[n].range_spread_before,
         default=None,
     )
     if worst is None:
@@ -70,15 +72,15 @@ def plot_weight_ranges(layers: dict[str, dict[str, Any]], out_dir: str | Path) -
     require("matplotlib", "--plot").use("Agg")
     import matplotlib.pyplot as plt
 
-    info = layers[worst]
+    rec = layers[worst]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, key, title in (
         (axes[0], "channel_ranges_before", "before"),
         (axes[1], "channel_ranges_after", "after"),
     ):
-        r = info[key]
+        r = getattr(rec, key)
         ax.bar(range(len(r)), r, width=1.0, color="tab:blue" if title == "before" else "tab:green")
-        spread = info["range_spread_" + title]
+        spread = getattr(rec, "range_spread_" + title)
         ax.set_title(f"{worst}: {title} equalization (max/median {spread:.1f})")
         ax.set_xlabel("output channel")
     axes[0].set_ylabel("max |w| per channel")

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from dfq.config import QuantConfig
 from dfq.quant.activations import default_quantization_points, quantize_biases_
+from dfq.records import Records
 from dfq.utils.deps import require
 
 
@@ -41,7 +42,7 @@ class Profile:
         """Whether `user` reads the quantized value of a quantization point (else the float one)."""
         return True
 
-    def quantize_biases_(self, gm: fx.GraphModule, q: QuantConfig) -> dict[str, dict]:
+    def quantize_biases_(self, gm: fx.GraphModule, q: QuantConfig) -> Records:
         return quantize_biases_(gm, q)
 
     def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:

@@ -33,6 +33,7 @@ from dfq.config import QuantConfig
 from dfq.graph.ops import is_depthwise, weighted_module
 from dfq.quant.activations import input_quantizer
 from dfq.quant.modules import Dequant, QuantizedLayer
+from dfq.records import LayerRecord, Records
 from dfq.targets.base import Profile
 from dfq.targets.cpu import is_x86, require_int8
 
@@ -126,10 +127,10 @@ class NcnnProfile(Profile):
         """Only the conv/linear layers see the int8 value, everything else the float one."""
         return weighted_module(gm, user) is not None
 
-    def quantize_biases_(self, gm: fx.GraphModule, q: QuantConfig) -> dict[str, dict]:
+    def quantize_biases_(self, gm: fx.GraphModule, q: QuantConfig) -> Records:
         """ncnn adds the fp32 bias after dequantizing the int32 sum."""
         return {
-            n.target: {"bias": "fp32 (ncnn)"}
+            n.target: LayerRecord(bias="fp32 (ncnn)")
             for n in gm.graph.nodes
             if isinstance(weighted_module(gm, n), QuantizedLayer)
             and weighted_module(gm, n).bias is not None

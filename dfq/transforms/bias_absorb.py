@@ -22,7 +22,7 @@ from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.layers import find_pairs
 from dfq.graph.modules import ChannelMin
 from dfq.graph.ops import is_shape_query, pads_input
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import Stats, freeze
 
 
@@ -57,7 +57,7 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = ABSORB_STD
     gm = copy.deepcopy(gm)
     pairs, _ = find_pairs(gm)
     new_stats = dict(stats)
-    info: dict[str, dict] = {}
+    info: Records = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for p in pairs:
         clips = [
@@ -72,12 +72,14 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = ABSORB_STD
             continue
         first, second = gm.get_submodule(p.first), gm.get_submodule(p.second)
         if pads_input(second):
-            info[p.first] = {"absorption_note": f"not absorbed: {p.second} zero-pads its input"}
+            info[p.first] = LayerRecord(
+                absorption_note=f"not absorbed: {p.second} zero-pads its input"
+            )
             continue
         if (pad := _zero_padding_between(gm, p.first, p.second)) is not None:
-            info[p.first] = {
-                "absorption_note": f"not absorbed: {pad} zero-pads between it and {p.second}"
-            }
+            info[p.first] = LayerRecord(
+                absorption_note=f"not absorbed: {pad} zero-pads between it and {p.second}"
+            )
             continue
         with torch.no_grad():
             ensure_bias(first).sub_(c)
@@ -85,5 +87,7 @@ def absorb_high_bias(gm: fx.GraphModule, stats: Stats, n_std: float = ABSORB_STD
         for clip in clips:  # min(ReLU(x), hi) - c = min(ReLU(x - c), hi - c) for x >= c
             clip.hi.sub_(c)
         new_stats[p.first] = st.shifted(c)
-        info[p.first] = {"absorbed_channels": int((c > 0).sum()), "absorbed_max": float(c.max())}
+        info[p.first] = LayerRecord(
+            absorbed_channels=int((c > 0).sum()), absorbed_max=float(c.max())
+        )
     return Transformed(gm, freeze(new_stats), info)

@@ -20,7 +20,7 @@ from torch import fx
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.ops import weighted_module
 from dfq.quant.modules import QuantizedLayer
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import Stats
 from dfq.statistics.moments import Moments
 
@@ -30,20 +30,20 @@ def correct_bias(
 ) -> Transformed:
     """Return a copy of the weight-quantized `gm_q` with biases corrected for E[(Q(W)-W) x]."""
     gm_q = copy.deepcopy(gm_q)
-    info: dict[str, dict] = {}
+    info: Records = {}
     for node in gm_q.graph.nodes:
         m = weighted_module(gm_q, node)
         if not isinstance(m, QuantizedLayer):
             continue
         x = node.args[0]
         if not isinstance(x, fx.Node) or x.name not in moments:
-            info[node.target] = {"bias_correction": "skipped: input mean unknown"}
+            info[node.target] = LayerRecord(bias_correction="skipped: input mean unknown")
             continue
         w_float = gm_float.get_submodule(node.target).weight.detach()
         shift = input_contribution(m, moments[x.name].mean, weight=m.weight.detach() - w_float)
         with torch.no_grad():
             ensure_bias(m).sub_(shift.to(m.weight.dtype))
-        info[node.target] = {"bias_correction_max": float(shift.abs().max())}
+        info[node.target] = LayerRecord(bias_correction_max=float(shift.abs().max()))
     return Transformed(gm_q, stats, info)
 
 
@@ -51,9 +51,7 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
     return t.detach().transpose(0, 1).flatten(1).mean(1)
 
 
-def correct_bias_empirical_(
-    gm_q: fx.GraphModule, gm_float: fx.GraphModule, batches
-) -> dict[str, dict]:
+def correct_bias_empirical_(gm_q: fx.GraphModule, gm_float: fx.GraphModule, batches) -> Records:
     """In place on `gm_q`: bias += E[y_float] - E[y_quant] per layer, measured on `batches`."""
     x = torch.cat([b for b in batches])
     names = [
@@ -66,16 +64,15 @@ def correct_bias_empirical_(
         )
         for n in names
     ]
-    info: dict[str, dict] = {}
+    info: Records = {}
 
     def fix(mod, inp, out, name):
         shift = ref[name] - _channel_mean(out)
         with torch.no_grad():
             ensure_bias(mod).add_(shift.to(mod.bias.dtype))
-        info[name] = {
-            "bias_correction_max": float(shift.abs().max()),
-            "bias_correction": "empirical",
-        }
+        info[name] = LayerRecord(
+            bias_correction_max=float(shift.abs().max()), bias_correction="empirical"
+        )
         return out + shift.reshape(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
 
     try:

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from dfq.graph.channels import ensure_bias
 from dfq.graph.ops import BatchNormSpec, batchnorm_of, is_cat, is_shape_query, weighted_module
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import BNStats, Stats, freeze
 
 
@@ -89,20 +89,20 @@ def fold_batchnorm(gm: fx.GraphModule, stats: Stats | None = None) -> Transforme
     """Return a copy of `gm` with every foldable BN folded, and the statistics it leaves."""
     gm = copy.deepcopy(gm)
     new_stats = dict(stats or {})
-    info: dict[str, dict] = {}
+    info: Records = {}
     for node in list(gm.graph.nodes):
         if (named := batchnorm_of(gm, node)) is None:
             continue
         name, bn = named
         found = bn if isinstance(bn, str) else _foldable(gm, node, bn)
         if isinstance(found, str):
-            info[name] = {"bn_folded": False, "note": f"BatchNorm left in float: {found}"}
+            info[name] = LayerRecord(bn_folded=False, note=f"BatchNorm left in float: {found}")
             continue
         for layer_node, layer, part in found:
             new_stats[layer_node.target] = _fold_into(
                 layer, bn if part is None else _sliced(bn, part)
             )
-            info[layer_node.target] = {"bn_folded": name}
+            info[layer_node.target] = LayerRecord(bn_folded=name)
         node.replace_all_uses_with(node.args[0])
         constants = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)

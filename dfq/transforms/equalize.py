@@ -31,7 +31,7 @@ from dfq.graph.layers import Pair, find_pairs
 from dfq.graph.modules import ChannelMin
 from dfq.graph.ops import activation_of
 from dfq.graph.regions import Region, channels_of, find_regions
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import Stats, freeze
 
 
@@ -172,7 +172,7 @@ def equalize(
     gm: fx.GraphModule,
     stats: Stats,
     config: EqualizeConfig = EqualizeConfig(),
-    search: Callable[..., dict[str, dict]] | None = None,
+    search: Callable[..., Records] | None = None,
 ) -> Transformed:
     """Equalize every pair of `gm` (a copy) until the scales converge. `search` (e.g.
     dfq.transforms.equalize_search.search_scales_ bound to data) may then move each pair's
@@ -218,25 +218,25 @@ def equalize(
     searched = search(gm, pairs, total, clips, new_stats) if search is not None else {}
     info = _report(gm, pairs, skipped, before, total, sweeps)
     for name, found in searched.items():
-        info[name].update(found)
+        info[name].merge(found)
     for i, (r, r1) in enumerate(zip(regions, region_before)):
         after = _region_ranges(gm, r)[0]
         for name, _ in r.producers:
-            info.setdefault(name, {}).update(
-                {
-                    "equalized": True,
-                    "equalized_region": f"{r.kind} region {i}: {len(r.producers)} producers, "
+            info.setdefault(name, LayerRecord()).merge(
+                LayerRecord(
+                    equalized=True,
+                    equalized_region=f"{r.kind} region {i}: {len(r.producers)} producers, "
                     f"{len(r.consumers)} consumers",
-                    "region_spread_before": _spread(r1),
-                    "region_spread_after": _spread(after),
-                }
+                    region_spread_before=_spread(r1),
+                    region_spread_after=_spread(after),
+                )
             )
-            info[name].pop("equalize_note", None)
+            del info[name].equalize_note
     for add, why in region_skipped.items():
-        info[add] = {"equalize_note": f"region not equalized: {why}"}
+        info[add] = LayerRecord(equalize_note=f"region not equalized: {why}")
     for p in pairs:
         if clips[p.first]:
-            info[p.first]["kept_clip"] = "ReLU6 kept as ReLU + per-channel bounds"
+            info[p.first].kept_clip = "ReLU6 kept as ReLU + per-channel bounds"
     return Transformed(gm, freeze(new_stats), info)
 
 
@@ -251,23 +251,21 @@ def _spread(r: torch.Tensor) -> float:
     return float(r.max()) / med if med > 0 else float("inf")
 
 
-def _report(
-    gm, pairs: list[Pair], skipped: dict[str, str], before, total, sweeps
-) -> dict[str, dict]:
-    info: dict[str, dict] = {
-        name: {"equalized": False, "equalize_note": why} for name, why in skipped.items()
+def _report(gm, pairs: list[Pair], skipped: dict[str, str], before, total, sweeps) -> Records:
+    info: Records = {
+        name: LayerRecord(equalized=False, equalize_note=why) for name, why in skipped.items()
     }
     for p in pairs:
         after = output_ranges(gm.get_submodule(p.first))
-        info[p.first] = {
-            "equalized": True,
-            "equalized_with": p.second,
-            "equalize_sweeps": sweeps,
-            "range_spread_before": _spread(before[p.first]),
-            "range_spread_after": _spread(after),
-            "channel_ranges_before": _rounded(before[p.first]),
-            "channel_ranges_after": _rounded(after),
-            "scale_min": float(total[p.first].min()),
-            "scale_max": float(total[p.first].max()),
-        }
+        info[p.first] = LayerRecord(
+            equalized=True,
+            equalized_with=p.second,
+            equalize_sweeps=sweeps,
+            range_spread_before=_spread(before[p.first]),
+            range_spread_after=_spread(after),
+            channel_ranges_before=_rounded(before[p.first]),
+            channel_ranges_after=_rounded(after),
+            scale_min=float(total[p.first].min()),
+            scale_max=float(total[p.first].max()),
+        )
     return info

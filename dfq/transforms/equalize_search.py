@@ -23,6 +23,7 @@ from dfq.graph.layers import Pair
 from dfq.graph.subgraph import subgraph
 from dfq.quant.primitives import fake_quantize, qparams
 from dfq.quant.weights import weight_qparams
+from dfq.records import LayerRecord, Records
 from dfq.statistics.bn import Stats
 from dfq.transforms.equalize import scale_pair_
 
@@ -109,11 +110,11 @@ def search_scales_(
     data: list[torch.Tensor],
     quant: QuantConfig,
     powers: tuple[float, ...] = POWERS,
-) -> dict[str, dict]:
+) -> Records:
     """In place: per pair, move from the closed form S to S**t with the best t (see the
     module's docstring); `total`, the ChannelMin bounds and `stats` follow. Info per pair: t,
     and the pair's quantized output MSE at the closed form and at t."""
-    info = {}
+    info: Records = {}
     for pair in pairs:
         first, second = gm.get_submodule(pair.first), gm.get_submodule(pair.second)
         x = _inputs_of(gm, pair.first, data)
@@ -148,9 +149,7 @@ def search_scales_(
             total[pair.first] = total[pair.first] * s
             if pair.first in stats:
                 stats[pair.first] = stats[pair.first].scaled(s)
-        info[pair.first] = {
-            "equalize_power": best,
-            "pair_mse_closed_form": errors[1.0],
-            "pair_mse_chosen": errors[best],
-        }
+        info[pair.first] = LayerRecord(
+            equalize_power=best, pair_mse_closed_form=errors[1.0], pair_mse_chosen=errors[best]
+        )
     return info

@@ -42,7 +42,7 @@ from dfq.graph.subgraph import subgraph
 from dfq.quant.activations import input_quantizer, snap_clips_to_grid_
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.quant.primitives import dequantize, round_ste
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import Stats
 from dfq.utils.memory_format import set_memory_format_
 
@@ -415,7 +415,7 @@ def reconstruct(
     n = len(x_f)
     bs = min(config.batch_size, n)
     blocks = find_blocks(gm_q)
-    info: dict[str, dict] = {}
+    info: Records = {}
     t_start = time.perf_counter()
     cut_blocks = []
     for bi, block in enumerate(blocks):
@@ -484,16 +484,16 @@ def reconstruct(
         if cut:
             cut_blocks.append(block.name)
         x_q, x_f = _run(q_block, x_q), target
-        info[block.name] = {
-            "layers": block.layers,
-            "mse_before": before,
-            "mse_after": after,
-            "learned": kept and its > 0,
-            "undecided": round(undecided, 4),
-            "iterations": its,
-            "cut_by_time": cut,
-            "seconds": round(time.perf_counter() - t_block, 2),
-        }
+        info[block.name] = LayerRecord(
+            layers=block.layers,
+            mse_before=before,
+            mse_after=after,
+            learned=kept and its > 0,
+            undecided=round(undecided, 4),
+            iterations=its,
+            cut_by_time=cut,
+            seconds=round(time.perf_counter() - t_block, 2),
+        )
         if progress:
             log.info(
                 "reconstruct %s (%d/%d): MSE %.4g -> %.4g%s",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.graph.ops import RELU6, activation_of
-from dfq.records import Transformed
+from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import Stats
 
 log = logging.getLogger("dfq")
@@ -22,7 +22,7 @@ log = logging.getLogger("dfq")
 def replace_relu6(gm: fx.GraphModule, stats: Stats) -> Transformed:
     """Return a copy of `gm` in which every ReLU6 (module, function or hardtanh(0, 6)) is a ReLU."""
     gm = copy.deepcopy(gm)
-    info: dict[str, dict] = {}
+    info: Records = {}
     for node in gm.graph.nodes:
         act = activation_of(gm, node)
         if (
@@ -37,7 +37,7 @@ def replace_relu6(gm: fx.GraphModule, stats: Stats) -> Transformed:
         else:
             node.target, node.op = F.relu, "call_function"
             node.args, node.kwargs = node.args[:1], {}
-        info[node.name] = {"relu6": "replaced by ReLU"}
+        info[node.name] = LayerRecord(relu6="replaced by ReLU")
     gm.recompile()
     if info:
         log.info("replaced %d ReLU6 by ReLU (--relu)", len(info))
