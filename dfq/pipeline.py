@@ -117,7 +117,8 @@ class State:
 class Step(Protocol):
     """One pipeline step. `name` is its timing key; `needs_data` says it cannot run without
     calibration data; `report` names the State report its info is merged into. Called with the
-    state, it returns the new graph, statistics and per-layer info; it must not mutate
+    state, it returns the new graph, statistics and per-layer info (name -> LayerRecord, each
+    merged into the report's record of that name: LayerRecord.merge); it must not mutate
     `state.gm` (work on a copy)."""
 
     name: str
