@@ -107,9 +107,10 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "classification.json")
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--mobilenet-weights", default=MOBILENET_WEIGHTS)
+    p.add_argument("--data_dir", "--data-dir", type=Path, default=None)
+    p.add_argument("--mobilenet_weights", "--mobilenet-weights", default=MOBILENET_WEIGHTS)
     p.add_argument(
+        "--no_timing",
         "--no-timing",
         action="store_true",
         help="skip the pipeline timing (e.g. on another machine)",

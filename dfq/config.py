@@ -90,13 +90,15 @@ class QuantConfig:
         for pattern, w, a in rules:
             if not all(2 <= b <= 16 for b in (w, a) if b is not None):
                 raise DfqError(
-                    f"--layer_bits {pattern}={w}{'' if a is None else f',{a}'}: bits out of range.",
+                    f"`layer_bits` {pattern}={w}{'' if a is None else f',{a}'}: bits out of range.",
                     "use 2..16 bits",
                 )
         if self.bits_bias not in (8, 16, 32):
-            raise DfqError(f"--bits_bias {self.bits_bias} is not supported.", "use 8, 16 or 32")
+            raise DfqError(f"`bits_bias`={self.bits_bias} is not supported.", "use 8, 16 or 32")
         if self.rounding not in ("half_even", "half_away"):
-            raise DfqError(f"rounding '{self.rounding}' is unknown.", "use half_even or half_away")
+            raise DfqError(
+                f"`rounding`='{self.rounding}' is unknown.", "use half_even or half_away"
+            )
         if self.target not in TARGETS:
             raise DfqError(
                 f"--target '{self.target}' is unknown.", f"use one of {', '.join(TARGETS)}"
@@ -178,17 +180,21 @@ class ReconstructConfig:
         object.__setattr__(self, "beta", tuple(float(b) for b in self.beta))
         if self.iterations < 0 or self.batch_size < 1:
             raise DfqError(
-                f"--reconstruct-iters {self.iterations} / batch size {self.batch_size}: "
+                f"`reconstruction.iterations`={self.iterations} / `reconstruction.batch_size`="
+                f"{self.batch_size}: "
                 "iterations must be >= 0 and the batch size >= 1."
             )
         if self.seconds is not None and not self.seconds > 0:
-            raise DfqError(f"--reconstruct-seconds {self.seconds} must be positive.")
+            raise DfqError(f"`reconstruction.seconds`={self.seconds} must be positive.")
         if not 0 <= self.fp_input_mix <= 1 or not 0 <= self.warmup < 1:
-            raise DfqError("reconstruction: fp_input_mix must be in [0, 1] and warmup in [0, 1).")
+            raise DfqError(
+                "`reconstruction.fp_input_mix` must be in [0, 1] and `reconstruction.warmup` in "
+                "[0, 1)."
+            )
         if not self.round_lr > 0 or not self.round_weight >= 0:
             raise DfqError(
-                f"--reconstruct-round-lr {self.round_lr} must be > 0 and "
-                f"--reconstruct-round-weight {self.round_weight} >= 0."
+                f"`reconstruction.round_lr`={self.round_lr} must be > 0 and "
+                f"`reconstruction.round_weight`={self.round_weight} >= 0."
             )
 
 
@@ -240,7 +246,7 @@ class PipelineConfig:
         }
         if self.correction not in modes:
             raise DfqError(
-                f"--correction '{self.correction}' is unknown.", "use bn (data-free) or distill"
+                f"`correction`='{self.correction}' is unknown.", "use bn (data-free) or distill"
             )
         object.__setattr__(self, "correction", modes[self.correction])
         if self.range_percentile == AUTO:
@@ -250,19 +256,29 @@ class PipelineConfig:
             )
         if self.range_percentile is not None and not 50 < self.range_percentile <= 100:
             raise DfqError(
-                f"--range_percentile {self.range_percentile} must be in (50, 100].", "e.g. 99.99"
+                f"`range_percentile`={self.range_percentile} must be in (50, 100].", "e.g. 99.99"
             )
         if self.absorption and not self.equalize:
             raise DfqError(
-                "--absorption needs --equalize (it moves the biases equalization inflates).",
-                "add --equalize, or drop --absorption",
+                "`absorption` needs `equalize` (it moves the biases equalization inflates).",
+                "add `equalize`, or drop `absorption`",
             )
         if self.clip_weight is not None and not self.clip_weight > 0:
             raise DfqError(
-                f"--clip_weight {self.clip_weight} must be positive.", "e.g. --clip_weight 15"
+                f"`clip_weight`={self.clip_weight} must be positive.", "e.g. `clip_weight`=15"
             )
         if self.range_std <= 0:
-            raise DfqError(f"range_std {self.range_std} must be positive.")
+            raise DfqError(f"`range_std`={self.range_std} must be positive.")
+        size = self.input_size
+        if size is not None:
+            if len(size) != 3 or not all(isinstance(n, int) and n > 0 for n in size):
+                batch = len(size) == 4 and size[0] == 1
+                raise DfqError(
+                    f"`input_size`={tuple(size)} is not (C, H, W)"
+                    + (": it has a batch dimension." if batch else "."),
+                    f"give one image's shape, e.g. {tuple(size[1:]) if batch else (3, 224, 224)}",
+                )
+            object.__setattr__(self, "input_size", tuple(size))
 
     @property
     def needs_data(self) -> bool:

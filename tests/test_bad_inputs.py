@@ -268,3 +268,13 @@ def test_an_evaluation_that_fails_gives_the_model_back_in_training_mode():
         with pytest.raises(RuntimeError, match="second batch"):
             run(m, batches)
         assert m.calls == 2 and m.training and m.conv.training
+
+
+@pytest.mark.parametrize("size", [(1, 3, 96, 96), (96, 96), (3, 0, 96), (3.0, 96, 96)])
+def test_input_size_must_be_one_images_shape(size):
+    """A batch dimension was once silently made (1, 1, 3, 96, 96) in the static-shape trace."""
+    with pytest.raises(DfqError, match=r"`input_size`=.* is not \(C, H, W\)") as err:
+        PipelineConfig(input_size=size)
+    if len(size) == 4:
+        assert "batch dimension" in str(err.value) and "(3, 96, 96)" in str(err.value)
+    assert PipelineConfig(input_size=[3, 96, 96]).input_size == (3, 96, 96)

@@ -71,5 +71,5 @@ def test_expected_input_of_second_layer_is_the_relu_mean():
 def test_config_rejects_absorption_without_equalize():
     from dfq import DfqError
 
-    with pytest.raises(DfqError, match="--absorption needs --equalize"):
+    with pytest.raises(DfqError, match="`absorption` needs `equalize`"):
         PipelineConfig(absorption=True)

@@ -277,7 +277,7 @@ def test_export_uses_the_same_data_sources_as_cls(tmp_path, capsys):
         "--calib",
         "8",
     )
-    assert code == 2 and "pass --data" in err
+    assert code == 2 and "pass them as --data" in err
     code, out, _ = _run(
         capsys,
         "export",

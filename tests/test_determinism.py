@@ -93,7 +93,7 @@ def build():
             "1",
             "--dis_iterations",
             "3",
-            "--distill-seconds",
+            "--distill_seconds",
             "1000",
         ],
     ],

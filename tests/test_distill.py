@@ -153,7 +153,7 @@ def test_shape_resolution_and_stopping():
 
 def test_time_cap_cuts_loudly_and_steps_decide_otherwise():
     net = _small_net()
-    with pytest.warns(UserWarning, match=r"--distill-seconds 0.001 cut 2 of 2 .* after 1-1 of"):
+    with pytest.warns(UserWarning, match=r"`distill.seconds`=0.001 cut 2 of 2 .* after 1-1 of"):
         budget = distill(net, _config(iterations=10_000, seconds=1e-3), SMALL, progress=False)
     assert budget.iterations == (1, 1) and budget.cut == (0, 1)
     # a cap the steps never reach changes nothing: the images equal the uncapped ones
@@ -322,6 +322,6 @@ def test_label_loss_and_jitter_are_seeded_and_change_the_images():
     ]
     assert torch.equal(both[0].data, both[1].data)
     assert not torch.equal(both[0].data, plain.data)
-    with pytest.raises(DfqError, match="label_loss needs a classifier"):
+    with pytest.raises(DfqError, match="`distill.label_loss` needs a classifier"):
         feature_map = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
         distill(feature_map, _config(iterations=2, label_loss=1.0), SMALL, progress=False)

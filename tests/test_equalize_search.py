@@ -62,7 +62,7 @@ def test_cli_equalize_search_reports_powers(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(
         ["cls", *resnet20_args(), "--data", str(shared("cifar10_foolbox20.npz"))]
-        + ["--quantize", "--equalize", "--equalize-search", "--true_data", "8", "--limit", "8"]
+        + ["--quantize", "--equalize", "--equalize_search", "--true_data", "8", "--limit", "8"]
         + ["--bits_weight", "4", "--per_channel", "--json", str(out), "--quiet"]
     )
     assert code == 0

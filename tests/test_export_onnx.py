@@ -184,7 +184,7 @@ def test_cli_export_and_backend(tmp_path, capsys):
                 "--quiet",
                 "--json",
                 str(out),
-                "--export-dir",
+                "--export_dir",
                 str(tmp_path / "ort"),
             ]
         )

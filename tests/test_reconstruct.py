@@ -178,7 +178,7 @@ def test_blocks_follow_the_graph():
 
 def test_time_cap_warns_and_reports_the_cut():
     model, data, _, base = _setup()
-    with pytest.warns(UserWarning, match="reconstruct-seconds .* cut"):
+    with pytest.warns(UserWarning, match="`reconstruction.seconds`=.* cut"):
         r = quantize_model(model, _rec(base, iterations=100000, seconds=0.5), calib_data=data)
     assert any(b.cut_by_time for b in r.reconstruction.values())
     for m in r.model.modules():
@@ -220,11 +220,11 @@ def test_cli_reconstruct_reports_blocks(tmp_path, capsys):
             "--true_data",
             "16",
             "--reconstruct",
-            "--reconstruct-iters",
+            "--reconstruct_iters",
             "4",
-            "--reconstruct-round-lr",
+            "--reconstruct_round_lr",
             "0.05",
-            "--reconstruct-round-weight",
+            "--reconstruct_round_weight",
             "2",
             "--limit",
             "8",
@@ -247,5 +247,5 @@ def test_cli_reconstruct_reports_blocks(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [{"round_lr": 0.0}, {"round_weight": -1.0}])
 def test_bad_rounding_settings_are_refused_by_name(bad):
-    with pytest.raises(DfqError, match="--reconstruct-round"):
+    with pytest.raises(DfqError, match="`reconstruction.round_lr`"):
         ReconstructConfig(**bad)

@@ -87,9 +87,9 @@ def test_cli_save_then_load_gives_the_same_predictions(tmp_path, capsys):
                 "--true_data",
                 "8",
                 "--reconstruct",
-                "--reconstruct-iters",
+                "--reconstruct_iters",
                 "3",
-                "--save-quantized",
+                "--save_quantized",
                 str(saved),
                 "--json",
                 str(tmp_path / "a.json"),
@@ -97,7 +97,7 @@ def test_cli_save_then_load_gives_the_same_predictions(tmp_path, capsys):
         )
         == 0
     )
-    assert main([*common, "--load-quantized", str(saved), "--json", str(tmp_path / "b.json")]) == 0
+    assert main([*common, "--load_quantized", str(saved), "--json", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     for k in ("top1", "agreement", "logits_sqnr_db", "weight_bytes"):
         assert a[k] == b[k]
@@ -105,5 +105,5 @@ def test_cli_save_then_load_gives_the_same_predictions(tmp_path, capsys):
     assert "reconstruct" not in b["timings"]
     assert b["quantization_data"]["source"].startswith("restored")
     capsys.readouterr()
-    assert main([*common, "--load-quantized", str(saved), "--ablation"]) == 2
-    assert "--load-quantized" in capsys.readouterr().err
+    assert main([*common, "--load_quantized", str(saved), "--ablation"]) == 2
+    assert "--load_quantized" in capsys.readouterr().err

@@ -255,7 +255,7 @@ def test_seg_det_int8_runtimes_equal_their_simulation(
         "--quiet",
         "--json",
         out_json,
-        "--export-dir",
+        "--export_dir",
         tmp_path / "export",
     )
     assert code == 0, err

@@ -286,3 +286,36 @@ def test_detection_rejects_wrong_prior_count(tmp_path):
 
 def test_voc_classes():
     assert len(VOC_CLASSES) == 21 and VOC_CLASSES[0] == "background" and VOC_CLASSES[15] == "person"
+
+
+def test_a_custom_split_is_read_from_its_own_list_file(tmp_path):
+    """A subset list such as ImageSets/Main/val500.txt works (torchvision's VOC classes accept
+    only the standard names), and a missing one names the lists present (the CLI's exit 2)."""
+    import torchvision
+
+    make_voc(tmp_path)
+    ids = sorted(SIZES)[:2]
+    for year, kind in (("2012", "Segmentation"), ("2007", "Main")):
+        lists = tmp_path / "VOCdevkit" / f"VOC{year}" / "ImageSets" / kind
+        (lists / "mine500.txt").write_text("\n".join(ids) + "\n")
+    subset = seg.VOCSegmentationVal(tmp_path, split="mine500", crop_size=32)
+    full = seg.VOCSegmentationVal(tmp_path, split="val", crop_size=32)
+    order = list(SIZES)
+    assert len(subset) == 2
+    for i, image_id in enumerate(ids):
+        for a, b in zip(subset[i], full[order.index(image_id)]):
+            assert torch.equal(a, b)
+    boxes = det.VOCDetectionEval(tmp_path, split="mine500")
+    assert [boxes[i][1]["id"] for i in range(len(boxes))] == ids
+    # the annotations read as torchvision's parser reads them
+    tv = torchvision.datasets.VOCDetection(str(tmp_path), year="2007", image_set="test")
+    for i, image_id in enumerate(ids):
+        j = order.index(image_id)
+        want = det.VOCDetectionEval._target(tv[j][1]["annotation"], tv.annotations[j])
+        got = boxes[i][1]
+        assert want.keys() == got.keys() and want["size"] == got["size"]
+        for k in ("boxes", "labels", "difficult"):
+            np.testing.assert_array_equal(want[k], got[k])
+    with pytest.raises(DfqError, match=r"mine500.*test") as err:
+        det.VOCDetectionEval(tmp_path, split="val500")
+    assert "val500.txt" in str(err.value)

@@ -69,7 +69,7 @@ def test_cli_timm_arch_with_safetensors_weights(tmp_path, capsys):
             "cls",
             "--arch",
             "timm:lcnet_050",
-            "--num-classes",
+            "--num_classes",
             "10",
             "--weights",
             str(w),

@@ -158,13 +158,13 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _restored(args: argparse.Namespace, cfg, unsupported: bool = False):
-    """--load-quantized: the saved config (the pipeline switches are ignored) and the state."""
+    """--load_quantized: the saved config (the pipeline switches are ignored) and the state."""
     path = getattr(args, "load_quantized", None)
     if path is None:
         return cfg, None
     if unsupported:
         raise DfqError(
-            "--load-quantized evaluates one saved model with --backend torch.",
+            "--load_quantized evaluates one saved model with --backend torch.",
             "drop --ablation / --backend, or quantize again",
         )
     from dfq.quant.saved import load_quantized

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import torch
 
@@ -20,9 +21,66 @@ from dfq.models.registry import InputConfig, input_config
 from dfq.models.spec import ModelSpec
 from dfq.tasks.base import DataOptions, Task
 
+# Library errors name the fields of dfq's config types in backticks (`bits_weight`,
+# `reconstruction.iterations`); the CLI shows the flag that sets each. A field whose flag is not
+# spelled `--<field>` is listed here; every other field is its own flag (see `field_flags`).
+_FIELD_FLAGS = {
+    "builder": "--model",
+    "path": "--data",
+    "calib_data": "--data",
+    "input_mean": "--mean",
+    "input_std": "--std",
+    "weight_symmetric": "--asymmetric_weight",
+    "activation_symmetric": "--symmetric_activation",
+    "equalization.search": "--equalize_search",
+    "equalization.activation_aware": "--equalize_activations",
+    "equalization.residual_regions": "--equalize_residuals",
+    "reconstruction.iterations": "--reconstruct_iters",
+    "reconstruction.seconds": "--reconstruct_seconds",
+    "reconstruction.batch_size": "--reconstruct_batch",
+    "reconstruction.fp_input_mix": "--reconstruct_fp_mix",
+    "reconstruction.round_lr": "--reconstruct_round_lr",
+    "reconstruction.round_weight": "--reconstruct_round_weight",
+    "reconstruction.mirror": "--reconstruct_no_mirror",
+    "distill.batch_size": "--dis_batch_size",
+    "distill.num_batches": "--dis_num_batch",
+    "distill.resolution": "--dis_resolution",
+    "distill.iterations": "--dis_iterations",
+    "distill.threshold_factor": "--dis_early_stop",
+    "distill.label_loss": "--dis_label_loss",
+    "distill.jitter": "--dis_jitter",
+    "distill.seconds": "--distill_seconds",
+}
+
+
+def field_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Config field -> the flag that sets it: each option's own name (its `dest`) and the
+    renamed fields above, over the parser and all its sub-commands."""
+    flags: dict[str, str] = {}
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.option_strings and action.dest != "help":
+                flags.setdefault(action.dest, action.option_strings[0])
+    return {**flags, **_FIELD_FLAGS}
+
+
+def as_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message with each backticked config field shown as its flag (`field`=value as
+    `--flag value`); other backticked text (a command, a file) is left as it is."""
+
+    def flag(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        return flags[name] + (" " if value else "") if name in flags else m.group(0)
+
+    return re.sub(r"`([A-Za-z_][\w.]*)`(=?)", flag, message)
+
 
 def model_spec(args: argparse.Namespace, task: Task | None = None) -> ModelSpec:
-    """--arch / --model / --weights / --num-classes; a task's default architecture if neither."""
+    """--arch / --model / --weights / --num_classes; a task's default architecture if neither."""
     arch = args.arch or (task.default_arch if task is not None and not args.model else None)
     return ModelSpec(
         arch=arch, builder=args.model, weights=args.weights, num_classes=args.num_classes
@@ -120,7 +178,7 @@ def pipeline_config(
 
 
 def input_size(args: argparse.Namespace, inputs: InputConfig) -> tuple[int, int, int]:
-    """(C, H, W) the model will see: --input-size (export), --crop (cls), --size (seg/det),
+    """(C, H, W) the model will see: --input_size (export), --crop (cls), --size (seg/det),
     else the architecture's."""
     side = next(
         (v for v in (getattr(args, k, None) for k in ("input_size", "crop", "size")) if v), None
@@ -152,6 +210,6 @@ def data_spec(args: argparse.Namespace, config: PipelineConfig) -> DataSpec:
 
 
 def export_shape(args: argparse.Namespace, inputs: InputConfig) -> tuple[int, int, int, int]:
-    """--input-size, else --crop, else the model's input size."""
+    """--input_size, else --crop, else the model's input size."""
     side = args.input_size or args.crop
     return (1, inputs.size[0], side, side) if side else (1, *inputs.size)

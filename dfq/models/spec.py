@@ -22,7 +22,7 @@ class ModelSpec:
 
     def __post_init__(self):
         if bool(self.arch) == bool(self.builder):
-            raise DfqError("give exactly one of --arch and --model.", "e.g. --arch mobilenet_v2")
+            raise DfqError("give exactly one of `arch` and `builder`.", "e.g. `arch`=mobilenet_v2")
 
     @property
     def name(self) -> str:
@@ -41,7 +41,7 @@ class ModelSpec:
 
             model = load_callable(self.builder)()
             if model.training:
-                log.warning("--model returned a model in training mode: dfq uses it in eval mode")
+                log.warning("`builder` returned a model in training mode: dfq uses it in eval mode")
         else:
             model = build(
                 self.arch, **({"num_classes": self.num_classes} if self.num_classes else {})

@@ -182,7 +182,7 @@ def read_graphdef(path: str | Path) -> list[TFNode]:
     if not path.is_file():
         raise DfqError(
             f"frozen graph {path} does not exist.",
-            "check --weights (a TensorFlow frozen_inference_graph.pb)",
+            "check `weights` (a TensorFlow frozen_inference_graph.pb)",
         )
     from dfq.utils.deps import require
 

@@ -14,15 +14,15 @@ def load_callable(spec: str) -> Callable:
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise DfqError(
-            f"--model '{spec}' is not of the form module.or.file.py:callable.",
-            "e.g. --model my_nets.py:build_net",
+            f"`builder`='{spec}' is not of the form module.or.file.py:callable.",
+            "e.g. `builder`=my_nets.py:build_net",
         )
     try:
         if where.endswith(".py"):
             path = Path(where)
             if not path.exists():
                 raise DfqError(
-                    f"--model file {path} does not exist.", "check the path before the colon"
+                    f"`builder` file {path} does not exist.", "check the path before the colon"
                 )
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(module_spec)
@@ -32,11 +32,11 @@ def load_callable(spec: str) -> Callable:
     except DfqError:
         raise
     except Exception as exc:
-        raise DfqError(f"--model: importing {where} failed: {type(exc).__name__}: {exc}") from exc
+        raise DfqError(f"`builder`: importing {where} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         raise DfqError(
-            f"--model: {where} has no callable '{name}'.",
+            f"`builder`: {where} has no callable '{name}'.",
             "name a function that returns the nn.Module",
         )
     return fn

@@ -36,7 +36,7 @@ def layer_bits(gm: fx.GraphModule, q: QuantConfig) -> dict[str, tuple[int | None
         if not matched:
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise DfqError(
-                f"--layer_bits pattern '{pattern}' matches no conv/linear layer (layers: {shown}).",
+                f"`layer_bits` pattern '{pattern}' matches no conv/linear layer (layers: {shown}).",
                 "use fnmatch patterns on these module names",
             )
         for name in matched:

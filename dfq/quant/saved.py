@@ -48,7 +48,7 @@ def save_quantized(
 
 def load_quantized(path: str | Path) -> tuple[PipelineConfig, dict[str, Any]]:
     """The config and the `restore` argument of quantize_model, from what save_quantized wrote."""
-    fix = "save it again with --save-quantized"
+    fix = "save it again with `save_quantized`"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -83,7 +83,7 @@ def restore_(gm: fx.GraphModule, restore: dict[str, Any]) -> Records:
     if problem:
         raise DfqError(
             f"The saved quantized model does not fit this model ({problem[0]}).",
-            "load it with the --arch/--weights it was saved with",
+            "load it with the `arch`/`weights` it was saved with",
         )
     for k, mode in restore["modes"].items():
         gm.get_submodule(k).mode = mode

@@ -175,7 +175,7 @@ def check_strict(cov: dict[str, Any]) -> None:
             parts.append(f"{done} {cov[done]}/{cov[total]} ({named}{more})")
     if parts:
         raise DfqError(
-            "--strict: incomplete coverage: " + " | ".join(parts) + ".",
-            "fix the named nodes, add --distill_range for ranges the statistics cannot "
-            "give, or drop --strict to accept the float parts",
+            "`strict`: incomplete coverage: " + " | ".join(parts) + ".",
+            "fix the named nodes, add `distill_range` for ranges the statistics cannot "
+            "give, or drop `strict` to accept the float parts",
         )

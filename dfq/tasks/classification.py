@@ -137,7 +137,7 @@ def _from_folder(path: Path, transform) -> ImageSource:
     if not files:
         raise DfqError(
             f"{path} holds no images in class subfolders.",
-            "point --data at a folder like val/<class>/<image>.jpg, or at a .npz",
+            "point `path` at a folder like val/<class>/<image>.jpg, or at a .npz",
         )
     labels = np.array([c for _, c in files])
     return ImageSource(
@@ -153,7 +153,7 @@ def load_images(path: str | Path, preprocess: Preprocess = Preprocess()) -> Imag
     """Any supported image source, preprocessed on access."""
     path = Path(path)
     if not path.exists():
-        raise DfqError(f"data path {path} does not exist.", "check --data")
+        raise DfqError(f"data path {path} does not exist.", "check `path`")
     t = preprocess.transform()
     if path.is_dir():
         return _from_folder(path, t)
@@ -162,7 +162,8 @@ def load_images(path: str | Path, preprocess: Preprocess = Preprocess()) -> Imag
     if path.suffix == ".whl":
         return _from_foolbox_wheel(path, t)
     raise DfqError(
-        f"{path} is not a folder, .npz or foolbox .whl.", "see `dfq cls --help` for --data"
+        f"{path} is not a folder, .npz or foolbox .whl.",
+        "give a folder, a .npz or a foolbox .whl as `path`",
     )
 
 

@@ -128,10 +128,8 @@ class VOCDetectionEval(Dataset):
         return len(self.voc)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image, xml = self.voc[index]
-        return preprocess(image, self.size), self._target(
-            xml["annotation"], self.voc.annotations[index]
-        )
+        image, ann = self.voc[index]
+        return preprocess(image, self.size), self._target(ann, self.voc.targets[index])
 
     @staticmethod
     def _target(ann: dict, path: str) -> dict:

@@ -70,7 +70,7 @@ class VOCSegmentationVal(Dataset):
         image, mask = self.voc[index]
         if mask.mode not in ("P", "L"):
             raise DfqError(
-                f"Mask '{self.voc.masks[index]}' has mode {mask.mode}; "
+                f"Mask '{self.voc.targets[index]}' has mode {mask.mode}; "
                 "class ids need a palette or grey PNG.",
                 "use the SegmentationClass PNGs of VOCdevkit (not colour renderings)",
             )

@@ -150,8 +150,8 @@ class VOCDetectionTF(det.VOCDetectionEval):
         self.transform = transform
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image, xml = self.voc[index]
-        target = self._target(xml["annotation"], self.voc.annotations[index])
+        image, ann = self.voc[index]
+        target = self._target(ann, self.voc.targets[index])
         keep = np.isin(target["labels"], self.labels)
         return self.transform(image), {
             **target,
@@ -173,8 +173,8 @@ def load(options: DataOptions, inputs: InputConfig, progress: bool = False) -> E
     if options.size not in (None, IMAGE_SIZE):
         raise DfqError(
             f"the TF SSD's anchors are those of {IMAGE_SIZE}x{IMAGE_SIZE} inputs "
-            f"(--size {options.size}).",
-            "drop --size",
+            f"(`size`={options.size}).",
+            "drop `size`",
         )
     return voc_eval_data(
         options,

@@ -75,10 +75,10 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
     """The reconstruction blocks of `gm` in topological order (every node in exactly one)."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
     if sum(n.op == "placeholder" for n in nodes) != 1:
-        raise DfqError("--reconstruct supports models with one input tensor.")
+        raise DfqError("`reconstruct` supports models with one input tensor.")
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     if not isinstance(out_node.args[0], fx.Node):
-        raise DfqError("--reconstruct supports models with one output tensor.")
+        raise DfqError("`reconstruct` supports models with one output tensor.")
     pos = {n: i for i, n in enumerate(nodes)}
     end = len(nodes)
     last = {n: max((pos.get(u, end) for u in n.users), default=pos[n]) for n in nodes}
@@ -110,7 +110,7 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
             pending = []
     if pending:
         if not merged:
-            raise DfqError("--reconstruct found no quantized conv/linear layer in the model.")
+            raise DfqError("`reconstruct` found no quantized conv/linear layer in the model.")
         merged[-1].extend(pending)
     groups: list[list] = []
     for group in merged:
@@ -236,7 +236,7 @@ def _stack(batches: Iterable[torch.Tensor], limit: int | None) -> torch.Tensor:
     shapes = sorted({tuple(b.shape[1:]) for b in batches})
     if len(shapes) > 1:
         raise DfqError(
-            f"--reconstruct needs its images in one size; got batches of {shapes}.",
+            f"`reconstruct` needs its images in one size; got batches of {shapes}.",
             "resize or crop the calibration images to the model's input size",
         )
     x = torch.cat(batches)
@@ -507,9 +507,9 @@ def reconstruct(
     if cut_blocks:
         shown = ", ".join(cut_blocks[:5]) + (", ..." if len(cut_blocks) > 5 else "")
         msg = (
-            f"--reconstruct-seconds {config.seconds} cut the reconstruction of {len(cut_blocks)} "
-            f"of {len(blocks)} blocks ({shown}): the result depends on the machine's speed; "
-            "raise the budget or lower --reconstruct-iters"
+            f"`reconstruction.seconds`={config.seconds} cut the reconstruction of "
+            f"{len(cut_blocks)} of {len(blocks)} blocks ({shown}): the result depends on the "
+            "machine's speed; raise the budget or lower `reconstruction.iterations`"
         )
         warnings.warn(msg, stacklevel=2)
         log.warning("WARNING: %s", msg)

@@ -43,7 +43,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DfqError(
-            f"--device {spec}: this machine has no CUDA device.", "use --device cpu (or auto)"
+            f"`device`={spec}: this machine has no CUDA device.", "use `device`=cpu (or auto)"
         )
     if (
         device.type == "cuda"
@@ -51,11 +51,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
         and device.index >= torch.cuda.device_count()
     ):
         raise DfqError(
-            f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s).",
-            "use --device cuda:0",
+            f"`device`={spec}: only {torch.cuda.device_count()} CUDA device(s).",
+            "use `device`=cuda:0",
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DfqError("--device mps: MPS is not available here.", "use --device cpu (or auto)")
+        raise DfqError("`device`=mps: MPS is not available here.", "use `device`=cpu (or auto)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
