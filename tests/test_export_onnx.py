@@ -11,15 +11,15 @@ import torch
 
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.errors import DfqError
-from dfq.targets import resolve
+from dfq.runtimes import resolve
 from tests.conftest import load_cifar_resnet, shared
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from dfq.export.onnx_qdq import export_onnx  # noqa: E402
-from dfq.runners import OrtRunner, integer_ops, op_counts  # noqa: E402
+from dfq.runtimes.ort.export import export_onnx  # noqa: E402
+from dfq.runtimes.ort.runner import OrtRunner, integer_ops, op_counts  # noqa: E402
 
 
 def _ort(result, tmp_path, shape):
@@ -102,7 +102,9 @@ def test_symmetric_activations_are_refused_by_the_onnx_exporter(small_net, tmp_p
 
 def test_import_dfq_does_not_import_runtimes():
     code = (
-        "import sys, dfq, dfq.targets, dfq.runners, dfq.export, dfq.cli, dfq.app.runs; "
+        "import sys, dfq, dfq.runtimes, dfq.cli, dfq.app.runs; dfq.runtimes.names(); "
+        "[__import__(f'dfq.runtimes.{n}.{m}') for n in dfq.runtimes.backends() "
+        "for m in ('profile', 'export', 'runner')]; "
         "print(sorted({'onnx', 'onnxruntime', 'ncnn', 'pnnx'} & set(sys.modules)))"
     )
     out = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dfq import runtimes
 from dfq.config import (
     CLIP_WEIGHT,
     DISTILL_BATCH_SIZE,
@@ -13,7 +14,6 @@ from dfq.config import (
     DISTILL_BATCHES_RECONSTRUCT_LOW_ACT,
     DISTILL_SIDE,
     RANGE_STD,
-    TARGETS,
     ReconstructConfig,
 )
 from dfq.data.distill import FOR_RANGES as _RANGES
@@ -325,10 +325,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
-    g = p.add_argument_group("int8 runtime (dfq/targets, dfq/export)")
+    g = p.add_argument_group("int8 runtime (dfq/runtimes)")
     g.add_argument(
         "--target",
-        choices=list(TARGETS),
+        choices=runtimes.names(),
         default=None,
         help="runtime profile the simulation models (default: generic; the backend/format's own)",
     )
@@ -345,7 +345,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
     if backend:
         g.add_argument(
             "--backend",
-            choices=["torch", *TARGETS[1:]],
+            choices=["torch", *runtimes.backends()],
             default="torch",
             help="evaluate the simulation (torch) or the exported int8 model in onnxruntime/ncnn",
         )
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_pipeline_args(e)
     e.add_argument(
-        "--format", choices=["onnx", "ncnn"], required=True, help="onnx (onnxruntime QDQ) or ncnn"
+        "--format", choices=runtimes.formats(), required=True, help="onnx (onnxruntime QDQ) or ncnn"
     )
     e.add_argument(
         "--output",

@@ -14,7 +14,7 @@ dfq's scale and zero point, and names initializers by module path. We then put t
   this: clamp-then-quantize and quantize-with-saturation give the same integers.
 
 onnxruntime (graph optimization level >= basic) then replaces DQ -> op -> Q groups by
-QLinearConv, QLinearAdd, QLinearGlobalAveragePool, ... (see dfq/runtime.py: integer_ops()).
+QLinearConv, QLinearAdd, QLinearGlobalAveragePool, ... (see runner.py here: integer_ops()).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import fx
 from dfq.errors import DfqError
 from dfq.graph.modules import ChannelMin, GlobalAvgPool
 from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.runtimes.ort.runner import EXTRA
 from dfq.utils.deps import require
 
 log = logging.getLogger("dfq")
@@ -70,8 +71,8 @@ def _check_exportable(gm: fx.GraphModule) -> None:
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, input_shape: tuple[int, ...]) -> OnnxExport:
     """Write `gm` (a dfq fake-quant GraphModule) as an ONNX QDQ model with a dynamic batch."""
-    onnx = require("onnx", "ONNX export")
-    require("onnxscript", "ONNX export (torch's dynamo exporter)")
+    onnx = require("onnx", "ONNX export", EXTRA)
+    require("onnxscript", "ONNX export (torch's dynamo exporter)", EXTRA)
 
     _check_exportable(gm)
     path = Path(path)
