@@ -25,7 +25,9 @@ def is_x86() -> bool:
 
 def require_int8(q: QuantConfig) -> None:
     """Runtimes compute int8 activations and symmetric int8 weights; fewer bits live in those
-    containers (weights on a coarser grid, activations clipped to their levels)."""
+    containers (weights on a coarser grid, activations clipped to their levels). That holds for
+    every width the config asks for: the model-wide ones, the input's, keep_first_last's and
+    each layer_bits rule's."""
     if q.bits_activation > 8 or q.bits_weight > 8:
         raise DfqError(
             f"--target {q.target} runs int8: W{q.bits_weight}A{q.bits_activation} "
@@ -38,6 +40,19 @@ def require_int8(q: QuantConfig) -> None:
             "cannot be exported.",
             "use --input_bits 8 or fewer, or --target generic",
         )
+    if q.keep_first_last is not None and q.keep_first_last > 8:
+        raise DfqError(
+            f"keep_first_last={q.keep_first_last} (the first and last layers' bits): "
+            f"the {q.target} target runs int8 only.",
+            "use --keep_first_last 8 or fewer, or --target generic",
+        )
+    for pattern, w, a in q.layer_bits:
+        if w > 8 or (a is not None and a > 8):
+            raise DfqError(
+                f"layer_bits {pattern}={w}{'' if a is None else f',{a}'}: "
+                f"the {q.target} target runs int8 only.",
+                "use --layer_bits widths of 8 or fewer, or --target generic",
+            )
     if not q.weight_symmetric:
         raise DfqError(
             f"--target {q.target} uses symmetric int8 weights.", "drop --asymmetric_weight"
