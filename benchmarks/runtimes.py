@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dfq import PipelineConfig, export, targets  # noqa: E402
+from dfq import PipelineConfig, runtimes  # noqa: E402
 from dfq.app.runs import runtime_run  # noqa: E402
 from dfq.reporting.tables import markdown_table  # noqa: E402
 from dfq.tasks.base import EvalData  # noqa: E402
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "results" / "runtimes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--per_channel", action="store_true")
-    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip_speed", "--skip-speed", action="store_true")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,14 +143,13 @@ def main(argv=None) -> dict:
             input_names=["input"],
             output_names=["logits"],
         )
-        from dfq.runners import NcnnRunner, OrtRunner
-
-        ort_fp32 = OrtRunner(onnx_fp32, args.threads)
+        ort_fp32 = runtimes.runner("ort", {"onnx": str(onnx_fp32)}, args.threads)
         ncnn_files = runs["ncnn"]["files"]
-        ncnn_fp32 = NcnnRunner(ncnn_files["fp32_param"], ncnn_files["fp32_bin"], args.threads)
+        ncnn_fp32 = runtimes.runner(
+            "ncnn", {"param": ncnn_files["fp32_param"], "bin": ncnn_files["fp32_bin"]}, args.threads
+        )
         ort_int8, ncnn_int8 = (
-            export.runner(targets.profile(b), runs[b]["files"], args.threads)
-            for b in ("ort", "ncnn")
+            runtimes.runner(b, runs[b]["files"], args.threads) for b in ("ort", "ncnn")
         )
         speed = []
         for batch in (1, 32):

@@ -8,7 +8,6 @@ from typing import Any
 
 from dfq.errors import DfqError
 
-TARGETS = ("generic", "ort", "ncnn")  # the runtime profiles of dfq/targets
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the one copy of ImageNet's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Distilled images carry a few far-out synthetic pixels, so their ranges use a percentile:
@@ -59,8 +58,9 @@ class QuantConfig:
     weight_symmetric: bool = True
     activation_symmetric: bool = False
     rounding: str = "half_even"
-    # Runtime profile (dfq/targets): "generic" (as configured), "ort" (onnxruntime QDQ) or
-    # "ncnn" (ncnn int8); the pipeline resolves it into the grids that runtime computes with.
+    # Runtime profile (dfq/runtimes): "generic" (as configured) or a runtime's, e.g. "ort"
+    # (onnxruntime QDQ), "ncnn" (ncnn int8); the pipeline resolves it into the grids that runtime
+    # computes with, and refuses a name dfq.runtimes.names() does not list.
     target: str = "generic"
     reduce_range: bool | None = (
         None  # fewer weight bits where the runtime needs them; None = by CPU
@@ -98,10 +98,6 @@ class QuantConfig:
         if self.rounding not in ("half_even", "half_away"):
             raise DfqError(
                 f"`rounding`='{self.rounding}' is unknown.", "use half_even or half_away"
-            )
-        if self.target not in TARGETS:
-            raise DfqError(
-                f"--target '{self.target}' is unknown.", f"use one of {', '.join(TARGETS)}"
             )
 
     @property

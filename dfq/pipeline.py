@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Protocol, Sequenc
 import torch
 from torch import fx, nn
 
-from dfq import targets
+from dfq import runtimes
 from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructConfig
 from dfq.graph.ops import layer_kind, weighted_module
 from dfq.graph.trace import check_finite, trace
@@ -37,9 +37,9 @@ from dfq.quant.saved import restore_
 from dfq.quant.weights import quantize_weights
 from dfq.records import LayerRecord, Records, Transformed, merge_records
 from dfq.reporting.coverage import check_strict, coverage
+from dfq.runtimes.base import Profile
 from dfq.statistics.bn import Stats
 from dfq.statistics.moments import Moments, input_moments, propagate
-from dfq.targets.base import Profile
 from dfq.transforms.bias_absorb import absorb_high_bias
 from dfq.transforms.bias_correct import correct_bias, correct_bias_empirical_
 from dfq.transforms.bn_fold import fold_batchnorm
@@ -494,7 +494,7 @@ def quantize_model(
             "pass calib_data"
         )
     calib_data = list(calib_data) if calib_data is not None else None  # read more than once
-    profile = targets.profile(config.quant.target)
+    profile = runtimes.profile(config.quant.target)
     # the runtime profile becomes concrete grids; result.config records them
     config = dataclasses.replace(config, quant=profile.resolve(config.quant))
     default = build_steps(config, profile, restore)

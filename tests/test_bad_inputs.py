@@ -146,7 +146,7 @@ def test_training_mode_via_the_api_is_reported_and_left_alone(caplog):
         ),
         (
             ["--target", "ncnn", "--asymmetric_weight"],
-            ["symmetric int8 weights", "drop --asymmetric_weight"],
+            ["symmetric int8 weights", "drop asymmetric weights (--asymmetric_weight)"],
         ),
     ],
 )

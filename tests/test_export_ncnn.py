@@ -11,14 +11,14 @@ import torch
 from dfq import PipelineConfig, QuantConfig, quantize_model
 from dfq.config import Grid
 from dfq.quant.modules import ActQuant
-from dfq.targets import resolve
+from dfq.runtimes import resolve
 from tests.conftest import CatNet, load_cifar_resnet, randomize_bn, shared
 
 pytest.importorskip("ncnn")
 pytest.importorskip("pnnx")
 
-from dfq.export.ncnn import INT8_TAG, export_ncnn, read_param  # noqa: E402
-from dfq.runners import NcnnRunner  # noqa: E402
+from dfq.runtimes.ncnn.export import INT8_TAG, export_ncnn, read_param  # noqa: E402
+from dfq.runtimes.ncnn.runner import NcnnRunner  # noqa: E402
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_relu6_kept_with_per_channel_bounds_matches_ncnn(small_net, tmp_path):
 def test_ncnn_depthwise_multipliers_are_what_ncnn_computes():
     """The packed (channels % 8 == 0) int8 depthwise kernel dequantizes with an approximate
     reciprocal; the unpacked one divides. The probe returns what ncnn really uses."""
-    from dfq.targets.ncnn import ncnn_depthwise_multipliers
+    from dfq.runtimes.ncnn.profile import ncnn_depthwise_multipliers
 
     rng = np.random.default_rng(0)
     in_scale = np.float32(37.25)

@@ -75,6 +75,11 @@ def _message_literals():
                         yield path.relative_to(DFQ.parent), sub.lineno, sub.value
 
 
+def test_library_messages_name_config_fields_not_flags():
+    flagged = [f"{f}:{n}: {t!r}" for f, n, t in _message_literals() if re.search(r"--[a-z]", t)]
+    assert not flagged, "name the config field in backticks instead:\n" + "\n".join(flagged)
+
+
 def test_every_field_a_library_message_names_has_a_flag():
     flags = field_flags(build_parser())
     missing = {

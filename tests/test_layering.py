@@ -5,6 +5,8 @@ stays small."""
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "dfq"
@@ -18,7 +20,7 @@ LAYERS = [
     {"dfq.records"},
     {"dfq.quant"},
     {"dfq.transforms", "dfq.data"},
-    {"dfq.runtimes", "dfq.targets", "dfq.export", "dfq.runners"},
+    {"dfq.runtimes"},
     {"dfq.reporting"},
     {"dfq.pipeline"},
     {"dfq.tasks"},
@@ -118,6 +120,53 @@ def test_the_package_root_is_small():
 def test_the_graph_is_read_as_intended():
     """Guards the tests above against reading nothing."""
     g = import_graph()
-    assert {"dfq.pipeline", "dfq.targets.ort", "dfq.cli.commands"} <= set(g)
-    assert "dfq.targets" in g["dfq.pipeline"] and "dfq.cli.options" in g["dfq.cli.commands"]
+    assert {"dfq.pipeline", "dfq.runtimes.ort.profile", "dfq.cli.commands"} <= set(g)
+    assert "dfq.runtimes" in g["dfq.pipeline"] and "dfq.cli.options" in g["dfq.cli.commands"]
     assert layer_of("dfq.cli.commands") > layer_of("dfq.pipeline") > layer_of("dfq.quant.weights")
+
+
+def test_each_runtime_is_one_package_found_by_the_registry():
+    """A runtime is a package dfq/runtimes/<pkg>/ exposing RUNTIME (profile, exporter, runner,
+    the pyproject extra that installs it); the registry finds it, and nothing outside its own
+    package (tests aside) names its modules: adding one touches nothing else."""
+    from dfq import runtimes
+    from dfq.runtimes.base import Runtime
+
+    folder = ROOT / "runtimes"
+    packages = sorted(p.name for p in folder.iterdir() if (p / "__init__.py").exists())
+    assert {"ort", "ncnn"} <= set(packages)
+    pyproject = (ROOT.parent / "pyproject.toml").read_text()
+    found = []
+    for pkg in packages:
+        runtime = getattr(importlib.import_module(f"dfq.runtimes.{pkg}"), "RUNTIME", None)
+        if runtime is None:
+            continue
+        assert isinstance(runtime, Runtime), pkg
+        found.append(runtime.name)
+        assert runtime.name in runtimes.names() and runtime.name in runtimes.backends()
+        assert runtime.format in runtimes.formats()
+        assert runtimes.profile(runtime.name) is runtime is runtimes.by_format(runtime.format)
+        assert re.search(rf"^{runtime.extra} = \[", pyproject, re.M), runtime.extra
+        for module in ("profile", "export", "runner"):
+            assert (folder / pkg / f"{module}.py").exists(), f"{pkg}/{module}.py"
+    assert sorted(found) == sorted(runtimes.backends())
+    assert runtimes.names() == ["generic", *runtimes.backends()]
+
+    mention = re.compile(rf"dfq[./]runtimes[./]({'|'.join(packages)})\b")
+    sources = [*ROOT.rglob("*.py"), *(ROOT.parent / "benchmarks").rglob("*.py")]
+    named = sorted(
+        str(p.relative_to(ROOT.parent))
+        for p in sources
+        if folder not in p.parents and mention.search(p.read_text())
+    )
+    assert named == [], named
+    imports = sorted(
+        f"{m} -> {d}"
+        for m, deps in import_graph().items()
+        for d in deps
+        if not m.startswith("dfq.runtimes.")
+        and any(
+            d == f"dfq.runtimes.{pkg}" or d.startswith(f"dfq.runtimes.{pkg}.") for pkg in packages
+        )
+    )
+    assert imports == [], imports

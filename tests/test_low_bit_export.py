@@ -16,9 +16,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("ncnn")
 pytest.importorskip("pnnx")
 
-from dfq.export.ncnn import export_ncnn  # noqa: E402
-from dfq.export.onnx_qdq import export_onnx  # noqa: E402
-from dfq.runners import NcnnRunner, OrtRunner  # noqa: E402
+from dfq.runtimes.ncnn.export import export_ncnn  # noqa: E402
+from dfq.runtimes.ncnn.runner import NcnnRunner  # noqa: E402
+from dfq.runtimes.ort.export import export_onnx  # noqa: E402
+from dfq.runtimes.ort.runner import OrtRunner  # noqa: E402
 
 SHAPE = (1, 3, 16, 16)
 

@@ -99,6 +99,29 @@ def test_an_int8_runtime_refuses_a_wider_input():
         quantize_model(_model(), PipelineConfig(quant=QuantConfig(input_bits=12, target="ort")))
 
 
+@pytest.mark.parametrize("target", ["ort", "ncnn"])
+@pytest.mark.parametrize(
+    "mixed,needle",
+    [
+        ({"keep_first_last": 16}, "`keep_first_last`=16"),
+        ({"layer_bits": (("stem.0", 16, None),)}, "`layer_bits` stem.0=16"),
+        ({"layer_bits": (("dw.*", 8, 12),)}, r"`layer_bits` dw\.\*=8,12"),
+    ],
+)
+def test_an_int8_runtime_refuses_wider_first_last_or_layer_bits(target, mixed, needle):
+    """issue #36: the int8 check saw the model-wide widths only; keep_first_last and layer_bits
+    above 8 bits slipped through to the exporter."""
+    q = QuantConfig(target=target, **mixed)
+    with pytest.raises(DfqError, match=rf"{needle}.*the {target} target runs int8 only"):
+        quantize_model(_model(), PipelineConfig(quant=q))
+
+
+def test_an_int8_runtime_takes_first_last_and_layer_bits_up_to_8():
+    q = QuantConfig(target="ort", bits_weight=4, keep_first_last=8, layer_bits=(("dw.*", 6, 8),))
+    r = quantize_model(_model(), PipelineConfig(quant=q))
+    assert r.config.quant.keep_first_last == 8
+
+
 def test_unmatched_pattern_names_it_and_lists_layers():
     q = QuantConfig(layer_bits=(("features.*", 8, None),))
     with pytest.raises(DfqError, match=r"'features\.\*' matches no .*stem\.0, dw\.0"):

@@ -126,12 +126,12 @@ def test_linear_without_bn_gets_moments_propagated():
 
 
 def test_default_steps_are_the_timed_ones(small_net):
-    from dfq import targets
+    from dfq import runtimes
     from dfq.pipeline import Step, build_steps
 
     cfg = PipelineConfig(relu=True, equalize=True, correction=True, clip_weight=15.0)
     res = quantize_model(small_net, cfg)
-    steps = build_steps(res.config, targets.profile(cfg.quant.target))
+    steps = build_steps(res.config, runtimes.profile(cfg.quant.target))
     assert all(isinstance(s, Step) for s in steps)
     assert [s.name for s in steps] + ["total"] == list(res.timings)
 

@@ -161,9 +161,9 @@ def runtime_run(
 ) -> dict[str, Any]:
     """Quantize with `backend`'s runtime profile, export, and score the real int8 runtime (on
     the CPU) beside its simulation (on `device`) on the same images."""
-    from dfq import export, targets
+    from dfq import runtimes
 
-    profile = targets.profile(backend)
+    profile = runtimes.profile(backend)
     profile.check_runtime()
     config = dataclasses.replace(
         config, quantize=True, quant=dataclasses.replace(config.quant, target=backend)
@@ -175,9 +175,8 @@ def runtime_run(
     if size > 1:  # every process exports (the same files) into a folder of its own
         out_dir = out_dir / f"rank{rank}"
     x0 = next(iter(data.batches))[0]
-    files = export.export(result, out_dir / name.replace(":", "_"), (1, *x0.shape[1:]))
-    opt_path = out_dir / "ort_optimized.onnx" if profile.format == "onnx" else None
-    runner = export.runner(profile, files, torch.get_num_threads(), opt_path)
+    files = runtimes.export(result, out_dir / name.replace(":", "_"), (1, *x0.shape[1:]))
+    runner = runtimes.runner(backend, files, torch.get_num_threads(), out_dir)
     sim = task.evaluate(result.model.to(device or "cpu"), data.batches, progress, "simulation")
     real = task.evaluate(runner, data.batches, progress, backend)
     gap = real.against_simulation(sim)
@@ -193,10 +192,7 @@ def runtime_run(
         "files": files,
         "export_dir": str(out_dir),
     }
-    if opt_path is not None:
-        from dfq.runners import integer_ops
-
-        res["integer_ops"] = integer_ops(opt_path)
+    res.update(profile.run_details(files, out_dir))
     if reference is not None:
         res.update(real.compare(reference))
     return res

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dfq import targets, tasks
+from dfq import runtimes, tasks
 from dfq.app.runs import ablation, ablation_table, run_one, runtime_run
 from dfq.cli import options
 from dfq.data.quantization_data import pipeline_data
@@ -36,7 +36,7 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
             f"drop --target or use --target {backend}",
         )
     if backend != "torch":
-        targets.profile(backend).check_runtime()
+        runtimes.profile(backend).check_runtime()
     seed_everything(args.seed)
     spec, inputs = options.model_spec(args, task), options.inputs_of(args, task)
     task = tasks.get(args.command, inputs)
@@ -191,10 +191,9 @@ def _print_runtime(task: Task, res: dict[str, Any], common: dict[str, Any]) -> d
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """`dfq export`: quantize with the format's runtime profile and write the int8 model."""
-    from dfq.export import export as write
     from dfq.pipeline import quantize_model
 
-    profile = targets.by_format(args.format)
+    profile = runtimes.by_format(args.format)
     if args.target not in (None, profile.name):
         raise DfqError(
             f"--format {args.format} needs a model quantized with --target {profile.name} "
@@ -250,7 +249,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         from dfq.quant.saved import save_quantized
 
         save_quantized(args.save_quantized, result.model, result.config)
-    files = write(result, Path(args.output), shape)
+    files = runtimes.export(result, Path(args.output), shape)
     described = profile.describe(result.config.quant)
     print(f"dfq: exported {spec.name} ({described})")
     for k, v in files.items():

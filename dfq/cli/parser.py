@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dfq import runtimes
 from dfq.config import (
     CLIP_WEIGHT,
     DISTILL_BATCH_SIZE,
@@ -17,7 +18,6 @@ from dfq.config import (
     DISTILL_BATCHES_RECONSTRUCT_LOW_ACT,
     DISTILL_SIDE,
     RANGE_STD,
-    TARGETS,
     ReconstructConfig,
 )
 from dfq.data.distill import FOR_RANGES as _RANGES
@@ -231,7 +231,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="evaluate / export a model saved with --save-quantized (its config replaces the "
+        help="evaluate / export a model saved with --save_quantized (its config replaces the "
         "pipeline switches; no data or reconstruction is needed)",
     )
     d = p.add_argument_group("distilled data (ZeroQ)")
@@ -359,10 +359,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
-    g = p.add_argument_group("int8 runtime (dfq/targets, dfq/export)")
+    g = p.add_argument_group("int8 runtime (dfq/runtimes)")
     g.add_argument(
         "--target",
-        choices=list(TARGETS),
+        choices=runtimes.names(),
         default=None,
         help="runtime profile the simulation models (default: generic; the backend/format's own)",
     )
@@ -382,9 +382,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, backend: bool) -> None:
     if backend:
         g.add_argument(
             "--backend",
-            choices=["torch", *TARGETS[1:]],
+            choices=["torch", *runtimes.backends()],
             default="torch",
-            help="evaluate the simulation (torch) or the exported int8 model in onnxruntime/ncnn",
+            help="evaluate the simulation (torch) or the int8 model exported to that runtime",
         )
 
 
@@ -468,17 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     _add_runtime_args(c, backend=True)
-    e = sub.add_parser("export", help="quantize and write an int8 model (ONNX QDQ or ncnn)")
+    e = sub.add_parser("export", help="quantize and write an int8 model for a runtime")
     _add_model_args(e)
     _add_pipeline_args(e)
     e.add_argument(
-        "--format", choices=["onnx", "ncnn"], required=True, help="onnx (onnxruntime QDQ) or ncnn"
+        "--format",
+        choices=runtimes.formats(),
+        required=True,
+        help="the file format, named after the runtime that reads it: "
+        + ", ".join(f"{r.format} ({r.name})" for r in runtimes.runtimes()),
     )
     e.add_argument(
         "--output",
         "-o",
         required=True,
-        help="file (.onnx) or path stem (ncnn: STEM.param/.bin/.table)",
+        help="the model file, or the path stem of a format that writes several "
+        "(ncnn: STEM.param/.bin/.table)",
     )
     e.add_argument(
         "--input_size",

@@ -58,7 +58,7 @@ def _grid_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 def default_quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
     """Nodes (in graph order) whose outputs get an activation quantizer (a runtime profile,
-    dfq/targets, may choose others): the network input; conv/linear, add, concatenation and
+    dfq/runtimes, may choose others): the network input; conv/linear, add, concatenation and
     product outputs (after a fused clipping activation); non-clipping activations (SiLU, GELU,
     Hardswish, sigmoid gates: an int8 runtime computes them on int8 and requantizes); average
     pools; and whatever else feeds a conv/linear, so that every layer reads an int8 input."""

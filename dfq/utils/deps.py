@@ -12,13 +12,9 @@ from types import ModuleType
 
 from dfq.errors import DfqError
 
-# importable module -> the extra of pyproject.toml that installs it
+# importable module -> the extra of pyproject.toml that installs it (a runtime's modules: the
+# runtime names its extra itself, dfq/runtimes/<name>/)
 EXTRAS = {
-    "onnx": "export",
-    "onnxscript": "export",
-    "onnxruntime": "export",
-    "ncnn": "export",
-    "pnnx": "export",
     "matplotlib": "plot",
     "google": "tf",
     "timm": "timm",
@@ -28,14 +24,15 @@ EXTRAS = {
 DISTRIBUTIONS = {"google": "protobuf"}
 
 
-def require(module: str, what: str) -> ModuleType:
-    """Import `module` for `what` (e.g. "--backend ort"), or say how to install it."""
+def require(module: str, what: str, extra: str | None = None) -> ModuleType:
+    """Import `module` for `what` (e.g. "--backend ort"), or say how to install it: with the
+    pyproject `extra` that brings it (default: the one EXTRAS names)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         top = module.split(".")[0]
         package = DISTRIBUTIONS.get(top, module)
-        extra = EXTRAS.get(top)
+        extra = extra or EXTRAS.get(top)
         fix = f'pip install "dfq[{extra}]"' if extra else f"pip install {package}"
         raise DfqError(
             f"{what} needs the Python package '{package}', which is not installed.", fix

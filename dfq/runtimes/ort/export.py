@@ -14,7 +14,7 @@ dfq's scale and zero point, and names initializers by module path. We then put t
   this: clamp-then-quantize and quantize-with-saturation give the same integers.
 
 onnxruntime (graph optimization level >= basic) then replaces DQ -> op -> Q groups by
-QLinearConv, QLinearAdd, QLinearGlobalAveragePool, ... (see dfq/runtime.py: integer_ops()).
+QLinearConv, QLinearAdd, QLinearGlobalAveragePool, ... (see runner.py here: integer_ops()).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import fx
 from dfq.errors import DfqError
 from dfq.graph.modules import ChannelMin, GlobalAvgPool
 from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.runtimes.ort.runner import EXTRA
 from dfq.utils.deps import require
 
 log = logging.getLogger("dfq")
@@ -56,22 +57,22 @@ def _check_exportable(gm: fx.GraphModule) -> None:
             if m.grid.bits > 8 or m.grid.symmetric or m.reciprocal:
                 raise DfqError(
                     f"{name} is on a {m.grid} grid: ONNX QDQ export writes uint8 activations.",
-                    "use --target ort (or the default asymmetric 8-bit activations)",
+                    "use `target`=ort (or the default asymmetric 8-bit activations)",
                 )
         if isinstance(m, QuantizedLayer):
             if m.weight_grid.bits > 8 or not m.weight_grid.symmetric:
                 raise DfqError(
                     f"{name} has {m.weight_grid} weights: QDQ export writes symmetric int8.",
-                    "use --bits_weight <= 8 without --asymmetric_weight",
+                    "use `bits_weight` <= 8 and drop asymmetric weights (`weight_symmetric`)",
                 )
             if m.bias is not None and (m.bias_grid is None or m.bias_grid.bits != 32):
-                raise DfqError(f"{name}'s bias is not int32 at s_in * s_w.", "use --bits_bias 32")
+                raise DfqError(f"{name}'s bias is not int32 at s_in * s_w.", "use `bits_bias`=32")
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, input_shape: tuple[int, ...]) -> OnnxExport:
     """Write `gm` (a dfq fake-quant GraphModule) as an ONNX QDQ model with a dynamic batch."""
-    onnx = require("onnx", "ONNX export")
-    require("onnxscript", "ONNX export (torch's dynamo exporter)")
+    onnx = require("onnx", "ONNX export", EXTRA)
+    require("onnxscript", "ONNX export (torch's dynamo exporter)", EXTRA)
 
     _check_exportable(gm)
     path = Path(path)

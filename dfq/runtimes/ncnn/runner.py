@@ -1,12 +1,9 @@
-"""Run exported models in their real runtimes (onnxruntime, ncnn) on dfq's batches.
-
-Both runners take and return torch tensors (NCHW float in, logits out), so
-`dfq.tasks.classification.evaluate` works on them unchanged.
+"""ncnn on dfq's batches: a .param/.bin as a torch module (NCHW float in, logits out), so
+`dfq.tasks.classification.evaluate` works on it unchanged.
 """
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import numpy as np
@@ -15,67 +12,7 @@ import torch
 from dfq.errors import DfqError
 from dfq.utils.deps import require
 
-# onnxruntime's integer kernels (what QDQ groups become after graph optimization)
-INTEGER_OPS = {
-    "QLinearConv",
-    "QLinearAdd",
-    "QLinearMul",
-    "QLinearGlobalAveragePool",
-    "QLinearAveragePool",
-    "QLinearConcat",
-    "QLinearMatMul",
-    "QGemm",
-    "MatMulInteger",
-    "ConvInteger",
-    "QLinearSigmoid",
-    "QLinearLeakyRelu",
-    "QLinearReduceMean",
-    "QLinearSoftmax",
-    "QLinearWhere",
-    "NhwcQLinearConv",
-}
-
-
-class OrtRunner(torch.nn.Module):
-    """An onnxruntime CPU session with full graph optimization (QDQ -> integer kernels)."""
-
-    def __init__(
-        self, path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None
-    ):
-        super().__init__()
-        ort = require("onnxruntime", "--backend ort")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        if optimized_path:
-            opts.optimized_model_filepath = str(optimized_path)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """The model's output, or the tuple of its outputs (e.g. an SSD's scores and boxes)."""
-        outs = self.session.run(
-            None, {self.input_name: x.detach().cpu().float().contiguous().numpy()}
-        )
-        return (
-            torch.from_numpy(outs[0])
-            if len(outs) == 1
-            else tuple(torch.from_numpy(o) for o in outs)
-        )
-
-
-def op_counts(onnx_path: str | Path) -> collections.Counter:
-    onnx = require("onnx", "counting ONNX operators")
-
-    return collections.Counter(n.op_type for n in onnx.load(str(onnx_path)).graph.node)
-
-
-def integer_ops(optimized_path: str | Path) -> dict[str, int]:
-    """The integer kernels in a graph onnxruntime optimized (saved via optimized_path)."""
-    return {k: v for k, v in op_counts(optimized_path).items() if k in INTEGER_OPS}
+EXTRA = "export"  # the pyproject extra that installs ncnn and pnnx
 
 
 def is_int8_param(param: str | Path) -> bool:
@@ -103,7 +40,7 @@ class NcnnRunner(torch.nn.Module):
         output_name: str = "out0",
     ):
         super().__init__()
-        ncnn = require("ncnn", "--backend ncnn")
+        ncnn = require("ncnn", "--backend ncnn", EXTRA)
         param = Path(param)
         binf = Path(binf) if binf else param.with_suffix(".bin")
         self.int8 = is_int8_param(param)

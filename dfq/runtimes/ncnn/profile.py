@@ -34,8 +34,9 @@ from dfq.graph.ops import is_depthwise, weighted_module
 from dfq.quant.activations import input_quantizer
 from dfq.quant.modules import Dequant, QuantizedLayer
 from dfq.records import LayerRecord, Records
-from dfq.targets.base import Profile
-from dfq.targets.cpu import is_x86, require_int8
+from dfq.runtimes.base import Runtime
+from dfq.runtimes.cpu import is_x86, require_int8
+from dfq.runtimes.ncnn.runner import EXTRA, NcnnRunner
 
 INT8_TAG = 0x000D4B38  # ncnn ModelBin / ncnn2int8.cpp fwrite_weight_tag_data: "int8 magic"
 
@@ -69,8 +70,6 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> np.ndarray:
     ask ncnn: a 1x1 depthwise layer with the real scales, int8 weights 1 and an input that
     quantizes to 1 returns exactly the multiplier of each channel. `in_scale` and
     `weight_scales` are ncnn's (127 / absmax, i.e. dfq's reciprocal scales)."""
-    from dfq.runners import NcnnRunner
-
     ws = np.asarray(weight_scales, np.float32).reshape(-1)
     g = ws.size
     param = (
@@ -96,10 +95,11 @@ def ncnn_depthwise_multipliers(in_scale: float, weight_scales) -> np.ndarray:
         return run(x)[0].numpy().astype(np.float32).reshape(-1)
 
 
-class NcnnProfile(Profile):
+class NcnnProfile(Runtime):
     name = "ncnn"
     format = "ncnn"
     runtime_modules = ("ncnn", "pnnx")
+    extra = EXTRA
     reciprocal_scales = True
     int32_bias_at_input_scale = False  # fp32 biases
 
@@ -180,6 +180,3 @@ class NcnnProfile(Profile):
                 else ""
             ),
         }
-
-
-NCNN = NcnnProfile()

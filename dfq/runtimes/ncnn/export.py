@@ -15,7 +15,7 @@
    clamp(round(x * scale), -127, 127) (round half away from zero), scale = 127 / absmax
    (ncnn2table.cpp), and dequantizes the int32 sum with 1 / (bottom_scale * weight_scale[c])
    before adding the fp32 bias (convolution.cpp forward_int8). dfq's ncnn profile
-   (dfq/targets/ncnn.py) simulates exactly this.
+   (dfq/runtimes/ncnn/profile.py) simulates exactly this.
 3. `<stem>.table`: the same scales in ncnn2table's calibration-table format -- a
    `<layer>_param_0 s_0 s_1 ...` line per layer, then a `<layer> s_in` line per layer -- for
    users who run ncnn2int8 on the fp32 files themselves (ncnn2int8 re-quantizes the on-grid
@@ -40,7 +40,8 @@ from torch import fx, nn
 from dfq.errors import DfqError
 from dfq.graph.ops import weighted_module
 from dfq.quant.modules import ActQuant, QuantizedLayer, layer_like
-from dfq.targets.ncnn import INT8_TAG, ncnn_weight_scales
+from dfq.runtimes.ncnn.profile import INT8_TAG, ncnn_weight_scales
+from dfq.runtimes.ncnn.runner import EXTRA
 from dfq.utils.deps import require
 
 WEIGHTED = {"Convolution", "ConvolutionDepthWise", "InnerProduct"}
@@ -267,7 +268,7 @@ def _quiet(log_path: Path):
 
 def pnnx_convert(model: nn.Module, stem: Path, input_shape: tuple[int, ...]) -> tuple[Path, Path]:
     """Float model -> `<stem>.fp32.param/.bin` with pnnx."""
-    pnnx = require("pnnx", "ncnn export")
+    pnnx = require("pnnx", "ncnn export", EXTRA)
     stem.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dfq_pnnx_") as tmp:
         pt = Path(tmp) / "model.pt"
@@ -334,13 +335,13 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
             and not (m.reciprocal and m.grid.symmetric and m.grid.bits <= 8)
         ):
             raise DfqError(
-                "the model was not quantized with the ncnn profile.", "quantize with --target ncnn"
+                "the model was not quantized with the ncnn profile.", "quantize with `target`=ncnn"
             )
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if isinstance(out, (tuple, list)):
         raise DfqError(
             f"the model has {len(out)} outputs; dfq's ncnn export and runner handle one.",
-            "use --backend ort / --format onnx for this model",
+            "use `backend`=ort / `format`=onnx for this model",
         )
     stem = Path(stem)
     fp32_param, fp32_bin = pnnx_convert(float_copy(gm), stem, tuple(input_shape))

@@ -29,8 +29,9 @@ from dfq.graph.modules import ChannelMin, GlobalAvgPool
 from dfq.graph.ops import activation_of, weighted_module
 from dfq.quant.activations import input_quantizer, input_quantizer_node
 from dfq.quant.modules import ActQuant, QuantizedLayer, Requant
-from dfq.targets.base import Profile
-from dfq.targets.cpu import cpu_flags, is_x86, require_int8
+from dfq.runtimes.base import Runtime
+from dfq.runtimes.cpu import cpu_flags, is_x86, require_int8
+from dfq.runtimes.ort.runner import EXTRA
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,15 +129,16 @@ def _exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
     return done
 
 
-class OrtProfile(Profile):
+class OrtProfile(Runtime):
     name = "ort"
     format = "onnx"
     runtime_modules = ("onnx", "onnxscript", "onnxruntime")
+    extra = EXTRA
 
     def resolve(self, q: QuantConfig) -> QuantConfig:
         require_int8(q)
         if q.bits_bias != 32:
-            raise DfqError("--target ort adds an int32 bias at s_in * s_w.", "use --bits_bias 32")
+            raise DfqError("`target`=ort adds an int32 bias at s_in * s_w.", "use `bits_bias`=32")
         reduce = ort_saturates() if q.reduce_range is None else q.reduce_range
         return dataclasses.replace(
             q,
@@ -175,6 +177,3 @@ class OrtProfile(Profile):
                 else "8-bit weights: u8s8 kernels do not saturate here"
             ),
         }
-
-
-ORT = OrtProfile()
