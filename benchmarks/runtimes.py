@@ -2,7 +2,7 @@
 imagenet_val1300, DFQ W8A8 (--relu --equalize --correction), one target profile per runtime.
 
     .venv/bin/python benchmarks/runtimes.py        # accuracy table + speed, JSON in results/
-    .venv/bin/python benchmarks/runtimes.py --limit 200 --skip-speed
+    .venv/bin/python benchmarks/runtimes.py --limit 200 --skip_speed
 
 Accuracy: FP32 (PyTorch), the simulation with --target ort and the onnxruntime QDQ model, the
 simulation with --target ncnn and the ncnn int8 model; agreement = argmax agreement of each
