@@ -98,7 +98,7 @@ def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
+def exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
     """Global average pools read from a quantizer (directly, or through the ChannelMin the
     exporter re-quantizes) and quantized after: QLinearGlobalAveragePool, computed exactly."""
     done = {}
@@ -164,7 +164,7 @@ class OrtProfile(Runtime):
                 continue
             m.requant = _requant(in_q, out_q)
             done[node.target] = "integer-exact (as QLinearConv)"
-        return {**done, **_exact_global_pools_(gm)}
+        return {**done, **exact_global_pools_(gm)}
 
     def describe(self, q: QuantConfig) -> dict:
         return {
