@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from pathlib import Path
 
@@ -58,3 +59,18 @@ def require_int8(q: QuantConfig) -> None:
             f"`target`={q.target} uses symmetric int8 weights.",
             "drop asymmetric weights (`weight_symmetric`)",
         )
+
+
+def qdq_grids(q: QuantConfig, target: str, reduce: bool) -> QuantConfig:
+    """The QDQ runtimes' grids (onnxruntime, OpenVINO): int8 widths, uint8 asymmetric
+    activations, int32 bias at s_in * s_w, half-to-even; 7-bit weights when `reduce`."""
+    require_int8(q)
+    if q.bits_bias != 32:
+        raise DfqError(f"`target`={target} adds an int32 bias at s_in * s_w.", "use `bits_bias`=32")
+    return dataclasses.replace(
+        q,
+        activation_symmetric=False,
+        rounding="half_even",
+        reduce_range=reduce,
+        bits_weight=min(q.bits_weight, 7) if reduce else q.bits_weight,
+    )

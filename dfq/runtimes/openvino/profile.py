@@ -11,14 +11,11 @@ quantizer is what it computes (no QLinearConv integer requantization to copy, no
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import fx
 
 from dfq.config import QuantConfig
-from dfq.errors import DfqError
 from dfq.runtimes.base import Runtime
-from dfq.runtimes.cpu import require_int8
+from dfq.runtimes.cpu import qdq_grids
 from dfq.runtimes.openvino.runner import EXTRA
 from dfq.runtimes.ort.profile import exact_global_pools_
 
@@ -30,19 +27,7 @@ class OpenVinoProfile(Runtime):
     extra = EXTRA
 
     def resolve(self, q: QuantConfig) -> QuantConfig:
-        require_int8(q)
-        if q.bits_bias != 32:
-            raise DfqError(
-                "`target`=openvino adds an int32 bias at s_in * s_w.", "use `bits_bias`=32"
-            )
-        reduce = bool(q.reduce_range)
-        return dataclasses.replace(
-            q,
-            activation_symmetric=False,
-            rounding="half_even",
-            reduce_range=reduce,
-            bits_weight=min(q.bits_weight, 7) if reduce else q.bits_weight,
-        )
+        return qdq_grids(q, self.name, bool(q.reduce_range))
 
     def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:
         """Global average pools between quantizers run on the integers (the CPU plugin's u8

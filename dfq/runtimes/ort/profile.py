@@ -16,7 +16,6 @@ quantized computes exactly that (`QuantizedConv2d.requant`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -24,13 +23,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.config import QuantConfig
-from dfq.errors import DfqError
 from dfq.graph.modules import ChannelMin, GlobalAvgPool
 from dfq.graph.ops import activation_of, weighted_module
 from dfq.quant.activations import input_quantizer, input_quantizer_node
 from dfq.quant.modules import ActQuant, QuantizedLayer, Requant
 from dfq.runtimes.base import Runtime
-from dfq.runtimes.cpu import cpu_flags, is_x86, require_int8
+from dfq.runtimes.cpu import cpu_flags, is_x86, qdq_grids
 from dfq.runtimes.ort.runner import EXTRA
 
 
@@ -136,17 +134,8 @@ class OrtProfile(Runtime):
     extra = EXTRA
 
     def resolve(self, q: QuantConfig) -> QuantConfig:
-        require_int8(q)
-        if q.bits_bias != 32:
-            raise DfqError("`target`=ort adds an int32 bias at s_in * s_w.", "use `bits_bias`=32")
         reduce = ort_saturates() if q.reduce_range is None else q.reduce_range
-        return dataclasses.replace(
-            q,
-            activation_symmetric=False,
-            rounding="half_even",
-            reduce_range=reduce,
-            bits_weight=min(q.bits_weight, 7) if reduce else q.bits_weight,
-        )
+        return qdq_grids(q, self.name, reduce)
 
     def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:
         """Every int8 conv with a quantized input and output (and an int32 bias) computes like
