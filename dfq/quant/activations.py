@@ -43,7 +43,7 @@ def _fused_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
     return node
 
 
-def _grid_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+def grid_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """The node that sets `node`'s grid: back through ops that keep their input's grid."""
     cur = node
     while (
@@ -72,7 +72,7 @@ def default_quantization_points(gm: fx.GraphModule) -> list[fx.Node]:
             points.add(node)
     for node in gm.graph.nodes:
         if weighted_module(gm, node) is not None and isinstance(node.args[0], fx.Node):
-            points.add(_grid_source(gm, node.args[0]))
+            points.add(grid_source(gm, node.args[0]))
     return [n for n in gm.graph.nodes if n in points and not any(u.op == "output" for u in n.users)]
 
 

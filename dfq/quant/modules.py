@@ -32,6 +32,8 @@ class ActQuant(nn.Module):
         self.rounding = rounding
         # ncnn multiplies by the float32 reciprocal (its "scale" is 1/ours) instead of dividing
         self.reciprocal = reciprocal
+        # OpenVINO's FakeQuantize: round(clamp(x) * levels / (hi - lo) - lo * that), in float32
+        self.fake_quantize_op = False
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
         self.register_buffer("observed_min", torch.tensor(float("inf")))
@@ -67,6 +69,8 @@ class ActQuant(nn.Module):
             return x
         if self.learn_scale:
             return fake_quantize_ste(x, self.scale, self.zero_point, self.grid)
+        if self.fake_quantize_op:
+            return self._fake_quantize_op(x)
         grad = x.requires_grad and torch.is_grad_enabled()
         torch_kernel = not self.reciprocal and self.rounding == "half_even"
         if torch_kernel and x.dtype == torch.float32 and grad:  # straight-through gradient
@@ -81,6 +85,16 @@ class ActQuant(nn.Module):
             return r.clamp(lo, hi) * self.scale if grad else r.clamp_(lo, hi).mul_(self.scale)
         q = ROUNDING[self.rounding](x / self.scale) + self.zero_point
         return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
+
+    def _fake_quantize_op(self, x: torch.Tensor) -> torch.Tensor:
+        """OpenVINO's arithmetic: QuantizeLinear becomes a FakeQuantize over [lo, hi] =
+        [(qmin - z) s, (qmax - z) s] that rounds `x * (levels / (hi - lo)) + (-lo * that)`, all
+        float32; `1 / s` and that factor differ in the last bit, which flips rounding ties."""
+        s, z = self.scale.float(), self.zero_point.float()
+        lo, hi = (self.grid.qmin - z) * s, (self.grid.qmax - z) * s
+        in_scale = (self.grid.qmax - self.grid.qmin) / (hi - lo)
+        q = ROUNDING[self.rounding](x.float().clamp(lo, hi) * in_scale + (-lo * in_scale))
+        return ((q + (self.grid.qmin - z)) * s).to(x.dtype)
 
     def inv_scale(self) -> torch.Tensor:
         """1/scale in float32: the number ncnn multiplies by (written as-is into its .bin)."""

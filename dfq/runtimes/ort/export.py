@@ -143,6 +143,8 @@ def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
     for m in model.modules():
         if isinstance(m, (QuantizedLayer, GlobalAvgPool)):
             m.requant = None  # the runtime does the integer arithmetic; export the plain op
+        if isinstance(m, QuantizedLayer):
+            m.dequant = None
     _requantize_clips(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, ActQuant):
