@@ -127,6 +127,9 @@ def test_openvino_on_residual_adds_is_off_by_at_most_rare_rounding_flips(net, tm
     assert (diff > 1e-5).float().mean() < 0.002
     assert diff.max() < 0.1 * (sim.max() - sim.min())
     fused = [k for k, v in result.layers.items() if "sum post-op" in str(v.simulation)]
-    assert fused == {"Residual": [], "ChainOfResiduals": ["b.1", "e.1"], "TwoBranches": ["b.0"]}[
-        net.__name__
-    ]
+    assert (
+        fused
+        == {"Residual": [], "ChainOfResiduals": ["b.1", "e.1"], "TwoBranches": ["b.0"]}[
+            net.__name__
+        ]
+    )
