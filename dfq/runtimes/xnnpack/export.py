@@ -1,0 +1,130 @@
+"""ExecuTorch .pte of a dfq fake-quant model: dfq's quantizers as quantized_decomposed
+quantize/dequantize pairs on int8 (the zero point moved by 128 from dfq's uint8 grid: the same
+numbers), weights as int8 tensors dequantized per channel, biases in float (XNNPACK quantizes
+them at s_in * s_w, where dfq's int32 bias already is). That is the graph PT2E's convert_pt2e
+writes, with dfq's qparams instead of observers'; XnnpackPartitioner lowers its DQ -> op -> Q
+groups to XNNPACK's qs8 kernels."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.runtimes.xnnpack.runner import EXTRA
+from dfq.utils.deps import require
+
+
+class _QDQ8(nn.Module):
+    def __init__(self, aq: ActQuant):
+        super().__init__()
+        self.scale, self.zero_point = float(aq.scale), int(aq.zero_point) - 128
+        self.qmin, self.qmax = aq.grid.qmin - 128, aq.grid.qmax - 128
+
+    def forward(self, x):
+        ops = torch.ops.quantized_decomposed
+        args = (self.scale, self.zero_point, self.qmin, self.qmax, torch.int8)
+        return ops.dequantize_per_tensor(ops.quantize_per_tensor(x, *args), *args)
+
+
+class _Int8Weights(nn.Module):
+    """A quantized conv/linear with its int8 weights dequantized in the graph."""
+
+    def __init__(self, m: QuantizedLayer):
+        super().__init__()
+        self.layer = m
+        self.register_buffer("wq", m.int_weight().to(torch.int8))
+        scale = m.weight_scale.float().reshape(-1).expand(m.weight.shape[0]).contiguous()
+        self.register_buffer("ws", scale)
+        self.register_buffer("wz", torch.zeros(m.weight.shape[0], dtype=torch.int64))
+        self.lo, self.hi = m.weight_grid.qmin, m.weight_grid.qmax
+
+    def forward(self, x):
+        m = self.layer
+        w = torch.ops.quantized_decomposed.dequantize_per_channel(
+            self.wq, self.ws, self.wz, 0, self.lo, self.hi, torch.int8
+        )
+        if isinstance(m, nn.Linear):
+            return F.linear(x, w, m.bias)
+        return F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _with_int8_ops(gm: fx.GraphModule) -> tuple[nn.Module, set[str]]:
+    """The exportable module, and the layers that stay float (no output quantizer)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+    from dfq.runtimes.ort.export import check_exportable
+
+    check_exportable(gm)  # the same grids as the QDQ export: u8 activations, s8 weights, s32 bias
+    from dfq.graph.ops import weighted_module
+    from dfq.runtimes.ort.profile import output_quantizer
+
+    # a layer whose output stays float is not lowered as qs8 (XNNPACK needs DQ -> op -> Q), and
+    # ExecuTorch's portable dequantize_per_channel gave wrong values: it keeps its dequantized
+    # float weights and runs as XNNPACK's fp32 convolution on the dequantized input
+    float_out = {
+        n.target
+        for n in gm.graph.nodes
+        if isinstance(weighted_module(gm, n), QuantizedLayer) and output_quantizer(gm, n) is None
+    }
+    model = copy.deepcopy(gm).eval()
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer):
+            m.requant = m.dequant = None
+        if hasattr(m, "requant") and not isinstance(m, QuantizedLayer):
+            m.requant = None
+    for name, m in list(model.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if isinstance(m, ActQuant):
+            setattr(owner, attr, _QDQ8(m) if m.quantizing else nn.Identity())
+        elif isinstance(m, QuantizedLayer) and name not in float_out:
+            setattr(owner, attr, _Int8Weights(m))
+    return model, float_out
+
+
+def _one_dequantize_per_user(gm: fx.GraphModule) -> None:
+    """Give each user of a shared DequantizeLinear its own copy, as PT2E's convert does: the
+    XNNPACK partitioner groups DQ -> op -> Q per op, and a DQ shared by a residual add and the
+    next convolution would tie their partitions into a cycle."""
+    dq = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != dq or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with gm.graph.inserting_before(user):
+                copy_ = gm.graph.call_function(dq, node.args, node.kwargs)
+            copy_.meta = dict(node.meta)
+            user.replace_input_with(node, copy_)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def export_pte(gm: fx.GraphModule, path: Path, input_shape: tuple[int, ...]) -> dict:
+    """Write `path` (.pte), XNNPACK-delegated, for one image at a time (ExecuTorch's runtime
+    refused other batch sizes of a program exported with a dynamic batch)."""
+    require("executorch", "ExecuTorch export", EXTRA)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.kernels import quantized  # noqa: F401  (out variants of what stays outside)
+
+    model, float_out = _with_int8_ops(gm)
+    program = torch.export.export(model, (torch.zeros((1, *input_shape[1:])),))
+    _one_dequantize_per_user(program.graph_module)
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    delegated = sum(
+        n.op == "call_function" and "executorch_call_delegate" in str(n.target)
+        for n in edge.exported_program().graph.nodes
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(edge.to_executorch().buffer)
+    return {
+        "pte": str(path),
+        "int8_weights": sum(isinstance(m, _Int8Weights) for m in model.modules()),
+        "float_layers": sorted(float_out),
+        "delegates": delegated,
+    }

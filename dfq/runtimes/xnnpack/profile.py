@@ -1,0 +1,35 @@
+"""The XNNPACK profile: ExecuTorch's XNNPACK delegate runs the QDQ groups of a PT2E graph as
+its qs8 kernels (signed int8 asymmetric activations, int8 symmetric weights per channel, int32
+bias at s_in * s_w).
+
+dfq's uint8 grids are the same numbers with the zero point moved by 128, so the simulation keeps
+onnxruntime's grids and the exporter writes int8. XNNPACK's qs8 convolution requantizes the
+exact int32 accumulator (bias included) with a float32 multiplier, round half to even, as
+onnxruntime's QLinearConv does: measured equal on every value (a float convolution followed by
+a quantizer differed at 7 of 8192), so each such convolution computes that (`requant`).
+"""
+
+from __future__ import annotations
+
+from dfq.config import QuantConfig
+from dfq.runtimes.cpu import qdq_grids
+from dfq.runtimes.ort.profile import OrtProfile
+from dfq.runtimes.xnnpack.runner import EXTRA
+
+
+class XnnpackProfile(OrtProfile):
+    name = "xnnpack"
+    format = "pte"
+    runtime_modules = ("executorch",)
+    extra = EXTRA
+
+    def resolve(self, q: QuantConfig) -> QuantConfig:
+        return qdq_grids(q, self.name, False)  # XNNPACK's qs8 kernels do not saturate pairs
+
+    def describe(self, q: QuantConfig) -> dict:
+        return {
+            "target": self.name,
+            "bits_weight": q.bits_weight,
+            "note": "s8 activations (dfq's u8 grid, zero point - 128), s8 weights, int32 bias; "
+            "integer requantization as XNNPACK's qs8 kernels",
+        }
