@@ -40,6 +40,30 @@ LABELS = {
 }
 
 
+def file_mb(files: dict) -> float:
+    """Size of the files a runtime's export wrote (the values that are paths of files)."""
+    paths = {Path(v) for v in files.values() if isinstance(v, str) and Path(v).is_file()}
+    return round(sum(p.stat().st_size for p in paths) / 1e6, 2)
+
+
+def int8_speed(runs: dict, shape: tuple[int, ...], args) -> list[list]:
+    """Images/s of each runtime's int8 model at batch 1 and 32, and the size of what its export
+    wrote (OpenVINO's includes the ONNX it converts from)."""
+    rows = []
+    for backend, r in runs.items():
+        run = runtimes.runner(backend, r["files"], args.threads)
+        row = [backend, file_mb(r["files"])]
+        for batch in (1, 32):
+            reps = args.repeats if batch == 1 else max(3, args.repeats // 4)
+            per_s = batch / timeit(run, torch.randn(batch, *shape[1:]), reps)
+            row.append(round(per_s) if per_s >= 100 else round(per_s, 1))
+        rows.append(row)
+    print(f"\nint8 models ({args.threads} threads, median of repeated runs; shared CPU):")
+    header = ["runtime", "export files MB", "images/s batch 1", "images/s batch 32"]
+    print(markdown_table(header, rows))
+    return rows
+
+
 def model_fp32():
     import torchvision
 
@@ -149,6 +173,8 @@ def main(argv=None) -> dict:
     )
 
     if not args.skip_speed:
+        res["int8_speed_table"] = int8_speed(runs, shape, args)
+    if not args.skip_speed and {"ort", "ncnn"} <= set(runs):
         onnx_fp32 = out / "mobilenet_v2_fp32.onnx"
         torch.onnx.export(
             model,
