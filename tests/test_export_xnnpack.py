@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_bn
-from test_export_openvino import ChainOfResiduals, Convs, Depthwise, PoolLinear, TwoBranches
+from runtime_nets import (
+    ChainOfResiduals,
+    Convs,
+    Depthwise,
+    PoolLinear,
+    TwoBranches,
+    sim_and_runtime,
+)
 from torch import nn
 
-from dfq import PipelineConfig, QuantConfig, quantize_model
-from dfq.runtimes import profile
-
 pytest.importorskip("executorch")
-
-
-def _sim_and_xnnpack(net: nn.Module, tmp_path):
-    torch.manual_seed(1)
-    model = randomize_bn(net).eval()
-    result = quantize_model(model, PipelineConfig(quant=QuantConfig(target="xnnpack")))
-    runtime = profile("xnnpack")
-    files = runtime.export(result.model, tmp_path / "m", (1, 3, 16, 16))
-    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return result, files, result.model(x), runtime.runner(files)(x)
 
 
 NETS = [Convs, Depthwise, PoolLinear, ChainOfResiduals, TwoBranches]
@@ -35,7 +27,7 @@ def test_xnnpack_equals_the_simulation_on_every_op_kind(net, tmp_path):
     """Every value, on convs, depthwise convs, global pool + linear and residual adds: XNNPACK's
     qs8 convolution requantizes the exact int32 sum with a float32 multiplier, as the
     simulation's `requant` does; a layer with no output quantizer runs in fp32."""
-    result, files, sim, got = _sim_and_xnnpack(net(), tmp_path)
+    result, files, sim, got = sim_and_runtime(net(), "xnnpack", tmp_path)
     assert (tmp_path / "m.pte").is_file() and files["delegates"] >= 1
     layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in net().modules())
     last = "fc" if net is PoolLinear else "c"

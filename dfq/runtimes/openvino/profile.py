@@ -49,9 +49,8 @@ class OpenVinoProfile(Runtime):
         as OpenVINO's FakeQuantize, global pools between quantizers run on the integers."""
         done = {}
         for node in gm.graph.nodes:
-            m, in_q = weighted_module(gm, node), None
-            if isinstance(m, QuantizedLayer):
-                in_q = input_quantizer(gm, node)
+            m = weighted_module(gm, node)
+            in_q = input_quantizer(gm, node) if isinstance(m, QuantizedLayer) else None
             if in_q is None:
                 continue
             mult = (in_q.scale.float() * m.weight_scale.float()).reshape(-1)

@@ -47,7 +47,11 @@ class OnnxExport:
     dropped_activations: list[str] = field(default_factory=list)
 
 
-def check_exportable(gm: fx.GraphModule) -> None:
+def check_exportable(
+    gm: fx.GraphModule, what: str = "ONNX QDQ export", target: str = "ort"
+) -> None:
+    """The QDQ grids `what` writes: 8-bit asymmetric activations, symmetric int8 weights, int32
+    bias at s_in * s_w (`target`: the profile that gives them)."""
     for name, m in gm.named_modules():
         if isinstance(m, ActQuant):
             if (
@@ -56,13 +60,13 @@ def check_exportable(gm: fx.GraphModule) -> None:
                 continue
             if m.grid.bits > 8 or m.grid.symmetric or m.reciprocal:
                 raise DfqError(
-                    f"{name} is on a {m.grid} grid: ONNX QDQ export writes uint8 activations.",
-                    "use `target`=ort (or the default asymmetric 8-bit activations)",
+                    f"{name} is on a {m.grid} grid: {what} writes 8-bit asymmetric activations.",
+                    f"use `target`={target} (or the default asymmetric 8-bit activations)",
                 )
         if isinstance(m, QuantizedLayer):
             if m.weight_grid.bits > 8 or not m.weight_grid.symmetric:
                 raise DfqError(
-                    f"{name} has {m.weight_grid} weights: QDQ export writes symmetric int8.",
+                    f"{name} has {m.weight_grid} weights: {what} writes symmetric int8.",
                     "use `bits_weight` <= 8 and drop asymmetric weights (`weight_symmetric`)",
                 )
             if m.bias is not None and (m.bias_grid is None or m.bias_grid.bits != 32):
@@ -77,7 +81,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, input_shape: tuple[int, ..
     check_exportable(gm)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = _with_qdq_ops(gm)
+    model = with_qdq_ops(gm)
     x = torch.zeros(input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -101,27 +105,29 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, input_shape: tuple[int, ..
     return info
 
 
-class _QDQ(torch.nn.Module):
+class QDQ(torch.nn.Module):
     """An ActQuant for export: quantize_per_tensor/dequantize_per_tensor with constant qparams
-    (exported as QuantizeLinear/DequantizeLinear; same integers as ActQuant's fake quant)."""
+    (exported as QuantizeLinear/DequantizeLinear; same integers as ActQuant's fake quant), on
+    uint8 as dfq's grid; a subclass may shift the integers to another dtype (`offset`)."""
+
+    dtype, offset = torch.uint8, 0
 
     def __init__(self, aq: ActQuant):
         super().__init__()
-        self.scale, self.zero_point = float(aq.scale), int(aq.zero_point)
-        self.qmin, self.qmax = aq.grid.qmin, aq.grid.qmax
+        self.scale, self.zero_point = float(aq.scale), int(aq.zero_point) + self.offset
+        self.qmin, self.qmax = aq.grid.qmin + self.offset, aq.grid.qmax + self.offset
+        info = torch.iinfo(self.dtype)
+        self.full = (self.qmin, self.qmax) == (info.min, info.max)
 
     def forward(self, x):
-        q = torch.ops.quantized_decomposed.quantize_per_tensor(
-            x, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8
-        )
-        if (self.qmin, self.qmax) != (0, 255):  # fewer bits: a uint8 Clip to the grid's levels
+        args = (self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
+        q = torch.ops.quantized_decomposed.quantize_per_tensor(x, *args)
+        if not self.full:  # fewer bits: a Clip to the grid's levels (ONNX ignores quant_min/max)
             q = torch.clamp(q, self.qmin, self.qmax)
-        return torch.ops.quantized_decomposed.dequantize_per_tensor(
-            q, self.scale, self.zero_point, self.qmin, self.qmax, torch.uint8
-        )
+        return torch.ops.quantized_decomposed.dequantize_per_tensor(q, *args)
 
 
-def _requantize_clips(model: fx.GraphModule) -> None:
+def _requantize_clips(model: fx.GraphModule, qdq: type[QDQ]) -> None:
     """A ChannelMin (ReLU6 kept through equalization) after a quantizer becomes Min followed by
     the same Q/DQ: its bounds are on that grid, so the integers are unchanged, and the next
     conv again reads a quantized tensor (DQ -> Conv -> Q fuses into QLinearConv)."""
@@ -133,10 +139,12 @@ def _requantize_clips(model: fx.GraphModule) -> None:
         if isinstance(aq, ActQuant) and aq.quantizing:
             parent, _, attr = node.target.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            setattr(owner, attr, torch.nn.Sequential(model.get_submodule(node.target), _QDQ(aq)))
+            setattr(owner, attr, torch.nn.Sequential(model.get_submodule(node.target), qdq(aq)))
 
 
-def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
+def with_qdq_ops(gm: fx.GraphModule, qdq: type[QDQ] = QDQ) -> fx.GraphModule:
+    """A copy of `gm` for torch.export: each quantizer a `qdq` pair, the plain float ops where
+    the simulation computes a runtime's integer arithmetic (the runtime does that itself)."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
     model = copy.deepcopy(gm).eval()
@@ -145,14 +153,14 @@ def _with_qdq_ops(gm: fx.GraphModule) -> fx.GraphModule:
             m.requant = None  # the runtime does the integer arithmetic; export the plain op
         if isinstance(m, QuantizedLayer):
             m.dequant = None
-    _requantize_clips(model)
+    _requantize_clips(model, qdq)
     for name, m in list(model.named_modules()):
         if isinstance(m, ActQuant):
             parent, _, attr = name.rpartition(".")
             setattr(
                 model.get_submodule(parent) if parent else model,
                 attr,
-                _QDQ(m) if m.quantizing else torch.nn.Identity(),
+                qdq(m) if m.quantizing else torch.nn.Identity(),
             )
     return model
 

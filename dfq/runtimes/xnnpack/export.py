@@ -7,28 +7,24 @@ groups to XNNPACK's qs8 kernels."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.graph.ops import weighted_module
+from dfq.quant.modules import QuantizedLayer
+from dfq.runtimes.ort.export import QDQ, check_exportable, with_qdq_ops
+from dfq.runtimes.ort.profile import output_quantizer
 from dfq.runtimes.xnnpack.runner import EXTRA
 from dfq.utils.deps import require
 
 
-class _QDQ8(nn.Module):
-    def __init__(self, aq: ActQuant):
-        super().__init__()
-        self.scale, self.zero_point = float(aq.scale), int(aq.zero_point) - 128
-        self.qmin, self.qmax = aq.grid.qmin - 128, aq.grid.qmax - 128
+class _QDQ8(QDQ):
+    """dfq's uint8 grid as int8: the same numbers, the integers and zero point less 128."""
 
-    def forward(self, x):
-        ops = torch.ops.quantized_decomposed
-        args = (self.scale, self.zero_point, self.qmin, self.qmax, torch.int8)
-        return ops.dequantize_per_tensor(ops.quantize_per_tensor(x, *args), *args)
+    dtype, offset = torch.int8, -128
 
 
 class _Int8Weights(nn.Module):
@@ -54,36 +50,22 @@ class _Int8Weights(nn.Module):
 
 
 def _with_int8_ops(gm: fx.GraphModule) -> tuple[nn.Module, set[str]]:
-    """The exportable module, and the layers that stay float (no output quantizer)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+    """The exportable module, and the layers that stay float (no output quantizer).
 
-    from dfq.runtimes.ort.export import check_exportable
-
-    check_exportable(gm)  # the same grids as the QDQ export: u8 activations, s8 weights, s32 bias
-    from dfq.graph.ops import weighted_module
-    from dfq.runtimes.ort.profile import output_quantizer
-
-    # a layer whose output stays float is not lowered as qs8 (XNNPACK needs DQ -> op -> Q), and
-    # ExecuTorch's portable dequantize_per_channel gave wrong values: it keeps its dequantized
-    # float weights and runs as XNNPACK's fp32 convolution on the dequantized input
+    A layer whose output stays float is not lowered as qs8 (XNNPACK needs DQ -> op -> Q), and
+    ExecuTorch's portable dequantize_per_channel gave wrong values: such a layer keeps its
+    dequantized float weights and runs as XNNPACK's fp32 layer on the dequantized input."""
+    check_exportable(gm, "ExecuTorch export", "xnnpack")
     float_out = {
         n.target
         for n in gm.graph.nodes
         if isinstance(weighted_module(gm, n), QuantizedLayer) and output_quantizer(gm, n) is None
     }
-    model = copy.deepcopy(gm).eval()
-    for m in model.modules():
-        if isinstance(m, QuantizedLayer):
-            m.requant = m.dequant = None
-        if hasattr(m, "requant") and not isinstance(m, QuantizedLayer):
-            m.requant = None
+    model = with_qdq_ops(gm, _QDQ8)
     for name, m in list(model.named_modules()):
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        if isinstance(m, ActQuant):
-            setattr(owner, attr, _QDQ8(m) if m.quantizing else nn.Identity())
-        elif isinstance(m, QuantizedLayer) and name not in float_out:
-            setattr(owner, attr, _Int8Weights(m))
+        if isinstance(m, QuantizedLayer) and name not in float_out:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, _Int8Weights(m))
     return model, float_out
 
 
