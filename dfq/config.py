@@ -22,6 +22,9 @@ DISTILL_BATCHES_RECONSTRUCT_LOW_ACT = 6  # 6 x 32 when activations are below 8 b
 AUTO = "auto"
 # The paper's constants, one place each
 RANGE_STD = 6.0  # BN-derived ranges: mean +- 6 std
+# activation ranges: "mse", of least expected quantization error; "std": mean +- RANGE_STD std
+RANGE_RULES = ("mse", "std")
+RANGE_RULE = "std"
 ABSORB_STD = 3.0  # high-bias absorption: c = max(0, beta - 3 gamma)
 CLIP_WEIGHT = 15.0  # --clip_weight without a value: clamp to [-15, 15]
 
@@ -209,6 +212,12 @@ class PipelineConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     equalization: EqualizeConfig = field(default_factory=EqualizeConfig)
     range_std: float = RANGE_STD  # BN-based activation ranges: mean +- range_std * std
+    # how activation ranges are chosen: "mse", least expected quantization error for each
+    # quantizer's bit width (from the moments, or on the data's values); "std": mean +- range_std
+    # std from the moments (the paper's), min/max or a percentile on data
+    range_rule: str = RANGE_RULE
+    # correct the next layer's bias for the mean shift of clipping and rounding each activation
+    act_correction: bool = False
     absorb_std: float = ABSORB_STD  # high-bias absorption: c = max(0, beta - absorb_std * gamma)
     calib: int = 0  # >0: activation ranges from that many real images instead
     distill_range: bool = False  # activation ranges from the (distilled) data given to the pipeline
@@ -245,8 +254,19 @@ class PipelineConfig:
                 f"`correction`='{self.correction}' is unknown.", "use bn (data-free) or distill"
             )
         object.__setattr__(self, "correction", modes[self.correction])
+        if self.range_rule not in RANGE_RULES:
+            raise DfqError(
+                f"`range_rule`='{self.range_rule}' is unknown.", f"use one of {RANGE_RULES}"
+            )
+        if self.act_correction and self.correction == "data":
+            raise DfqError(
+                "`act_correction` is data-free; empirical bias correction (`correction`='data') "
+                "already measures the activations' mean shift.",
+                "drop `act_correction`, or use `correction`='bn'",
+            )
         if self.range_percentile == AUTO:
             distilled = self.distill_range and not (self.calib or self.true_data)
+            distilled = distilled and self.range_rule != "mse"  # mse ranges the data itself
             object.__setattr__(
                 self, "range_percentile", DISTILLED_PERCENTILE if distilled else None
             )

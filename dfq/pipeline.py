@@ -22,7 +22,13 @@ import torch
 from torch import fx, nn
 
 from dfq import runtimes
-from dfq.config import EqualizeConfig, PipelineConfig, QuantConfig, ReconstructConfig
+from dfq.config import (
+    RANGE_RULE,
+    EqualizeConfig,
+    PipelineConfig,
+    QuantConfig,
+    ReconstructConfig,
+)
 from dfq.graph.ops import layer_kind, weighted_module
 from dfq.graph.trace import check_finite, trace
 from dfq.quant.activations import (
@@ -41,7 +47,11 @@ from dfq.runtimes.base import Profile
 from dfq.statistics.bn import Stats
 from dfq.statistics.moments import Moments, input_moments, propagate
 from dfq.transforms.bias_absorb import absorb_high_bias
-from dfq.transforms.bias_correct import correct_bias, correct_bias_empirical_
+from dfq.transforms.bias_correct import (
+    correct_activation_bias_,
+    correct_bias,
+    correct_bias_empirical_,
+)
 from dfq.transforms.bn_fold import fold_batchnorm
 from dfq.transforms.clip import clip_weights
 from dfq.transforms.equalize import equalize
@@ -291,12 +301,13 @@ def quantize_activations(
     percentile: float | None = None,
     input_bits: dict[str, int] | None = None,
     layer_notes: Records | None = None,
+    rule: str = RANGE_RULE,
 ) -> Transformed:
     """A copy of `gm` with the profile's activation quantizers, ranged from the data-free
     `moments`, or from `data` when given (the network input's range then still comes from the
     normalisation constants, which give it exactly). `input_bits`: other widths for the
     quantizers some layers read (dfq.quant.mixed), whose `bits_input` go into `layer_notes`.
-    Info: per quantized node."""
+    `rule`: PipelineConfig.range_rule. Info: per quantized node."""
     gm = insert_quantizers(
         gm, profile.quantization_points(gm), qc, profile.reciprocal_scales, profile.reads_quantized
     )
@@ -304,11 +315,11 @@ def quantize_activations(
     if layer_notes is not None:
         merge_records(layer_notes, input_notes)
     if data is not None:
-        info = calibrate_(gm, data, percentile)
+        info = calibrate_(gm, data, percentile, rule)
         inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
         info.update(set_ranges_from_moments_(gm, moments, only=inputs))
     else:
-        info = set_ranges_from_moments_(gm, moments)
+        info = set_ranges_from_moments_(gm, moments, rule=rule)
     snap_clips_to_grid_(gm)
     for src, qnode in quantizer_nodes(gm).items():
         info.setdefault(src, LayerRecord()).bits = gm.get_submodule(qnode.target).grid.bits
@@ -323,6 +334,7 @@ class ActivationRanges(FloatStep):
     quant: QuantConfig
     on_data: bool = False
     percentile: float | None = None
+    rule: str = RANGE_RULE
     name: ClassVar[str] = "activation_ranges"
     report: ClassVar[str] = "activations"
 
@@ -341,7 +353,19 @@ class ActivationRanges(FloatStep):
             self.percentile,
             {k: a for k, (_, a) in state.mixed.items() if a is not None},
             state.layers,
+            self.rule,
         )
+
+
+@dataclass(repr=False)
+class CorrectActivationBias(FloatStep):
+    """Data-free correction of the mean shift each activation quantizer introduces (clipping
+    and the rounding of clipped masses), from the moments."""
+
+    name: ClassVar[str] = "activation_bias_correction"
+
+    def __call__(self, state: State) -> Transformed:
+        return on_copy(correct_activation_bias_, state.gm, state.stats, state.moments)
 
 
 def on_copy(
@@ -455,7 +479,9 @@ def build_steps(
     if config.correction == "bn":
         steps.append(CorrectBias())
     ranged_on_data = bool(config.calib or config.distill_range) and restore is None
-    steps.append(ActivationRanges(qc, ranged_on_data, config.range_percentile))
+    steps.append(ActivationRanges(qc, ranged_on_data, config.range_percentile, config.range_rule))
+    if config.act_correction:
+        steps.append(CorrectActivationBias())
     if config.correction == "data" and restore is None:
         steps.append(CorrectBiasOnData())
     if restore is not None:

@@ -68,6 +68,8 @@ class LayerRecord:
     # bias_correction
     bias_correction: str | None = None
     bias_correction_max: float | None = None
+    activation_bias_correction: str | None = None  # why it was skipped
+    activation_bias_correction_max: float | None = None
     # activation_ranges (bits_input on the layers; the others on the activations report)
     bits_input: int | None = None
     activation_range: list[float] | None = None

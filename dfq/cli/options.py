@@ -150,6 +150,8 @@ def pipeline_config(
         clip_weight=args.clip_weight,
         quant=quant,
         range_std=args.range_std,
+        range_rule=args.range_rule,
+        act_correction=args.act_correction,
         calib=args.calib,
         distill_range=args.distill_range,
         true_data=args.true_data,

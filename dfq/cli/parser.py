@@ -17,6 +17,8 @@ from dfq.config import (
     DISTILL_BATCHES_RECONSTRUCT,
     DISTILL_BATCHES_RECONSTRUCT_LOW_ACT,
     DISTILL_SIDE,
+    RANGE_RULE,
+    RANGE_RULES,
     RANGE_STD,
     ReconstructConfig,
 )
@@ -144,7 +146,23 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--symmetric_activation", action="store_true", help="symmetric activation grid (int8)"
     )
-    g.add_argument("--range_std", type=float, default=RANGE_STD, help="BN ranges: mean +- N std")
+    g.add_argument(
+        "--range_rule",
+        choices=RANGE_RULES,
+        default=RANGE_RULE,
+        help="activation ranges: mse = least expected quantization error for each quantizer's "
+        "bit width, std = BN mean +- --range_std std (the paper's; min/max or "
+        f"--range_percentile on data) (default {RANGE_RULE})",
+    )
+    g.add_argument(
+        "--range_std", type=float, default=RANGE_STD, help="std ranges: BN mean +- N std"
+    )
+    g.add_argument(
+        "--act_correction",
+        action="store_true",
+        help="also correct each layer's bias for the mean shift its input quantizer introduces "
+        "(clipping, rounding of clipped values), from the BN statistics",
+    )
     g.add_argument(
         "--strict",
         action="store_true",

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from dfq.config import QuantConfig
+from dfq.config import RANGE_RULE, QuantConfig
 from dfq.graph.modules import ChannelMin
 from dfq.graph.ops import (
     activation_of,
@@ -29,6 +29,7 @@ from dfq.graph.ops import (
     pointwise_of,
     weighted_module,
 )
+from dfq.quant.expected_error import ClippedChannels, Samples, best_range
 from dfq.quant.modules import FLOAT, OBSERVE, QUANTIZE, ActQuant, QuantizedLayer
 from dfq.quant.primitives import qparams
 from dfq.records import LayerRecord, Records
@@ -119,24 +120,42 @@ def quantizer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     }
 
 
-def set_ranges_from_moments_(
-    gm: fx.GraphModule, moments: dict[str, Moments], only: set[str] | None = None
-) -> Records:
-    """In place: per-tensor ranges [min lo, max hi] from data-free moments; unknown ones are
-    reported and their quantizers stay float.
+def quantized_moments(gm: fx.GraphModule, moments: dict[str, Moments]) -> dict[str, Moments]:
+    """The moments each quantizer's input follows, by quantized node name: those of the
+    per-channel clip right after the quantizer where there is one (values above its bounds are
+    clipped anyway)."""
+    out = {}
+    for src, qnode in quantizer_nodes(gm).items():
+        clip = _channel_min_after(gm, qnode)
+        m = moments[clip.name] if clip is not None and clip.name in moments else moments.get(src)
+        if m is not None:
+            out[src] = m
+    return out
 
+
+def set_ranges_from_moments_(
+    gm: fx.GraphModule,
+    moments: dict[str, Moments],
+    only: set[str] | None = None,
+    rule: str = RANGE_RULE,
+) -> Records:
+    """In place: per-tensor ranges from data-free moments; unknown ones are reported and their
+    quantizers stay float.
+
+    `rule`: "mse", the range of least expected error for the quantizer's grid
+    (dfq.quant.expected_error); "std", [min lo, max hi] of the moments' mean +- n std ranges.
+    The network inputs always get their exact range (the normalisation of [0, 1] pixels).
     `only` restricts this to some quantized nodes (by name), e.g. the network input, whose
     range the normalisation constants give exactly even when the other ranges come from data.
     """
+    inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    known = quantized_moments(gm, moments)
     info: Records = {}
     for src, qnode in quantizer_nodes(gm).items():
         if only is not None and src not in only:
             continue
         aq = gm.get_submodule(qnode.target)
-        m = moments.get(src)
-        clip = _channel_min_after(gm, qnode)
-        if clip is not None and clip.name in moments:
-            m = moments[clip.name]  # values above the per-channel bounds are clipped anyway
+        m = known.get(src)
         if m is None:
             info[src] = LayerRecord(
                 activation_range=None,
@@ -145,36 +164,48 @@ def set_ranges_from_moments_(
             )
             aq.mode = FLOAT  # never invent a range
             continue
-        lo, hi = float(m.lo.min()), float(m.hi.max())
+        if rule == "mse" and src not in inputs:
+            lo, hi = best_range(ClippedChannels.of(m), aq.grid)
+        else:
+            lo, hi = float(m.lo.min()), float(m.hi.max())
         aq.set_range(*qparams(torch.tensor(lo), torch.tensor(hi), aq.grid))
         info[src] = LayerRecord(activation_range=[round(lo, 4), round(hi, 4)])
     return info
 
 
-def _percentiles(x: torch.Tensor, pct: float, max_elements: int = 1 << 22) -> tuple[float, float]:
-    """(100 - pct, pct) percentiles of x, on an evenly strided subsample for big tensors."""
+def _subsample(x: torch.Tensor, max_elements: int = 1 << 22) -> torch.Tensor:
+    """x flattened, on an evenly strided subsample for big tensors."""
     flat = x.detach().flatten().float()
-    if flat.numel() > max_elements:
-        flat = flat[:: flat.numel() // max_elements + 1]
-    q = torch.quantile(flat, torch.tensor([1 - pct / 100, pct / 100]))
+    return flat[:: flat.numel() // max_elements + 1] if flat.numel() > max_elements else flat
+
+
+def _percentiles(x: torch.Tensor, pct: float) -> tuple[float, float]:
+    """(100 - pct, pct) percentiles of x (on a subsample of big tensors)."""
+    q = torch.quantile(_subsample(x), torch.tensor([1 - pct / 100, pct / 100]))
     return float(q[0]), float(q[1])
 
 
-def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> Records:
-    """In place: ranges of every quantizer's input on data, min/max or the mean per-batch
-    percentile."""
+def calibrate_(
+    gm: fx.GraphModule, batches, percentile: float | None = None, rule: str = RANGE_RULE
+) -> Records:
+    """In place: ranges of every quantizer's input on data: min/max, the mean per-batch
+    percentile, or (rule "mse", when no percentile is given) the range of least quantization
+    error on the observed values (dfq.quant.expected_error, on up to 2^18 values per batch)."""
     quantizers = {src: gm.get_submodule(q.target) for src, q in quantizer_nodes(gm).items()}
-    seen: dict[str, list[tuple[float, float]]] = {src: [] for src in quantizers}
+    seen: dict[str, list] = {src: [] for src in quantizers}
+    by_error = rule == "mse" and percentile is None
+
+    def observe(src: str, x: torch.Tensor) -> None:
+        seen[src].append(_subsample(x, 1 << 18) if by_error else _percentiles(x, percentile))
+
     hooks = []
     for src, aq in quantizers.items():
         aq.mode = OBSERVE
         aq.observed_min.fill_(float("inf"))
         aq.observed_max.fill_(float("-inf"))
-        if percentile is not None:
+        if percentile is not None or by_error:
             hooks.append(
-                aq.register_forward_pre_hook(
-                    lambda mod, inp, src=src: seen[src].append(_percentiles(inp[0], percentile))
-                )
+                aq.register_forward_pre_hook(lambda mod, inp, src=src: observe(src, inp[0]))
             )
     try:
         with torch.no_grad():
@@ -186,7 +217,9 @@ def calibrate_(gm: fx.GraphModule, batches, percentile: float | None = None) -> 
     info: Records = {}
     for src, aq in quantizers.items():
         aq.mode = QUANTIZE
-        if percentile is not None:
+        if by_error:
+            lo, hi = (torch.tensor(v) for v in best_range(Samples(torch.cat(seen[src])), aq.grid))
+        elif percentile is not None:
             lo = torch.tensor(sum(a for a, _ in seen[src]) / len(seen[src]))
             hi = torch.tensor(sum(b for _, b in seen[src]) / len(seen[src]))
         else:

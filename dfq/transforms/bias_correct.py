@@ -8,6 +8,11 @@ the bias without data. Works for any weight bit width.
 With data (distilled or real), `correct_bias_empirical_` measures the shift instead: the
 mean output difference between the float and the fully quantized layer, layer by layer in
 topological order, each correction applied before the next layer is measured.
+
+Activation quantizers shift means too: a range that clips the tail lowers E[x], and a mass
+held at a clip bound (ReLU6's 6) rounds to the nearest grid value. `correct_activation_bias_`
+subtracts Q(W) (E[Q(x)] - E[x]) from each layer's bias, the shift taken in closed form from
+the same clipped-normal moments (dfq.quant.expected_error).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from torch import fx
 
 from dfq.graph.channels import ensure_bias, input_contribution
 from dfq.graph.ops import weighted_module
-from dfq.quant.modules import QuantizedLayer
+from dfq.quant.activations import input_quantizer_node, quantized_moments
+from dfq.quant.expected_error import ClippedChannels
+from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.records import LayerRecord, Records, Transformed
 from dfq.statistics.bn import Stats
 from dfq.statistics.moments import Moments
@@ -45,6 +52,42 @@ def correct_bias(
             ensure_bias(m).sub_(shift.to(m.weight.dtype))
         info[node.target] = LayerRecord(bias_correction_max=float(shift.abs().max()))
     return Transformed(gm_q, stats, info)
+
+
+def _max_pool_between(gm: fx.GraphModule, quantizer: fx.Node, node: fx.Node) -> bool:
+    """Whether a max pool sits between a layer and its input quantizer (a mean shift does not
+    pass through a max linearly)."""
+    cur = node.args[0]
+    while cur is not quantizer:
+        target = type(gm.get_submodule(cur.target)) if cur.op == "call_module" else cur.target
+        if target in (torch.nn.MaxPool2d, torch.nn.functional.max_pool2d):
+            return True
+        cur = cur.args[0]
+    return False
+
+
+def correct_activation_bias_(gm: fx.GraphModule, moments: dict[str, Moments]) -> Records:
+    """In place: bias -= Q(W) (E[Q(x)] - E[x]) for every layer that reads a quantized input
+    whose moments are known (ranges must be set)."""
+    known = quantized_moments(gm, moments)
+    info: Records = {}
+    for node in gm.graph.nodes:
+        m = weighted_module(gm, node)
+        q = input_quantizer_node(gm, node) if isinstance(m, QuantizedLayer) else None
+        aq = gm.get_submodule(q.target) if q is not None else None
+        if not isinstance(aq, ActQuant) or not aq.quantizing:
+            continue
+        if q.args[0].name not in known or _max_pool_between(gm, q, node):
+            why = "input moments unknown" if q.args[0].name not in known else "max pool"
+            info[node.target] = LayerRecord(activation_bias_correction=f"skipped: {why}")
+            continue
+        dist = ClippedChannels.of(known[q.args[0].name])
+        shift = dist.shift(float(aq.scale), int(aq.zero_point), aq.grid)
+        delta = input_contribution(m, shift.to(m.weight.dtype))
+        with torch.no_grad():
+            ensure_bias(m).sub_(delta.to(m.weight.dtype))
+        info[node.target] = LayerRecord(activation_bias_correction_max=float(delta.abs().max()))
+    return info
 
 
 def _channel_mean(t: torch.Tensor) -> torch.Tensor:
