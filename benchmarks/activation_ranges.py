@@ -52,7 +52,7 @@ RULES = {
 COLUMNS = ["top1", "delta_top1", "agreement", "logits_sqnr_db"]
 
 
-def bench(name: str, limit: int | None, bases: list[str]) -> list[dict]:
+def bench(name: str, limit: int | None, bases: list[str], rules: list[str]) -> list[dict]:
     weights, data, pre = MODELS[name]
     model = load_weights(build(name), weights).eval()
     batches = materialize(load_images(DATA / data, pre), limit, 100, progress=True)
@@ -60,7 +60,8 @@ def bench(name: str, limit: int | None, bases: list[str]) -> list[dict]:
     ref = evaluate(model, batches, progress=True, desc="fp32")
     rows = []
     for base in bases:
-        for rule, fields in RULES.items():
+        for rule in rules:
+            fields = RULES[rule]
             cfg = dataclasses.replace(BASES[base], **fields)
             r = run_one(TASK, model, cfg, images, ref, progress=False, label=f"{base}, {rule}")
             rows.append({"model": name, "base": base, "rule": rule, **{k: r[k] for k in COLUMNS}})
@@ -78,10 +79,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--bases", default=",".join(BASES))
+    p.add_argument("--rules", default=",".join(RULES))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "activation_ranges.json")
     args = p.parse_args()
-    rows = [r for m in args.models.split(",") for r in bench(m, args.limit, args.bases.split(","))]
+    rows = [
+        r
+        for m in args.models.split(",")
+        for r in bench(m, args.limit, args.bases.split(","), args.rules.split(","))
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     print(f"\nwrote {args.out}")

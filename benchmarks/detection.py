@@ -53,6 +53,14 @@ ROWS = {  # name: (the CLI switches, the config)
         "--equalize --correction (ReLU6 kept)",
         dataclasses.replace(BASE, equalize=True, correction=True),
     ),
+    "dfq_mse": (
+        "--relu --equalize --correction --range_rule mse",
+        dataclasses.replace(BASE, relu=True, equalize=True, correction=True, range_rule="mse"),
+    ),
+    "kept_mse": (
+        "--equalize --correction --range_rule mse (ReLU6 kept)",
+        dataclasses.replace(BASE, equalize=True, correction=True, range_rule="mse"),
+    ),
     "kept_res": (
         "--equalize --equalize_residuals --equalize_activations --correction",
         dataclasses.replace(BASE, equalize=True, correction=True, equalization=RESIDUALS),

@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from dfq import runtimes
 from dfq.config import (
+    MSE_ADD_CORRELATION,
     RANGE_RULE,
     EqualizeConfig,
     PipelineConfig,
@@ -259,12 +260,14 @@ class PropagateMoments(FloatStep):
     input_mean: Sequence[float]
     input_std: Sequence[float]
     range_std: float
+    add_correlation: float = 0.0
     name: ClassVar[str] = "moments"
 
     def __call__(self, state: State) -> Transformed:
         state.float_gm, state.float_stats = state.gm, state.stats
+        inputs = input_moments(self.input_mean, self.input_std)
         state.moments = propagate(
-            state.gm, state.stats, input_moments(self.input_mean, self.input_std), self.range_std
+            state.gm, state.stats, inputs, self.range_std, self.add_correlation
         )
         return Transformed(state.gm, state.stats, {})
 
@@ -473,7 +476,12 @@ def build_steps(
     if not config.quantize:
         return steps
     steps += [
-        PropagateMoments(config.input_mean, config.input_std, config.range_std),
+        PropagateMoments(
+            config.input_mean,
+            config.input_std,
+            config.range_std,
+            MSE_ADD_CORRELATION if config.range_rule == "mse" else 0.0,
+        ),
         QuantizeWeights(qc),
     ]
     if config.correction == "bn":

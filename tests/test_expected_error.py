@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dfq import PipelineConfig, QuantConfig, quantize_model
+from dfq import PipelineConfig, QuantConfig, fold_batchnorm, propagate, quantize_model, trace
 from dfq.config import Grid
 from dfq.errors import DfqError
 from dfq.quant.activations import quantizer_nodes
@@ -136,8 +136,10 @@ def test_mse_rule_narrows_the_ranges_and_act_correction_moves_biases(small_net):
         lo6, hi6 = std.activations[name].activation_range
         if name == x:  # the network input keeps its exact range
             assert (lo, hi) == (lo6, hi6)
-        else:
+        elif name.startswith(("stem", "dw")):  # before the residual add: narrower
             assert lo6 <= lo <= hi <= hi6 and (lo, hi) != (lo6, hi6)
+        else:  # the add's operands are correlated under mse: its spread is larger
+            assert (lo, hi) != (lo6, hi6)
     # at 4 bits the shifts are well above a bias step (8-bit ones mostly round away)
     a4 = PipelineConfig(range_rule="mse", quant=QuantConfig(bits_activation=4))
     plain = quantize_model(small_net, a4)
@@ -167,3 +169,18 @@ def test_bad_range_options_are_refused():
         PipelineConfig(range_rule="percentile")
     with pytest.raises(DfqError, match="act_correction"):
         PipelineConfig(act_correction=True, correction="data")
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 1.0])
+def test_add_correlation_sets_the_residual_sum_variance(small_net, rho):
+    from dfq.statistics.moments import input_moments
+
+    folded = fold_batchnorm(trace(small_net))
+    gm = folded.gm
+    inputs = input_moments((0.5,) * 3, (0.25,) * 3)
+    out = propagate(gm, folded.stats, inputs, add_correlation=rho)
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and "add" in n.name)
+    a, b = (out[x.name] for x in add.args)
+    expected = a.var + b.var + 2 * rho * (a.var * b.var).sqrt()
+    assert torch.allclose(out[add.name].var, expected)
+    assert torch.allclose(out[add.name].mean, a.mean + b.mean)

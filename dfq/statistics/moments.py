@@ -131,9 +131,17 @@ def _linear(gm: fx.GraphModule, node: fx.Node, x: Moments, n_std: float) -> Mome
 
 
 def propagate(
-    gm: fx.GraphModule, stats: Stats, inputs: Moments, n_std: float = RANGE_STD
+    gm: fx.GraphModule,
+    stats: Stats,
+    inputs: Moments,
+    n_std: float = RANGE_STD,
+    add_correlation: float = 0.0,
 ) -> dict[str, Moments]:
-    """Moments of every node's output that can be derived without data (by node name)."""
+    """Moments of every node's output that can be derived without data (by node name).
+
+    `add_correlation`: the correlation rho taken between the two operands of an add, per
+    channel: Var = va + vb + 2 rho sa sb (0: independent branches, the paper's; a residual
+    branch is computed from the stream it is added to, so it is not independent of it)."""
     out: dict[str, Moments] = {}
     pieces: dict[str, list[Moments]] = {}  # the parts of a channel split, by the split's name
     groups: dict[str, tuple[Moments, int]] = {}  # x.view(B, g, C/g, H, W): moments and g
@@ -204,7 +212,8 @@ def propagate(
         elif is_add(node) and len(args) == 2 and all(a.name in out for a in args):
             a, b = (out[x.name] for x in args)
             if a.mean.shape == b.mean.shape:
-                s = normal(a.mean + b.mean, a.var + b.var, n_std)
+                cov = add_correlation * (a.var.clamp_min(0) * b.var.clamp_min(0)).sqrt()
+                s = normal(a.mean + b.mean, a.var + b.var + 2 * cov, n_std)
                 # interval sum bounds the normal approximation where the branches are clipped
                 out[node.name] = Moments(
                     s.mean,
