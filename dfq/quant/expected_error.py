@@ -167,13 +167,17 @@ def step(lows: torch.Tensor, highs: torch.Tensor, grid: Grid) -> torch.Tensor:
     return (highs - lows) / (grid.qmax - grid.qmin)
 
 
+def _error(lo_terms, hi_terms, s: torch.Tensor) -> torch.Tensor:
+    """Clipping on both sides plus step^2 / 12 on what lies inside (terms broadcast)."""
+    (clip_lo, below), (clip_hi, inside) = lo_terms, hi_terms
+    return clip_lo + clip_hi + s**2 / 12 * (inside - below).clamp_min(0)
+
+
 def expected_error(dist, lo: float, hi: float, grid: Grid) -> float:
     """E[(Q(X) - X)^2] of the range [lo, hi] on `grid`, under the uniform-rounding model."""
     lows = torch.tensor([lo], dtype=torch.float64)
     highs = torch.tensor([hi], dtype=torch.float64)
-    (clip_lo, below), (clip_hi, inside) = dist.side_terms(lows, highs)
-    s = step(lows, highs, grid)
-    return float(clip_lo + clip_hi + s**2 / 12 * (inside - below).clamp_min(0))
+    return float(_error(*dist.side_terms(lows, highs), step(lows, highs, grid)))
 
 
 def best_range(dist, grid: Grid, candidates: int = CANDIDATES) -> tuple[float, float]:
@@ -186,14 +190,13 @@ def best_range(dist, grid: Grid, candidates: int = CANDIDATES) -> tuple[float, f
     t = torch.linspace(1 / candidates, 1, candidates, dtype=torch.float64)
     if grid.symmetric:
         highs = max(-lo_end, hi_end) * t
-        (clip_lo, below), (clip_hi, inside) = dist.side_terms(-highs, highs)
-        err = clip_lo + clip_hi + step(-highs, highs, grid) ** 2 / 12 * (inside - below)
+        err = _error(*dist.side_terms(-highs, highs), step(-highs, highs, grid))
         h = float(highs[int(torch.argmin(err))])
         return -h, h
     lows = lo_end * t if lo_end < 0 else torch.zeros(1, dtype=torch.float64)
     highs = hi_end * t if hi_end > 0 else torch.zeros(1, dtype=torch.float64)
     (clip_lo, below), (clip_hi, inside) = dist.side_terms(lows, highs)
-    s = step(lows[:, None], highs[None, :], grid)
-    err = clip_lo[:, None] + clip_hi[None, :] + s**2 / 12 * (inside[None, :] - below[:, None])
+    lo_terms = (clip_lo[:, None], below[:, None])  # rows: candidate lows; columns: highs
+    err = _error(lo_terms, (clip_hi, inside), step(lows[:, None], highs[None, :], grid))
     k = int(torch.argmin(err))
     return float(lows[k // len(highs)]), float(highs[k % len(highs)])
