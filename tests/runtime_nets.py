@@ -99,3 +99,44 @@ def sim_and_runtime(net: nn.Module, target: str, tmp_path):
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return result, files, result.model(x), runtime.runner(files, threads=1)(x)
+
+
+class HiddenLinear(nn.Module):
+    """A linear layer whose output is quantized (MobileNetV3's classifier: Linear, Hardswish,
+    Linear), read through a flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc1, self.act, self.fc2 = (
+            _cbr(3, 16),
+            nn.Linear(16, 32),
+            nn.Hardswish(),
+            nn.Linear(32, 5),
+        )
+
+    def forward(self, x):
+        pooled = nn.functional.adaptive_avg_pool2d(self.a(x), 1)
+        return self.fc2(self.act(self.fc1(torch.flatten(pooled, 1))))
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3's gate on a Hardswish output (a zero point inside the grid): pool, 1x1 convs,
+    Hardsigmoid, product; with `silu`, EfficientNet's (SiLU, sigmoid)."""
+
+    def __init__(self, c: int = 64, silu: bool = False):
+        from torchvision.ops import SqueezeExcitation
+
+        super().__init__()
+        act, gate = (nn.SiLU, nn.Sigmoid) if silu else (nn.Hardswish, nn.Hardsigmoid)
+        self.a = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.BatchNorm2d(c), act())
+        inner = nn.SiLU if silu else nn.ReLU
+        self.se = SqueezeExcitation(c, c // 4, activation=inner, scale_activation=gate)
+        self.c = nn.Conv2d(c, 8, 1)
+
+    def forward(self, x):
+        return self.c(self.se(self.a(x)))
+
+
+class SiluSqueezeExcite(SqueezeExcite):
+    def __init__(self):
+        super().__init__(silu=True)

@@ -259,3 +259,23 @@ def test_ort_profile_simulates_qlinearconv_exactly(tmp_path, relu6_kept):
     got = run(x)
     assert (got - sim).abs().max() <= 1e-3
     assert torch.equal(got.argmax(1), sim.argmax(1))
+
+
+@pytest.mark.parametrize("net", ["HiddenLinear", "SqueezeExcite", "SiluSqueezeExcite"])
+def test_ort_equals_the_simulation_on_gates_and_hidden_linears(net, tmp_path):
+    """Squeeze-excitation gates (Hardswish / Hardsigmoid as MobileNetV3, SiLU / sigmoid as
+    EfficientNet) and a linear layer with a quantized output: onnxruntime runs the products as
+    QLinearMul and the sigmoids as QLinearSigmoid, and equals the simulation on every value."""
+    import runtime_nets
+
+    from dfq.runtimes import profile
+
+    _, files, sim, _ = runtime_nets.sim_and_runtime(getattr(runtime_nets, net)(), "ort", tmp_path)
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ort = profile("ort")
+    with torch.no_grad():
+        got = ort.runner(files, threads=1, workdir=tmp_path)(x)
+    torch.testing.assert_close(got, sim, rtol=0, atol=1e-5)
+    ops = ort.run_details(files, tmp_path)["integer_ops"]
+    expected = {"HiddenLinear": "QGemm", "SqueezeExcite": "QLinearMul"}.get(net, "QLinearSigmoid")
+    assert ops.get(expected, 0) >= 1, ops

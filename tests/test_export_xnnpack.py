@@ -10,11 +10,15 @@ from runtime_nets import (
     ChainOfResiduals,
     Convs,
     Depthwise,
+    HiddenLinear,
     PoolLinear,
+    SqueezeExcite,
     TwoBranches,
     sim_and_runtime,
 )
 from torch import nn
+
+from dfq.graph.modules import GlobalAvgPool
 
 pytest.importorskip("executorch")
 
@@ -34,3 +38,26 @@ def test_xnnpack_equals_the_simulation_on_every_op_kind(net, tmp_path):
     assert files["float_layers"] == [last]  # no output quantizer: XNNPACK's fp32 layer
     assert files["int8_weights"] == layers - 1
     torch.testing.assert_close(got, sim, rtol=0, atol=1e-5)
+
+
+def test_a_linear_layer_read_through_a_flatten_runs_as_qs8(tmp_path):
+    """MobileNetV3's classifier: XNNPACK took DQ -> flatten -> linear for a float input on int8
+    weights and saturated every output; the export quantizes again after the flatten."""
+    result, files, sim, got = sim_and_runtime(HiddenLinear(), "xnnpack", tmp_path)
+    assert files["float_layers"] == ["fc2"] and files["int8_weights"] == 2
+    torch.testing.assert_close(got, sim, rtol=0, atol=1e-5)
+
+
+def test_global_means_round_with_the_output_zero_point_as_xnnpack(tmp_path):
+    """A squeeze-excitation gate on a Hardswish output: XNNPACK's qs8 mean rounds its ties with
+    the output zero point added, so the simulation does; onnxruntime's rounding (before the zero
+    point) differs from the runtime on this net."""
+    result, files, sim, got = sim_and_runtime(SqueezeExcite(), "xnnpack", tmp_path)
+    torch.testing.assert_close(got, sim, rtol=0, atol=1e-5)
+    pools = [m for m in result.model.modules() if isinstance(m, GlobalAvgPool)]
+    assert pools and all(m.rounds_with_zero_point for m in pools)
+    for m in pools:
+        m.rounds_with_zero_point = False
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (result.model(x) - got).abs().max() > 1e-3

@@ -34,6 +34,9 @@ class GlobalAvgPool(nn.Module):
     way in a few outputs per thousand (tests/test_low_bit_export.py)."""
 
     requant = None  # a dfq.quant.modules.Requant: set by the onnxruntime profile
+    # XNNPACK's qs8 mean rounds the value with the output zero point added, not before: its
+    # ties go to the even integer of the grid, onnxruntime's to the even offset from zp
+    rounds_with_zero_point = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.requant
@@ -43,5 +46,9 @@ class GlobalAvgPool(nn.Module):
         size = torch.tensor(float(x.shape[2] * x.shape[3]), dtype=torch.float32)
         m = r.in_scale.float() / (r.out_scale.float() * size)  # float32, as the runtime
         zp = float(r.out_zero_point)
-        y = (acc.float() * m.to(acc.device)).clamp(r.qmin - zp, r.qmax - zp)
-        return (torch.round(y) * r.out_scale.float().to(acc.device)).to(x.dtype)
+        y = acc.float() * m.to(acc.device)
+        if self.rounds_with_zero_point:
+            q = torch.round((y + zp).clamp(r.qmin, r.qmax)) - zp
+        else:
+            q = torch.round(y.clamp(r.qmin - zp, r.qmax - zp))
+        return (q * r.out_scale.float().to(acc.device)).to(x.dtype)

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dfq.graph.modules import ChannelMin
 from dfq.graph.ops import weighted_module
-from dfq.quant.modules import QuantizedLayer
+from dfq.quant.activations import input_quantizer_node
+from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.runtimes.ort.export import QDQ, check_exportable, with_qdq_ops
 from dfq.runtimes.ort.profile import output_quantizer
 from dfq.runtimes.xnnpack.runner import EXTRA
@@ -28,11 +30,12 @@ class _QDQ8(QDQ):
 
 
 class _Int8Weights(nn.Module):
-    """A quantized conv/linear with its int8 weights dequantized in the graph."""
+    """A quantized conv/linear with its int8 weights dequantized in the graph; `requantize`: its
+    input's Q/DQ pair again, where a flatten or view sits between that pair and the layer."""
 
-    def __init__(self, m: QuantizedLayer):
+    def __init__(self, m: QuantizedLayer, requantize: nn.Module | None = None):
         super().__init__()
-        self.layer = m
+        self.layer, self.requantize = m, requantize
         self.register_buffer("wq", m.int_weight().to(torch.int8))
         scale = m.weight_scale.float().reshape(-1).expand(m.weight.shape[0]).contiguous()
         self.register_buffer("ws", scale)
@@ -41,6 +44,8 @@ class _Int8Weights(nn.Module):
 
     def forward(self, x):
         m = self.layer
+        if self.requantize is not None:
+            x = self.requantize(x)
         w = torch.ops.quantized_decomposed.dequantize_per_channel(
             self.wq, self.ws, self.wz, 0, self.lo, self.hi, torch.int8
         )
@@ -65,8 +70,28 @@ def _with_int8_ops(gm: fx.GraphModule) -> tuple[nn.Module, set[str]]:
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantizedLayer) and name not in float_out:
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, _Int8Weights(m))
+            again = _requantized_input(gm, name)
+            setattr(
+                model.get_submodule(parent) if parent else model,
+                attr,
+                _Int8Weights(m, _QDQ8(again) if again is not None else None),
+            )
     return model, float_out
+
+
+def _requantized_input(gm: fx.GraphModule, layer: str) -> ActQuant | None:
+    """The quantizer of `layer`'s input where ops that keep its grid (a flatten before a linear
+    layer) sit in between: XNNPACK lowers a layer as qs8 only when a DQ feeds it directly, and
+    took DQ -> flatten -> linear for a float input on int8 weights (wrong values), so the export
+    quantizes again there (the same integers)."""
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer)
+    q, src = input_quantizer_node(gm, node), node.args[0]
+    if q is None or src is q:
+        return None
+    if src.op == "call_module" and isinstance(gm.get_submodule(src.target), ChannelMin):
+        return None  # with_qdq_ops already quantizes after a re-applied ReLU6 clip
+    aq = gm.get_submodule(q.target)
+    return aq if aq.quantizing else None
 
 
 def _one_dequantize_per_user(gm: fx.GraphModule) -> None:
