@@ -88,15 +88,16 @@ class TwoBranches(nn.Module):
         return self.c(torch.relu(self.b(y) + self.d(y)))
 
 
-def sim_and_runtime(net: nn.Module, target: str, tmp_path):
+def sim_and_runtime(net: nn.Module, target: str, tmp_path, hw: int = 16):
     """`net` (BN randomized) quantized for `target`, exported to tmp_path/m.*, and the
-    simulation's and the runtime's outputs on the same 64 images."""
+    simulation's and the runtime's outputs on the same 64 images of hw x hw."""
     torch.manual_seed(1)
     model = randomize_bn(net).eval()
-    result = quantize_model(model, PipelineConfig(quant=QuantConfig(target=target)))
+    config = PipelineConfig(quant=QuantConfig(target=target), input_size=(3, hw, hw))
+    result = quantize_model(model, config)
     runtime = profile(target)
-    files = runtime.export(result.model, tmp_path / "m", (1, 3, 16, 16))
-    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    files = runtime.export(result.model, tmp_path / "m", (1, 3, hw, hw))
+    x = torch.randn(64, 3, hw, hw, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return result, files, result.model(x), runtime.runner(files, threads=1)(x)
 

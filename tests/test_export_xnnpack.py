@@ -12,6 +12,7 @@ from runtime_nets import (
     Depthwise,
     HiddenLinear,
     PoolLinear,
+    SiluSqueezeExcite,
     SqueezeExcite,
     TwoBranches,
     sim_and_runtime,
@@ -48,16 +49,18 @@ def test_a_linear_layer_read_through_a_flatten_runs_as_qs8(tmp_path):
     torch.testing.assert_close(got, sim, rtol=0, atol=1e-5)
 
 
-def test_global_means_round_with_the_output_zero_point_as_xnnpack(tmp_path):
-    """A squeeze-excitation gate on a Hardswish output: XNNPACK's qs8 mean rounds its ties with
-    the output zero point added, so the simulation does; onnxruntime's rounding (before the zero
-    point) differs from the runtime on this net."""
-    result, files, sim, got = sim_and_runtime(SqueezeExcite(), "xnnpack", tmp_path)
+@pytest.mark.parametrize("net, hw", [(SqueezeExcite, 16), (SiluSqueezeExcite, 6)])
+def test_global_means_round_as_xnnpack_qs8_mean(net, hw, tmp_path):
+    """Squeeze-excitation gates (MobileNetV3's on a Hardswish output, EfficientNet's SiLU one
+    at 6 x 6): XNNPACK's qs8 mean rounds its ties with the output zero point added and with a
+    multiplier rounded once to float32, and so does the simulation; onnxruntime's rounding
+    differs from the runtime on these nets."""
+    result, files, sim, got = sim_and_runtime(net(), "xnnpack", tmp_path, hw)
     torch.testing.assert_close(got, sim, rtol=0, atol=1e-5)
     pools = [m for m in result.model.modules() if isinstance(m, GlobalAvgPool)]
-    assert pools and all(m.rounds_with_zero_point for m in pools)
+    assert pools and all(m.xnnpack_mean for m in pools)
     for m in pools:
-        m.rounds_with_zero_point = False
-    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        m.xnnpack_mean = False
+    x = torch.randn(64, 3, hw, hw, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (result.model(x) - got).abs().max() > 1e-3

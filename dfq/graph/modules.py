@@ -34,21 +34,26 @@ class GlobalAvgPool(nn.Module):
     way in a few outputs per thousand (tests/test_low_bit_export.py)."""
 
     requant = None  # a dfq.quant.modules.Requant: set by the onnxruntime profile
-    # XNNPACK's qs8 mean rounds the value with the output zero point added, not before: its
-    # ties go to the even integer of the grid, onnxruntime's to the even offset from zp
-    rounds_with_zero_point = False
+    # XNNPACK's qs8 mean (measured): its multiplier is s_in / (s_out * N) rounded once to
+    # float32 (onnxruntime's rounds at each float32 step, 1/36 -> 0.02777777612 not ...778),
+    # and it rounds the value with the output zero point added, so its ties go to the even
+    # integer of the grid, onnxruntime's to the even offset from the zero point
+    xnnpack_mean = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.requant
         if r is None:
             return x.mean((2, 3), keepdim=True)
         acc = torch.round(x.double() / r.in_scale.double()).sum((2, 3), keepdim=True)  # exact
-        size = torch.tensor(float(x.shape[2] * x.shape[3]), dtype=torch.float32)
-        m = r.in_scale.float() / (r.out_scale.float() * size)  # float32, as the runtime
+        n = float(x.shape[2] * x.shape[3])
         zp = float(r.out_zero_point)
-        y = acc.float() * m.to(acc.device)
-        if self.rounds_with_zero_point:
+        if self.xnnpack_mean:
+            m = (r.in_scale.float().double() / (r.out_scale.float().double() * n)).float()
+            y = acc.float() * m.to(acc.device)
             q = torch.round((y + zp).clamp(r.qmin, r.qmax)) - zp
         else:
+            size = torch.tensor(n, dtype=torch.float32)
+            m = r.in_scale.float() / (r.out_scale.float() * size)  # float32, as the runtime
+            y = acc.float() * m.to(acc.device)
             q = torch.round(y.clamp(r.qmin - zp, r.qmax - zp))
         return (q * r.out_scale.float().to(acc.device)).to(x.dtype)

@@ -7,8 +7,9 @@ onnxruntime's grids and the exporter writes int8. XNNPACK's qs8 convolution requ
 exact int32 accumulator (bias included) with a float32 multiplier, round half to even, as
 onnxruntime's QLinearConv does: measured equal on every value (a float convolution followed by
 a quantizer differed at 7 of 8192), so each such convolution computes that (`requant`). Its
-qs8 global mean rounds like onnxruntime's but with the output zero point added first, which
-moves ties (MobileNetV3's squeeze-excitation pools: 18 of 960 values at 4 x 4).
+qs8 global mean rounds with the output zero point added first, which moves ties (MobileNetV3's
+squeeze-excitation pools: 18 of 960 values at 4 x 4), and its multiplier is rounded to float32
+once (EfficientNet-B0's 6 x 6 pools: 2 of 1344).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class XnnpackProfile(OrtProfile):
         done = super().make_exact_(gm)
         for name, m in gm.named_modules():
             if isinstance(m, GlobalAvgPool) and m.requant is not None:
-                m.rounds_with_zero_point = True
+                m.xnnpack_mean = True
                 done[name] = "integer-exact (as XNNPACK's qs8 mean)"
         return done
 
