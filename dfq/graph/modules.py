@@ -49,11 +49,11 @@ class GlobalAvgPool(nn.Module):
         zp = float(r.out_zero_point)
         if self.xnnpack_mean:
             m = (r.in_scale.float().double() / (r.out_scale.float().double() * n)).float()
-            y = acc.float() * m.to(acc.device)
+        else:  # float32 at each step, as onnxruntime
+            m = r.in_scale.float() / (r.out_scale.float() * torch.tensor(n, dtype=torch.float32))
+        y = acc.float() * m.to(acc.device)
+        if self.xnnpack_mean:
             q = torch.round((y + zp).clamp(r.qmin, r.qmax)) - zp
         else:
-            size = torch.tensor(n, dtype=torch.float32)
-            m = r.in_scale.float() / (r.out_scale.float() * size)  # float32, as the runtime
-            y = acc.float() * m.to(acc.device)
             q = torch.round(y.clamp(r.qmin - zp, r.qmax - zp))
         return (q * r.out_scale.float().to(acc.device)).to(x.dtype)
