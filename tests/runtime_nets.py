@@ -88,6 +88,22 @@ class TwoBranches(nn.Module):
         return self.c(torch.relu(self.b(y) + self.d(y)))
 
 
+class TwoHeads(nn.Module):
+    """An SSD's shape: one trunk, two heads whose maps are permuted and flattened into per-anchor
+    scores (N, P, 3) and boxes (N, P, 4), returned as a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cbr(3, 16), _cbr(16, 16, stride=2)
+        self.scores, self.boxes = nn.Conv2d(16, 2 * 3, 3, 1, 1), nn.Conv2d(16, 2 * 4, 3, 1, 1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        n = x.shape[0]
+        scores = self.scores(y).permute(0, 2, 3, 1).reshape(n, -1, 3)
+        return scores, self.boxes(y).permute(0, 2, 3, 1).reshape(n, -1, 4)
+
+
 def sim_and_runtime(net: nn.Module, target: str, tmp_path, hw: int = 16):
     """`net` (BN randomized) quantized for `target`, exported to tmp_path/m.*, and the
     simulation's and the runtime's outputs on the same 64 images of hw x hw."""

@@ -13,6 +13,7 @@ from dfq.config import Grid
 from dfq.quant.modules import ActQuant
 from dfq.runtimes import resolve
 from tests.conftest import CatNet, load_cifar_resnet, randomize_bn, shared
+from tests.runtime_nets import TwoHeads, sim_and_runtime
 
 pytest.importorskip("ncnn")
 pytest.importorskip("pnnx")
@@ -41,7 +42,7 @@ def test_ncnn_profile_is_symmetric_round_half_away():
 def test_small_net_int8_matches_the_simulation(ncnn_small):
     r, info = ncnn_small
     run = NcnnRunner(
-        info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name
+        info.param, info.bin, threads=1, input_name=info.input_name, output_names=info.output_names
     )
     assert run.int8
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -133,7 +134,7 @@ def test_relu6_kept_with_per_channel_bounds_matches_ncnn(small_net, tmp_path):
     info = export_ncnn(r.model, tmp_path / "kept", (1, 3, 16, 16))
     assert "MemoryData" in info.param.read_text()
     run = NcnnRunner(
-        info.param, info.bin, threads=1, input_name=info.input_name, output_name=info.output_name
+        info.param, info.bin, threads=1, input_name=info.input_name, output_names=info.output_names
     )
     assert run.int8
     x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -226,5 +227,15 @@ def test_regions_with_kept_relu6_export_exactly(tmp_path):
     with torch.no_grad():
         sim = r.model(x)
     assert torch.equal(
-        NcnnRunner(info.param, info.bin, 1, info.input_name, info.output_name)(x), sim
+        NcnnRunner(info.param, info.bin, 1, info.input_name, info.output_names)(x), sim
     )
+
+
+def test_a_two_output_model_exports_and_runs_both_outputs(tmp_path):
+    """An SSD's scores and boxes: both outputs come back, in the model's order, as the
+    simulation computes them."""
+    result, files, sim, got = sim_and_runtime(TwoHeads(), "ncnn", tmp_path)
+    assert files["outputs"] == ["out0", "out1"]
+    assert isinstance(got, tuple) and len(got) == 2
+    for s, g in zip(sim, got):
+        assert g.shape == s.shape and torch.equal(g, s)

@@ -229,7 +229,9 @@ def test_bad_input_exits_2_with_one_line(voc, checkpoints, capsys, argv, needle)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,backend", [("seg", "ort"), ("seg", "ncnn"), ("det", "ort")])
+@pytest.mark.parametrize(
+    "task,backend", [("seg", "ort"), ("seg", "ncnn"), ("det", "ort"), ("det", "ncnn")]
+)
 def test_seg_det_int8_runtimes_equal_their_simulation(
     voc, checkpoints, tmp_path, capsys, task, backend
 ):

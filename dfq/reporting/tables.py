@@ -12,7 +12,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     def fmt(v: Any) -> str:
         if v is None:
             return "-"
-        if isinstance(v, float):
+        if isinstance(v, float):  # accuracies keep their hundredths (59.009 is "59.01", not "59")
+            if 1 <= abs(v) < 1e4:
+                return f"{v:.2f}"
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
         return str(v)
 

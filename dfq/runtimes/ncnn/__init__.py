@@ -28,7 +28,7 @@ class Ncnn(NcnnProfile):
                 for k in ("param", "bin", "fp32_param", "fp32_bin", "table")
             },
             "input": info.input_name,
-            "output": info.output_name,
+            "outputs": info.output_names,
             "int8_layers": len(info.int8_layers),
             "float_layers": info.float_layers,
         }
@@ -43,7 +43,7 @@ class Ncnn(NcnnProfile):
             files.get("bin"),
             threads or 1,
             files.get("input", "in0"),
-            files.get("output", "out0"),
+            files.get("outputs", ["out0"]),
         )
 
 

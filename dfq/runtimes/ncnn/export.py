@@ -28,6 +28,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -121,7 +122,7 @@ class NcnnExport:
     fp32_bin: Path
     table: Path
     input_name: str
-    output_name: str
+    output_names: list[str]  # the model's outputs in order (pnnx's out0, out1, ...)
     int8_layers: dict[str, str] = field(default_factory=dict)  # ncnn layer -> dfq module
     float_layers: list[str] = field(default_factory=list)
 
@@ -322,6 +323,22 @@ def _input_quantizer(gm: fx.GraphModule, module_name: str) -> ActQuant | None:
     return None
 
 
+def _output_blobs(gm: fx.GraphModule, layers: list[NcnnLayer]) -> list[str]:
+    """The ncnn blobs of the model's outputs, in the order of its return value: the blobs no
+    layer reads, which pnnx names out0, out1, ... in that order (an SSD's scores and boxes)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    read = {b for layer in layers for b in layer.bottoms}
+    ends = [t for layer in layers for t in layer.tops if t not in read]
+    named = sorted((t for t in ends if re.fullmatch(r"out\d+", t)), key=lambda t: int(t[3:]))
+    if len(named) != n_out:
+        raise DfqError(
+            f"the model returns {n_out} output(s) but pnnx's ncnn graph ends in {ends}.",
+            "export with `format`=onnx, or report the model to dfq",
+        )
+    return named
+
+
 def _pad4(b: bytes) -> bytes:
     return b + b"\0" * (-len(b) % 4)
 
@@ -337,12 +354,6 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
             raise DfqError(
                 "the model was not quantized with the ncnn profile.", "quantize with `target`=ncnn"
             )
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    if isinstance(out, (tuple, list)):
-        raise DfqError(
-            f"the model has {len(out)} outputs; dfq's ncnn export and runner handle one.",
-            "use `backend`=ort / `format`=onnx for this model",
-        )
     stem = Path(stem)
     fp32_param, fp32_bin = pnnx_convert(float_copy(gm), stem, tuple(input_shape))
     header, layers = read_param(fp32_param)
@@ -355,7 +366,7 @@ def export_ncnn(gm: fx.GraphModule, stem: str | Path, input_shape: tuple[int, ..
         fp32_bin,
         stem.with_suffix(".table"),
         layers[0].tops[0] if layers and layers[0].type == "Input" else "in0",
-        layers[-1].tops[0],
+        _output_blobs(gm, layers),
     )
     blob, weight_lines, input_lines = bytearray(), [], []
     for layer in layers:

@@ -37,7 +37,7 @@ class NcnnRunner(torch.nn.Module):
         binf: str | Path | None = None,
         threads: int = 1,
         input_name: str = "in0",
-        output_name: str = "out0",
+        output_names: str | list[str] = "out0",
     ):
         super().__init__()
         ncnn = require("ncnn", "--backend ncnn", EXTRA)
@@ -52,25 +52,24 @@ class NcnnRunner(torch.nn.Module):
         opt.num_threads = threads
         if net.load_param(str(param)) != 0 or net.load_model(str(binf)) != 0:
             raise DfqError(f"ncnn could not load {param} / {binf}.")
-        self.net, self.input_name, self.output_name, self.threads = (
-            net,
-            input_name,
-            output_name,
-            threads,
-        )
+        self.net, self.input_name, self.threads = net, input_name, threads
+        self.output_names = [output_names] if isinstance(output_names, str) else list(output_names)
         self._ncnn = ncnn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The model's output, or the tuple of its outputs (e.g. an SSD's scores and boxes)."""
         x = x.detach().cpu().float().contiguous().numpy()
-        outs = []
+        outs = [[] for _ in self.output_names]
         for img in x:
             # a copy ncnn owns: an in-place first layer (Clip, ReLU) on a Mat that wraps numpy
             # memory crashes ncnn's Python binding
             mat = self._ncnn.Mat(np.ascontiguousarray(img)).clone()
             ex = self.net.create_extractor()
             ex.input(self.input_name, mat)
-            ret, out = ex.extract(self.output_name)
-            if ret != 0:
-                raise DfqError(f"ncnn extract failed ({ret}).")
-            outs.append(np.array(out).copy())  # ncnn drops the batch axis: (w), (h, w) or (c, h, w)
-        return torch.from_numpy(np.stack(outs))
+            for name, per_image in zip(self.output_names, outs):
+                ret, out = ex.extract(name)
+                if ret != 0:
+                    raise DfqError(f"ncnn extract of '{name}' failed ({ret}).")
+                per_image.append(np.array(out).copy())  # no batch axis: (w), (h, w) or (c, h, w)
+        batched = tuple(torch.from_numpy(np.stack(o)) for o in outs)
+        return batched[0] if len(batched) == 1 else batched
