@@ -163,7 +163,8 @@ def test_ncnn_depthwise_multipliers_are_what_ncnn_computes():
 def test_simulation_marks_each_int8_layer_integer_exact(ncnn_small):
     r, info = ncnn_small
     notes = {k: v.simulation for k, v in r.layers.items() if v.simulation is not None}
-    assert set(notes) == set(info.int8_layers.values())
+    pools = {k for k, v in notes.items() if "ncnn's Pooling" in v}
+    assert len(pools) == 1 and set(notes) - pools == set(info.int8_layers.values())
     assert "read off ncnn" in notes["dw.0"]
 
 
@@ -239,3 +240,34 @@ def test_a_two_output_model_exports_and_runs_both_outputs(tmp_path):
     assert isinstance(got, tuple) and len(got) == 2
     for s, g in zip(sim, got):
         assert g.shape == s.shape and torch.equal(g, s)
+
+
+class _PoolOut(torch.nn.Module):
+    """conv-BN-ReLU then a global mean as the model's output: the pool's float32 is all there
+    is to compare."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(3, channels, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(channels),
+            torch.nn.ReLU(),
+        )
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1)
+
+
+@pytest.mark.parametrize("channels", [16, 12, 13])  # ncnn packs 8, 4 or 1 channels
+def test_global_mean_sums_as_ncnn_pooling(tmp_path, channels):
+    """ncnn's float Pooling sums in its own order (packed or not) and multiplies by 1 / (H W):
+    the simulation equals it bit for bit, where torch's mean differs in the last bit."""
+    from dfq.graph.modules import GlobalAvgPool
+
+    result, files, sim, got = sim_and_runtime(_PoolOut(channels), "ncnn", tmp_path, hw=7)
+    assert torch.equal(got.reshape(sim.shape), sim)
+    pool = next(m for m in result.model.modules() if isinstance(m, GlobalAvgPool))
+    pool.ncnn_mean = False
+    with torch.no_grad():
+        x = torch.randn(64, 3, 7, 7, generator=torch.Generator().manual_seed(0))
+        assert not torch.equal(result.model(x), sim)  # the test has teeth

@@ -26,6 +26,28 @@ class ChannelMin(nn.Module):
         return f"channels={self.hi.numel()}, hi=[{lo:.3g}, {hi:.3g}]"
 
 
+def _ncnn_mean(x: torch.Tensor) -> torch.Tensor:
+    """ncnn's global average Pooling on x86. Channels packed 4 or 8 to a vector (C % 4 == 0): one
+    lane per channel, the pixels summed in raster order. Unpacked (C % 4 != 0): partial sums of 4
+    consecutive pixels, reduced pairwise ((0 + 2) + (1 + 3)), then the leftover pixels in order."""
+    flat = x.flatten(2).float()
+    n = flat.shape[2]
+    if x.shape[1] % 4 == 0:
+        acc = torch.zeros(flat.shape[:2], device=x.device)
+        for k in range(n):
+            acc = acc + flat[:, :, k]
+    else:
+        full = n // 4 * 4
+        lanes = torch.zeros(*flat.shape[:2], 4, device=x.device)
+        for k in range(0, full, 4):
+            lanes = lanes + flat[:, :, k : k + 4]
+        acc = (lanes[..., 0] + lanes[..., 2]) + (lanes[..., 1] + lanes[..., 3])
+        for k in range(full, n):
+            acc = acc + flat[:, :, k]
+    inv_n = torch.tensor(1.0 / n, dtype=torch.float32, device=x.device)
+    return (acc * inv_n)[:, :, None, None].to(x.dtype)
+
+
 class GlobalAvgPool(nn.Module):
     """The spatial mean over (H, W), keeping them as 1 x 1; with `requant` set, computed as
     onnxruntime's QLinearGlobalAveragePool does (MlasQLinearGlobalAveragePoolNchw): the exact
@@ -39,9 +61,15 @@ class GlobalAvgPool(nn.Module):
     # and it rounds the value with the output zero point added, so its ties go to the even
     # integer of the grid, onnxruntime's to the even offset from the zero point
     xnnpack_mean = False
+    # ncnn's float Pooling (measured on x86): its float32 sum order, times float32(1 / (H W));
+    # torch's vectorised mean differs in the last bit at 730 of MobileNetV2's 1280 channels, and
+    # one of them, 1e-6 from a rounding tie of the next layer's quantizer, moved an image's logits
+    ncnn_mean = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.requant
+        if r is None and self.ncnn_mean:
+            return _ncnn_mean(x)
         if r is None:
             return x.mean((2, 3), keepdim=True)
         acc = torch.round(x.double() / r.in_scale.double()).sum((2, 3), keepdim=True)  # exact

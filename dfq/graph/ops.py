@@ -514,3 +514,30 @@ def features_per_channel_ok(first: nn.Module, second: nn.Module) -> bool:
     n_out = first.out_features if isinstance(first, nn.Linear) else first.out_channels
     n_in = second.in_features if isinstance(second, nn.Linear) else second.in_channels
     return n_in % n_out == 0 and (n_in == n_out or isinstance(second, nn.Linear))
+
+
+def is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A mean over H and W that keeps them (1 x 1): the exporter's GlobalAveragePool."""
+    one = (1, (1, 1), [1, 1])
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return len(node.args) > 1 and node.args[1] in one
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in one
+    if (node.op, node.target) in (("call_method", "mean"), ("call_function", torch.mean)):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        return keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3]
+    return False
+
+
+def swap_for_module(
+    gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module, src: fx.Node
+) -> str:
+    """Replace `node` by a call of `module` (added as `name`) on `src`; the caller recompiles."""
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (src,))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return name

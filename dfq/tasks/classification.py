@@ -236,6 +236,7 @@ class Evaluation:
             "agreement_with_sim": self.agreement(simulation),
             "max_abs_logit_diff": round(float(diff.max()), 6),
             "images_off_sim": int((diff.amax(1) > 1e-4).sum()),
+            "sim_logit_absmax": round(float(simulation.logits.abs().max()), 4),  # Δ's scale
         }
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 
 from dfq.errors import DfqError
+from dfq.graph.modules import GlobalAvgPool
 from dfq.graph.ops import weighted_module
 from dfq.quant.modules import ActQuant, QuantizedLayer, layer_like
 from dfq.runtimes.ncnn.profile import INT8_TAG, ncnn_weight_scales
@@ -201,6 +202,8 @@ def float_copy(gm: fx.GraphModule) -> fx.GraphModule:
         new = None
         if isinstance(m, ActQuant):
             new = _container_clip(m) or nn.Identity()
+        elif isinstance(m, GlobalAvgPool):  # ncnn's Pooling, whose arithmetic it simulates
+            new = nn.AdaptiveAvgPool2d(1)
         elif isinstance(m, QuantizedLayer):
             new = layer_like(m)  # plain nn.Conv2d / nn.Linear
             new.load_state_dict(

@@ -30,7 +30,8 @@ import torch
 from torch import fx, nn
 
 from dfq.config import QuantConfig
-from dfq.graph.ops import is_depthwise, weighted_module
+from dfq.graph.modules import GlobalAvgPool
+from dfq.graph.ops import is_depthwise, is_global_pool, swap_for_module, weighted_module
 from dfq.quant.activations import input_quantizer
 from dfq.quant.modules import Dequant, QuantizedLayer
 from dfq.records import LayerRecord, Records
@@ -167,6 +168,13 @@ class NcnnProfile(Runtime):
             fused = isinstance(m, nn.Conv2d) and not depthwise
             m.dequant = Dequant(in_q.scale.detach().clone(), mult, fused)
             done[node.target] = f"integer-exact as ncnn; multipliers: {how}"
+        for node in list(gm.graph.nodes):
+            if is_global_pool(gm, node):
+                pool = GlobalAvgPool()
+                pool.ncnn_mean = True
+                name = swap_for_module(gm, node, f"ncnn_{node.name}", pool, node.args[0])
+                done[name] = "float32 as ncnn's Pooling (its sum order, times 1 / (H W))"
+        gm.recompile()
         return done
 
     def describe(self, q: QuantConfig) -> dict:

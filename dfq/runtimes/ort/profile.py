@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import functools
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.config import QuantConfig
 from dfq.graph.modules import ChannelMin, GlobalAvgPool
-from dfq.graph.ops import activation_of, weighted_module
+from dfq.graph.ops import activation_of, is_global_pool, swap_for_module, weighted_module
 from dfq.quant.activations import input_quantizer, input_quantizer_node
 from dfq.quant.modules import ActQuant, QuantizedLayer, Requant
 from dfq.runtimes.base import Runtime
@@ -81,27 +79,12 @@ def _requant(in_q: ActQuant, out_q: ActQuant) -> Requant:
     )
 
 
-def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A mean over H and W that keeps them (1 x 1): the exporter's GlobalAveragePool."""
-    one = (1, (1, 1), [1, 1])
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        return len(node.args) > 1 and node.args[1] in one
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in one
-    if (node.op, node.target) in (("call_method", "mean"), ("call_function", torch.mean)):
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        return keep and isinstance(dims, (list, tuple)) and sorted(d % 4 for d in dims) == [2, 3]
-    return False
-
-
 def exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
     """Global average pools read from a quantizer (directly, or through the ChannelMin the
     exporter re-quantizes) and quantized after: QLinearGlobalAveragePool, computed exactly."""
     done = {}
     for node in list(gm.graph.nodes):
-        if not _is_global_pool(gm, node):
+        if not is_global_pool(gm, node):
             continue
         src, q = node.args[0], input_quantizer_node(gm, node)
         if src is not q and not (
@@ -115,12 +98,7 @@ def exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
             continue
         pool = GlobalAvgPool()
         pool.requant = _requant(in_q, out_q)
-        name = f"exact_{node.name}"
-        gm.add_submodule(name, pool)
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (src,))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        name = swap_for_module(gm, node, f"exact_{node.name}", pool, src)
         done[name] = "integer-exact (as QLinearGlobalAveragePool)"
     if done:
         gm.recompile()
