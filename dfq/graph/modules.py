@@ -68,10 +68,8 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.requant
-        if r is None and self.ncnn_mean:
-            return _ncnn_mean(x)
         if r is None:
-            return x.mean((2, 3), keepdim=True)
+            return _ncnn_mean(x) if self.ncnn_mean else x.mean((2, 3), keepdim=True)
         acc = torch.round(x.double() / r.in_scale.double()).sum((2, 3), keepdim=True)  # exact
         n = float(x.shape[2] * x.shape[3])
         zp = float(r.out_zero_point)
