@@ -64,3 +64,48 @@ def test_global_means_round_as_xnnpack_qs8_mean(net, hw, tmp_path):
     x = torch.randn(64, 3, hw, hw, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (result.model(x) - got).abs().max() > 1e-3
+
+
+def _xnnpack_add(a_grid, b_grid, out_grid, shape):
+    """ExecuTorch's XNNPACK delegate on one quantized add (each grid: scale, int8 zero point),
+    as the PT2E graph dfq's exporter writes for a residual add."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    ops = torch.ops.quantized_decomposed
+
+    def qdq(x, grid):
+        q = ops.quantize_per_tensor(x, *grid, -128, 127, torch.int8)
+        return ops.dequantize_per_tensor(q, *grid, -128, 127, torch.int8)
+
+    class Add(nn.Module):
+        def forward(self, a, b):
+            return qdq(qdq(a, a_grid) + qdq(b, b_grid), out_grid)
+
+    example = (torch.zeros(shape), torch.zeros(shape))
+    program = to_edge_transform_and_lower(
+        torch.export.export(Add(), example), partitioner=[XnnpackPartitioner()]
+    ).to_executorch()
+    return Runtime.get().load_program(program.buffer).load_method("forward")
+
+
+def test_adds_round_as_xnnpack_qs8_add_on_every_integer_pair():
+    """XNNPACK's qs8 add is fixed-point (20-bit multipliers, half a unit added, shift right): on
+    the grids of MobileNetV2's features.5 add, every one of the 65536 int8 pairs comes out as
+    `IntegerAdd` computes, where a float add then a quantizer misses the near-ties."""
+    from dfq.graph.modules import IntegerAdd
+    from dfq.quant.modules import Requant
+
+    sa, za = 0.03618265688419342, 127  # dfq's uint8 grids
+    sb, zb = 0.02698253095149994, 128
+    so, zo = 0.039613984525203705, 128
+    ia, ib = torch.meshgrid(torch.arange(256.0) - za, torch.arange(256.0) - zb, indexing="ij")
+    a, b = (ia * sa)[None, None], (ib * sb)[None, None]
+    run = _xnnpack_add((sa, za - 128), (sb, zb - 128), (so, zo - 128), a.shape)
+    got = run.execute([a, b])[0]
+    add = IntegerAdd()
+    add.requant = tuple(Requant(torch.tensor(s), torch.tensor(so), zo, 0, 255) for s in (sa, sb))
+    torch.testing.assert_close(add(a, b), got, rtol=0, atol=0)
+    float_add = torch.round(((a + b) / so).clamp(-zo, 255 - zo)) * so
+    assert (float_add - got).abs().max() > so / 2  # the teeth: a float add rounds ties otherwise

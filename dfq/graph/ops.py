@@ -532,12 +532,12 @@ def is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def swap_for_module(
-    gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module, src: fx.Node
+    gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module, *srcs: fx.Node
 ) -> str:
-    """Replace `node` by a call of `module` (added as `name`) on `src`; the caller recompiles."""
+    """Replace `node` by a call of `module` (added as `name`) on `srcs`; the caller recompiles."""
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (src,))
+        new = gm.graph.call_module(name, srcs)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return name

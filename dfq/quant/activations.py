@@ -254,10 +254,10 @@ def snap_clips_to_grid_(gm: fx.GraphModule) -> int:
     return n
 
 
-def input_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The ActQuant node (in any mode) that sets the grid of `node`'s first input, through
-    grid-keeping ops; None if that input is not quantized at all."""
-    cur = node.args[0] if node.args else None
+def input_quantizer_node(gm: fx.GraphModule, node: fx.Node, arg: int = 0) -> fx.Node | None:
+    """The ActQuant node (in any mode) that sets the grid of `node`'s input `arg` (the first by
+    default), through grid-keeping ops; None if that input is not quantized at all."""
+    cur = node.args[arg] if len(node.args) > arg else None
     while isinstance(cur, fx.Node):
         if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), ActQuant):
             return cur
@@ -267,10 +267,10 @@ def input_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-def input_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
-    """The quantizer that sets the grid of `node`'s first input (through grid-keeping ops),
-    if it quantizes."""
-    q = input_quantizer_node(gm, node)
+def input_quantizer(gm: fx.GraphModule, node: fx.Node, arg: int = 0) -> ActQuant | None:
+    """The quantizer that sets the grid of `node`'s input `arg` (through grid-keeping ops), if
+    it quantizes."""
+    q = input_quantizer_node(gm, node, arg)
     aq = gm.get_submodule(q.target) if q is not None else None
     return aq if aq is not None and aq.quantizing else None
 

@@ -29,7 +29,7 @@ import torch
 from torch import fx
 
 from dfq.errors import DfqError
-from dfq.graph.modules import ChannelMin, GlobalAvgPool
+from dfq.graph.modules import ChannelMin, GlobalAvgPool, IntegerAdd
 from dfq.quant.modules import ActQuant, QuantizedLayer
 from dfq.runtimes.ort.runner import EXTRA
 from dfq.utils.deps import require
@@ -149,7 +149,7 @@ def with_qdq_ops(gm: fx.GraphModule, qdq: type[QDQ] = QDQ) -> fx.GraphModule:
 
     model = copy.deepcopy(gm).eval()
     for m in model.modules():
-        if isinstance(m, (QuantizedLayer, GlobalAvgPool)):
+        if isinstance(m, (QuantizedLayer, GlobalAvgPool, IntegerAdd)):
             m.requant = None  # the runtime does the integer arithmetic; export the plain op
         if isinstance(m, QuantizedLayer):
             m.dequant = None
