@@ -251,8 +251,10 @@ def test_ort_profile_simulates_qlinearconv_exactly(tmp_path, relu6_kept):
         ),
     )
     exact = [k for k, v in r.layers.items() if (v.simulation or "").startswith("integer-exact")]
-    # every conv and the global pool; the classifier (float logits, QGemm) stays a float op
-    assert len(exact) == 53 and "exact_adaptive_avg_pool2d" in exact
+    # every conv, the global pool and the 10 residual adds (QLinearAdd); the classifier (float
+    # logits, QGemm) stays a float op
+    assert len(exact) == 63 and "exact_adaptive_avg_pool2d" in exact
+    assert sum(k.startswith("exact_add") for k in exact) == 10
     _, run = _ort(r, tmp_path, (1, 3, 224, 224))
     with torch.no_grad():
         sim = r.model(x)
@@ -279,3 +281,62 @@ def test_ort_equals_the_simulation_on_gates_and_hidden_linears(net, tmp_path):
     ops = ort.run_details(files, tmp_path)["integer_ops"]
     expected = {"HiddenLinear": "QGemm", "SqueezeExcite": "QLinearMul"}.get(net, "QLinearSigmoid")
     assert ops.get(expected, 0) >= 1, ops
+
+
+def _qlinear_add(grids, tmp_path):
+    """onnxruntime on DQ -> Add -> Q of every uint8 pair (a, b): the graph it fuses into
+    QLinearAdd. grids: (s_a, z_a, s_b, z_b, s_out, z_out)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = ("sa", "za", "sb", "zb", "so", "zo")
+    inits = [
+        numpy_helper.from_array(np.array(v, np.uint8 if n[0] == "z" else np.float32), n)
+        for n, v in zip(names, grids)
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["da"]),
+        helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["db"]),
+        helper.make_node("Add", ["da", "db"], ["s"]),
+        helper.make_node("QuantizeLinear", ["s", "so", "zo"], ["y"]),
+    ]
+    shape = [1, 1, 256, 256]
+    graph = helper.make_graph(
+        nodes,
+        "add",
+        [helper.make_tensor_value_info(n, TensorProto.UINT8, shape) for n in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, shape)],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path)
+    run = OrtRunner(tmp_path, threads=1, optimized_path=tmp_path.with_suffix(".opt.onnx"))
+    qa, qb = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    got = run.session.run(None, {"a": qa.T[None, None], "b": qb.T[None, None]})[0]
+    assert op_counts(tmp_path.with_suffix(".opt.onnx")).get("QLinearAdd") == 1
+    return torch.from_numpy(got.astype(np.int64))
+
+
+def test_adds_round_as_qlinearadd_on_every_integer_pair(tmp_path):
+    """onnxruntime's QLinearAdd computes in float32 FMAs on the raw uint8 values (MLAS), not as a
+    float add of the dequantized operands: on 12 random grids every one of the 65536 pairs comes
+    out as `IntegerAdd` computes, where a float add then a quantizer misses a few near-ties."""
+    from dfq.graph.modules import IntegerAdd
+    from dfq.quant.modules import AddGrids
+
+    rng = np.random.default_rng(0)
+    float_off = 0
+    for k in range(12):
+        sa, sb, so = (
+            float(np.float32(rng.uniform(lo, hi)))
+            for lo, hi in ((0.01, 0.1),) * 2 + ((0.02, 0.15),)
+        )
+        za, zb, zo = (int(v) for v in rng.integers(0, 256, 3))
+        got = _qlinear_add((sa, za, sb, zb, so, zo), tmp_path / f"add{k}.onnx")
+        ia, ib = torch.meshgrid(torch.arange(256) - za, torch.arange(256) - zb, indexing="ij")
+        a, b = (ia.float() * sa)[None, None], (ib.float() * sb)[None, None]
+        add = IntegerAdd("mlas")
+        add.requant = AddGrids(sa, za, sb, zb, so, zo, 0, 255)
+        sim = torch.round(add(a, b) / so).long() + zo
+        assert torch.equal(sim, got), f"grid {k}: {int((sim != got).sum())} values off"
+        float_sum = torch.round(((a + b) / np.float32(so)).clamp(-zo, 255 - zo)).long() + zo
+        float_off += int((float_sum != got).sum())
+    assert float_off > 0  # the teeth: a float add rounds some near-ties the other way

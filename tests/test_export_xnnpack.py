@@ -95,7 +95,7 @@ def test_adds_round_as_xnnpack_qs8_add_on_every_integer_pair():
     the grids of MobileNetV2's features.5 add, every one of the 65536 int8 pairs comes out as
     `IntegerAdd` computes, where a float add then a quantizer misses the near-ties."""
     from dfq.graph.modules import IntegerAdd
-    from dfq.quant.modules import Requant
+    from dfq.quant.modules import AddGrids
 
     sa, za = 0.03618265688419342, 127  # dfq's uint8 grids
     sb, zb = 0.02698253095149994, 128
@@ -104,8 +104,8 @@ def test_adds_round_as_xnnpack_qs8_add_on_every_integer_pair():
     a, b = (ia * sa)[None, None], (ib * sb)[None, None]
     run = _xnnpack_add((sa, za - 128), (sb, zb - 128), (so, zo - 128), a.shape)
     got = run.execute([a, b])[0]
-    add = IntegerAdd()
-    add.requant = tuple(Requant(torch.tensor(s), torch.tensor(so), zo, 0, 255) for s in (sa, sb))
+    add = IntegerAdd("xnnpack")
+    add.requant = AddGrids(sa, za, sb, zb, so, zo, 0, 255)
     torch.testing.assert_close(add(a, b), got, rtol=0, atol=0)
     float_add = torch.round(((a + b) / so).clamp(-zo, 255 - zo)) * so
     assert (float_add - got).abs().max() > so / 2  # the teeth: a float add rounds ties otherwise

@@ -87,13 +87,18 @@ class ActQuant(nn.Module):
         return (q.clamp(self.grid.qmin, self.grid.qmax) - self.zero_point) * self.scale
 
     def _fake_quantize_op(self, x: torch.Tensor) -> torch.Tensor:
-        """OpenVINO's arithmetic: QuantizeLinear becomes a FakeQuantize over [lo, hi] =
-        [(qmin - z) s, (qmax - z) s] that rounds `x * (levels / (hi - lo)) + (-lo * that)`, all
-        float32; `1 / s` and that factor differ in the last bit, which flips rounding ties."""
+        """OpenVINO's arithmetic: QuantizeLinear becomes a FakeQuantize over the float32 bounds
+        [lo, hi] = [(qmin - z) s, (qmax - z) s] that rounds `fma(x, k, -lo k)` with
+        k = levels / (hi - lo) computed in float64 and both constants then rounded to float32.
+        `1 / s` and k differ in the last bit, and so does k computed from a float32 hi - lo: each
+        flips rounding ties (measured: 38 of 4M values of a conv's output at 114.5 steps)."""
         s, z = self.scale.float(), self.zero_point.float()
         lo, hi = (self.grid.qmin - z) * s, (self.grid.qmax - z) * s
-        in_scale = (self.grid.qmax - self.grid.qmin) / (hi - lo)
-        q = ROUNDING[self.rounding](x.float().clamp(lo, hi) * in_scale + (-lo * in_scale))
+        k = (self.grid.qmax - self.grid.qmin) / (hi.double() - lo.double())
+        in_scale, shift = k.float(), (-lo.double() * k).float()
+        xc = x.float().clamp(lo, hi)
+        # an FMA: the float32 product is exact in float64, one rounding after the add
+        q = ROUNDING[self.rounding]((xc.double() * in_scale.double() + shift.double()).float())
         return ((q + (self.grid.qmin - z)) * s).to(x.dtype)
 
     def inv_scale(self) -> torch.Tensor:
@@ -159,6 +164,20 @@ class Requant(NamedTuple):
 
     in_scale: torch.Tensor
     out_scale: torch.Tensor
+    out_zero_point: int
+    qmin: int
+    qmax: int
+
+
+class AddGrids(NamedTuple):
+    """What a runtime's integer add needs: each operand's grid and the output's (dfq's uint8
+    grids: scale, zero point; the output's bounds)."""
+
+    a_scale: float
+    a_zero_point: int
+    b_scale: float
+    b_zero_point: int
+    out_scale: float
     out_zero_point: int
     qmin: int
     qmax: int

@@ -21,10 +21,16 @@ import functools
 from torch import fx, nn
 
 from dfq.config import QuantConfig
-from dfq.graph.modules import ChannelMin, GlobalAvgPool
-from dfq.graph.ops import activation_of, is_global_pool, swap_for_module, weighted_module
+from dfq.graph.modules import ChannelMin, GlobalAvgPool, IntegerAdd
+from dfq.graph.ops import (
+    activation_of,
+    is_add,
+    is_global_pool,
+    swap_for_module,
+    weighted_module,
+)
 from dfq.quant.activations import input_quantizer, input_quantizer_node
-from dfq.quant.modules import ActQuant, QuantizedLayer, Requant
+from dfq.quant.modules import ActQuant, AddGrids, QuantizedLayer, Requant
 from dfq.runtimes.base import Runtime
 from dfq.runtimes.cpu import cpu_flags, is_x86, qdq_grids
 from dfq.runtimes.ort.runner import EXTRA
@@ -105,11 +111,44 @@ def exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
     return done
 
 
+def integer_adds_(gm: fx.GraphModule, arithmetic: str) -> dict[str, str]:
+    """Each add of two per-tensor quantized operands whose output is quantized (after at most one
+    activation, which the runtime clamps into the add's output) computes on the integers as the
+    runtime's quantized add (`IntegerAdd`)."""
+    done = {}
+    for node in list(gm.graph.nodes):
+        if not (is_add(node) and len(node.args) == 2 and not node.kwargs):
+            continue
+        if not all(isinstance(a, fx.Node) for a in node.args):
+            continue
+        qa, qb = input_quantizer(gm, node), input_quantizer(gm, node, 1)
+        out_q = output_quantizer(gm, node) if qa is not None and qb is not None else None
+        if out_q is None or any(q.scale.numel() != 1 for q in (qa, qb, out_q)):
+            continue
+        add = IntegerAdd(arithmetic)
+        add.requant = AddGrids(
+            float(qa.scale),
+            int(qa.zero_point),
+            float(qb.scale),
+            int(qb.zero_point),
+            float(out_q.scale),
+            int(out_q.zero_point),
+            out_q.grid.qmin,
+            out_q.grid.qmax,
+        )
+        name = swap_for_module(gm, node, f"exact_{node.name}", add, *node.args)
+        done[name] = f"integer-exact (as {'XNNPACK' if arithmetic == 'xnnpack' else 'QLinearAdd'})"
+    if done:
+        gm.recompile()
+    return done
+
+
 class OrtProfile(Runtime):
     name = "ort"
     format = "onnx"
     runtime_modules = ("onnx", "onnxscript", "onnxruntime")
     extra = EXTRA
+    add_arithmetic = "mlas"  # onnxruntime's QLinearAdd (MLAS); XNNPACK's profile: its qs8 add
 
     def resolve(self, q: QuantConfig) -> QuantConfig:
         reduce = ort_saturates() if q.reduce_range is None else q.reduce_range
@@ -118,7 +157,7 @@ class OrtProfile(Runtime):
     def make_exact_(self, gm: fx.GraphModule) -> dict[str, str]:
         """Every int8 conv with a quantized input and output (and an int32 bias) computes like
         QLinearConv, every global average pool between quantizers like
-        QLinearGlobalAveragePool."""
+        QLinearGlobalAveragePool, every add between quantizers like QLinearAdd."""
         done = {}
         for node in gm.graph.nodes:
             m = weighted_module(gm, node)
@@ -131,7 +170,7 @@ class OrtProfile(Runtime):
                 continue
             m.requant = requant_of(in_q, out_q)
             done[node.target] = "integer-exact (as QLinearConv)"
-        return {**done, **exact_global_pools_(gm)}
+        return {**done, **exact_global_pools_(gm), **integer_adds_(gm, self.add_arithmetic)}
 
     def describe(self, q: QuantConfig) -> dict:
         return {

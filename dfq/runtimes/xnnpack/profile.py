@@ -9,8 +9,8 @@ onnxruntime's QLinearConv does: measured equal on every value (a float convoluti
 a quantizer differed at 7 of 8192), so each such convolution computes that (`requant`). Its
 qs8 global mean rounds with the output zero point added first, which moves ties (MobileNetV3's
 squeeze-excitation pools: 18 of 960 values at 4 x 4), and its multiplier is rounded to float32
-once (EfficientNet-B0's 6 x 6 pools: 2 of 1344). Its qs8 add is fixed-point (`IntegerAdd`):
-computed as a float add, 37 of MobileNetV2's 1300 images moved.
+once (EfficientNet-B0's 6 x 6 pools: 2 of 1344). Its qs8 add is fixed-point (`IntegerAdd`,
+"xnnpack"): computed as a float add, 37 of MobileNetV2's 1300 images moved.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from __future__ import annotations
 from torch import fx
 
 from dfq.config import QuantConfig
-from dfq.graph.modules import GlobalAvgPool, IntegerAdd
-from dfq.graph.ops import is_add, swap_for_module
-from dfq.quant.activations import input_quantizer
+from dfq.graph.modules import GlobalAvgPool
 from dfq.runtimes.cpu import qdq_grids
-from dfq.runtimes.ort.profile import OrtProfile, output_quantizer, requant_of
+from dfq.runtimes.ort.profile import OrtProfile
 from dfq.runtimes.xnnpack.runner import EXTRA
 
 
@@ -31,6 +29,7 @@ class XnnpackProfile(OrtProfile):
     format = "pte"
     runtime_modules = ("executorch",)
     extra = EXTRA
+    add_arithmetic = "xnnpack"
 
     def resolve(self, q: QuantConfig) -> QuantConfig:
         return qdq_grids(q, self.name, False)  # XNNPACK's qs8 kernels do not saturate pairs
@@ -41,7 +40,7 @@ class XnnpackProfile(OrtProfile):
             if isinstance(m, GlobalAvgPool) and m.requant is not None:
                 m.xnnpack_mean = True
                 done[name] = "integer-exact (as XNNPACK's qs8 mean)"
-        return {**done, **_integer_adds_(gm)}
+        return done
 
     def describe(self, q: QuantConfig) -> dict:
         return {
@@ -50,26 +49,3 @@ class XnnpackProfile(OrtProfile):
             "note": "s8 activations (dfq's u8 grid, zero point - 128), s8 weights, int32 bias; "
             "integer requantization as XNNPACK's qs8 kernels",
         }
-
-
-def _integer_adds_(gm: fx.GraphModule) -> dict[str, str]:
-    """Each add of two quantized per-tensor operands whose output is quantized (after at most
-    one activation, which XNNPACK clamps into the add) computes as XNNPACK's qs8 add."""
-    done = {}
-    for node in list(gm.graph.nodes):
-        if not (is_add(node) and len(node.args) == 2 and not node.kwargs):
-            continue
-        if not all(isinstance(a, fx.Node) for a in node.args):
-            continue
-        qa, qb, out_q = input_quantizer(gm, node), input_quantizer(gm, node, 1), None
-        if qa is not None and qb is not None:
-            out_q = output_quantizer(gm, node)
-        if out_q is None or any(q.scale.numel() != 1 for q in (qa, qb, out_q)):
-            continue
-        add = IntegerAdd()
-        add.requant = (requant_of(qa, out_q), requant_of(qb, out_q))
-        name = swap_for_module(gm, node, f"exact_{node.name}", add, *node.args)
-        done[name] = "integer-exact (as XNNPACK's qs8 add)"
-    if done:
-        gm.recompile()
-    return done
