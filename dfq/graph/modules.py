@@ -7,6 +7,8 @@ import functools
 import torch
 from torch import nn
 
+from dfq.quant.primitives import fma_float32
+
 
 class ChannelMin(nn.Module):
     """y = min(x, hi[c]): the per-channel upper clip that exact ReLU6 equalization leaves.
@@ -87,22 +89,15 @@ class GlobalAvgPool(nn.Module):
         return (q * r.out_scale.float().to(acc.device)).to(x.dtype)
 
 
-def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 a * b + c rounded once, as an FMA: the product of two float32 is exact in
-    float64, and so is its sum with c at these magnitudes (integers below 2^9 times ratios above
-    2^-14: under 53 significant bits)."""
-    return (a.double() * b.double() + c.double()).float()
-
-
 def _mlas_add(xi: torch.Tensor, yi: torch.Tensor, g) -> torch.Tensor:
     """onnxruntime's QLinearAdd on x86 (MLAS's AVX2 kernel): on the raw uint8 values, in float32
     FMAs, `fma(a, s_a/s_c, fma(b, s_b/s_c, z_c - (s_a/s_c z_a + s_b/s_c z_b)))`, rounded half to
     even and saturated."""
     f32 = functools.partial(torch.tensor, dtype=torch.float32, device=xi.device)
     ra, rb = f32(g.a_scale) / f32(g.out_scale), f32(g.b_scale) / f32(g.out_scale)
-    fixed = f32(g.out_zero_point) - _fma(ra, f32(g.a_zero_point), rb * f32(g.b_zero_point))
-    t = _fma((yi + g.b_zero_point).float(), rb, fixed)
-    t = _fma((xi + g.a_zero_point).float(), ra, t)
+    fixed = f32(g.out_zero_point) - fma_float32(ra, f32(g.a_zero_point), rb * f32(g.b_zero_point))
+    t = fma_float32((yi + g.b_zero_point).float(), rb, fixed)
+    t = fma_float32((xi + g.a_zero_point).float(), ra, t)
     return torch.round(t).clamp(g.qmin, g.qmax).long() - g.out_zero_point
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq.config import Grid
-from dfq.quant.primitives import ROUNDING, dequantize, fake_quantize_ste, quantize
+from dfq.quant.primitives import ROUNDING, dequantize, fake_quantize_ste, fma_float32, quantize
 
 QUANTIZE, OBSERVE, FLOAT = "quantize", "observe", "float"
 
@@ -97,8 +97,7 @@ class ActQuant(nn.Module):
         k = (self.grid.qmax - self.grid.qmin) / (hi.double() - lo.double())
         in_scale, shift = k.float(), (-lo.double() * k).float()
         xc = x.float().clamp(lo, hi)
-        # an FMA: the float32 product is exact in float64, one rounding after the add
-        q = ROUNDING[self.rounding]((xc.double() * in_scale.double() + shift.double()).float())
+        q = ROUNDING[self.rounding](fma_float32(xc, in_scale, shift))
         return ((q + (self.grid.qmin - z)) * s).to(x.dtype)
 
     def inv_scale(self) -> torch.Tensor:
@@ -249,7 +248,7 @@ def _integer_forward(layer, x: torch.Tensor, op) -> torch.Tensor | None:
     m = d.multiplier.to(acc.device).reshape(shape)
     bias = layer.bias.detach().float().reshape(shape) if layer.bias is not None else torch.zeros(())
     if d.fused:  # acc * m exact in float64 (< 53 bits), one rounding to float32 after the add
-        y = torch.addcmul(bias.double(), acc.double(), m.double()).float()
+        y = fma_float32(acc, m, bias)
     else:
         y = acc.float() * m + bias
     return y.to(x.dtype)

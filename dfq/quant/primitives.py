@@ -23,6 +23,13 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 ROUNDING = {"half_even": round_half_even, "half_away": round_half_away}
 
 
+def fma_float32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c rounded once to float32, as a CPU's FMA: the product of two float32 (or of an
+    integer below 2^29 and a float32) is exact in float64, and so is its sum with c at the
+    magnitudes the runtimes' arithmetic meets."""
+    return (a.double() * b.double() + c.double()).float()
+
+
 def qparams(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point covering [lo, hi] (widened to contain 0), per element.
 

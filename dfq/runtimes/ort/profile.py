@@ -74,7 +74,7 @@ def output_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuant | None:
     return aq if isinstance(aq, ActQuant) and aq.quantizing else None
 
 
-def requant_of(in_q: ActQuant, out_q: ActQuant) -> Requant:
+def _requant(in_q: ActQuant, out_q: ActQuant) -> Requant:
     """What an onnxruntime QLinear op needs to requantize: the input and output grids."""
     return Requant(
         in_q.scale.detach().clone(),
@@ -103,7 +103,7 @@ def exact_global_pools_(gm: fx.GraphModule) -> dict[str, str]:
         if in_q is None or out_q is None:
             continue
         pool = GlobalAvgPool()
-        pool.requant = requant_of(in_q, out_q)
+        pool.requant = _requant(in_q, out_q)
         name = swap_for_module(gm, node, f"exact_{node.name}", pool, src)
         done[name] = "integer-exact (as QLinearGlobalAveragePool)"
     if done:
@@ -168,7 +168,7 @@ class OrtProfile(Runtime):
             in_q, out_q = input_quantizer(gm, node), output_quantizer(gm, node)
             if in_q is None or out_q is None:
                 continue
-            m.requant = requant_of(in_q, out_q)
+            m.requant = _requant(in_q, out_q)
             done[node.target] = "integer-exact (as QLinearConv)"
         return {**done, **exact_global_pools_(gm), **integer_adds_(gm, self.add_arithmetic)}
 
