@@ -319,8 +319,7 @@ def test_adds_round_as_qlinearadd_on_every_integer_pair(tmp_path):
     """onnxruntime's QLinearAdd computes in float32 FMAs on the raw uint8 values (MLAS), not as a
     float add of the dequantized operands: on 12 random grids every one of the 65536 pairs comes
     out as `IntegerAdd` computes, where a float add then a quantizer misses a few near-ties."""
-    from dfq.graph.modules import IntegerAdd
-    from dfq.quant.modules import AddGrids
+    from dfq.quant.modules import AddGrids, IntegerAdd
 
     rng = np.random.default_rng(0)
     float_off = 0

@@ -94,8 +94,7 @@ def test_adds_round_as_xnnpack_qs8_add_on_every_integer_pair():
     """XNNPACK's qs8 add is fixed-point (20-bit multipliers, half a unit added, shift right): on
     the grids of MobileNetV2's features.5 add, every one of the 65536 int8 pairs comes out as
     `IntegerAdd` computes, where a float add then a quantizer misses the near-ties."""
-    from dfq.graph.modules import IntegerAdd
-    from dfq.quant.modules import AddGrids
+    from dfq.quant.modules import AddGrids, IntegerAdd
 
     sa, za = 0.03618265688419342, 127  # dfq's uint8 grids
     sb, zb = 0.02698253095149994, 128

@@ -29,8 +29,8 @@ import torch
 from torch import fx
 
 from dfq.errors import DfqError
-from dfq.graph.modules import ChannelMin, GlobalAvgPool, IntegerAdd
-from dfq.quant.modules import ActQuant, QuantizedLayer
+from dfq.graph.modules import ChannelMin, GlobalAvgPool
+from dfq.quant.modules import ActQuant, IntegerAdd, QuantizedLayer
 from dfq.runtimes.ort.runner import EXTRA
 from dfq.utils.deps import require
 

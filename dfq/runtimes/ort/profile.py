@@ -21,7 +21,7 @@ import functools
 from torch import fx, nn
 
 from dfq.config import QuantConfig
-from dfq.graph.modules import ChannelMin, GlobalAvgPool, IntegerAdd
+from dfq.graph.modules import ChannelMin, GlobalAvgPool
 from dfq.graph.ops import (
     activation_of,
     is_add,
@@ -30,7 +30,7 @@ from dfq.graph.ops import (
     weighted_module,
 )
 from dfq.quant.activations import input_quantizer, input_quantizer_node
-from dfq.quant.modules import ActQuant, AddGrids, QuantizedLayer, Requant
+from dfq.quant.modules import ActQuant, AddGrids, IntegerAdd, QuantizedLayer, Requant
 from dfq.runtimes.base import Runtime
 from dfq.runtimes.cpu import cpu_flags, is_x86, qdq_grids
 from dfq.runtimes.ort.runner import EXTRA
