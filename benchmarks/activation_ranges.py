@@ -44,10 +44,12 @@ BASES = {
         correction=True, quant=QuantConfig(bits_weight=6, bits_activation=6, per_channel=True)
     ),
 }
-RULES = {
-    "6 std": {"range_rule": "std"},
-    "mse": {"range_rule": "mse"},
-    "mse + act. BC": {"range_rule": "mse", "act_correction": True},
+RULES = {  # the paper's absorption is c = mean - 3 std; dfq's default is 6 std (ABSORB_STD)
+    "6 std": {"range_rule": "std", "absorb_std": 3.0},
+    "mse": {"range_rule": "mse", "absorb_std": 3.0},
+    "mse + act. BC": {"range_rule": "mse", "absorb_std": 3.0, "act_correction": True},
+    "mse + absorb 6 std": {"range_rule": "mse", "absorb_std": 6.0},
+    "mse / no absorption": {"range_rule": "mse", "absorption": False},
 }
 COLUMNS = ["top1", "delta_top1", "agreement", "logits_sqnr_db"]
 

@@ -38,6 +38,7 @@ INPUTS = input_config(ARCH)
 BASE = PipelineConfig(quantize=True, input_mean=INPUTS.mean, input_std=INPUTS.std)
 RESIDUALS = EqualizeConfig(residual_regions=True, activation_aware=True)
 PER_CHANNEL = QuantConfig(per_channel=True)
+PAPER = dict(range_rule="std", absorb_std=3.0)  # the paper's ranges (dfq's default before #38)
 # 300x300 images cost 1.8x the pixels of 224: 2 x 16 images at 200 steps keep distillation
 # to minutes on 2 cores
 DISTILL = DistillConfig(
@@ -49,17 +50,21 @@ ROWS = {  # name: (the CLI switches, the config)
         "--relu --equalize --correction (the paper's recipe)",
         dataclasses.replace(BASE, relu=True, equalize=True, correction=True),
     ),
+    "dfq_paper": (
+        "--relu --equalize --correction --range_rule std --absorb_std 3 (the paper's ranges)",
+        dataclasses.replace(BASE, **PAPER, relu=True, equalize=True, correction=True),
+    ),
     "kept": (
         "--equalize --correction (ReLU6 kept)",
         dataclasses.replace(BASE, equalize=True, correction=True),
     ),
-    "dfq_mse": (
-        "--relu --equalize --correction --range_rule mse",
-        dataclasses.replace(BASE, relu=True, equalize=True, correction=True, range_rule="mse"),
+    "kept_paper": (
+        "--equalize --correction --range_rule std --absorb_std 3 (ReLU6 kept, the paper's ranges)",
+        dataclasses.replace(BASE, **PAPER, equalize=True, correction=True),
     ),
-    "kept_mse": (
-        "--equalize --correction --range_rule mse (ReLU6 kept)",
-        dataclasses.replace(BASE, equalize=True, correction=True, range_rule="mse"),
+    "kept_noabs": (
+        "--equalize --correction --no_absorption (ReLU6 kept)",
+        dataclasses.replace(BASE, equalize=True, correction=True, absorption=False),
     ),
     "kept_res": (
         "--equalize --equalize_residuals --equalize_activations --correction",

@@ -104,12 +104,12 @@ class TwoHeads(nn.Module):
         return scores, self.boxes(y).permute(0, 2, 3, 1).reshape(n, -1, 4)
 
 
-def sim_and_runtime(net: nn.Module, target: str, tmp_path, hw: int = 16):
-    """`net` (BN randomized) quantized for `target`, exported to tmp_path/m.*, and the
-    simulation's and the runtime's outputs on the same 64 images of hw x hw."""
+def sim_and_runtime(net: nn.Module, target: str, tmp_path, hw: int = 16, **fields):
+    """`net` (BN randomized) quantized for `target` (and PipelineConfig `fields`), exported to
+    tmp_path/m.*, and the simulation's and the runtime's outputs on 64 images of hw x hw."""
     torch.manual_seed(1)
     model = randomize_bn(net).eval()
-    config = PipelineConfig(quant=QuantConfig(target=target), input_size=(3, hw, hw))
+    config = PipelineConfig(quant=QuantConfig(target=target), input_size=(3, hw, hw), **fields)
     result = quantize_model(model, config)
     runtime = profile(target)
     files = runtime.export(result.model, tmp_path / "m", (1, 3, hw, hw))

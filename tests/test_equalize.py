@@ -123,11 +123,14 @@ def test_absorption_keeps_output_when_shift_never_clips():
         net[1].bias.fill_(5.0)
         net[1].weight.fill_(0.5)
     t = _prepared(net.double())
-    ab = absorb_high_bias(t.gm, t.stats)
+    ab = absorb_high_bias(t.gm, t.stats, n_std=3.0)  # the paper's c = mean - 3 std
     assert ab.info["0"].absorbed_channels == 6
     assert torch.allclose(ab.stats["0"].mean, torch.full((6,), 1.5, dtype=torch.float64))
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 0.01
     assert (ab.gm(x) - t.gm(x)).abs().max() <= 1e-9
+    # dfq's default keeps 6 std below the mean: c = 5 - 6 * 0.5 = 2
+    ab6 = absorb_high_bias(t.gm, t.stats)
+    assert torch.allclose(ab6.stats["0"].mean, torch.full((6,), 3.0, dtype=torch.float64))
 
 
 def test_activation_aware_equalization_is_float_exact_and_balances_joint_ranges():

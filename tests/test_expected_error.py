@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dfq import PipelineConfig, QuantConfig, fold_batchnorm, propagate, quantize_model, trace
-from dfq.config import Grid
+from dfq.config import DISTILLED_PERCENTILE, Grid
 from dfq.errors import DfqError
 from dfq.quant.activations import quantizer_nodes
 from dfq.quant.expected_error import ClippedChannels, Samples, best_range, expected_error
@@ -162,6 +162,14 @@ def test_mse_rule_on_data_picks_the_samples_best_range(small_net):
         if rec.activation_range[1] < minmax.activations[name].activation_range[1] - 1e-6
     ]
     assert narrower  # the tails of the data are clipped where that costs less than rounding
+
+
+def test_auto_ranges_are_mse_from_moments_and_std_on_data():
+    assert PipelineConfig().range_rule == "mse"
+    assert PipelineConfig(calib=8).range_rule == "std"
+    distilled = PipelineConfig(distill_range=True)
+    assert distilled.range_rule == "std" and distilled.range_percentile == DISTILLED_PERCENTILE
+    assert PipelineConfig(distill_range=True, range_rule="mse").range_percentile is None
 
 
 def test_bad_range_options_are_refused():

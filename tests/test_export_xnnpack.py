@@ -54,8 +54,9 @@ def test_global_means_round_as_xnnpack_qs8_mean(net, hw, tmp_path):
     """Squeeze-excitation gates (MobileNetV3's on a Hardswish output, EfficientNet's SiLU one
     at 6 x 6): XNNPACK's qs8 mean rounds its ties with the output zero point added and with a
     multiplier rounded once to float32, and so does the simulation; onnxruntime's rounding
-    differs from the runtime on these nets."""
-    result, files, sim, got = sim_and_runtime(net(), "xnnpack", tmp_path, hw)
+    differs from the runtime on these nets. (6-std ranges: their grids put the SiLU net's means
+    on XNNPACK's ties, which the last assert needs.)"""
+    result, files, sim, got = sim_and_runtime(net(), "xnnpack", tmp_path, hw, range_rule="std")
     torch.testing.assert_close(got, sim, rtol=0, atol=1e-5)
     pools = [m for m in result.model.modules() if isinstance(m, GlobalAvgPool)]
     assert pools and all(m.xnnpack_mean for m in pools)

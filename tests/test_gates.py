@@ -91,7 +91,8 @@ def test_product_of_independent_factors():
 def test_gate_moments_and_every_range_hold_the_data(gate, gate_first):
     x = images()
     net = with_true_bn_stats(se_net(gate, gate_first), x)
-    res = quantize_model(net, PipelineConfig(correction=True))
+    # 6-std ranges hold every value (the mse rule clips tails on purpose)
+    res = quantize_model(net, PipelineConfig(correction=True, range_rule="std"))
     assert all(a.activation_range is not None for a in res.activations.values()), res.activations
     assert all("skipped" not in (n.bias_correction or "") for n in res.layers.values())
     # the ranges hold every value the data produces at each quantizer (nothing would be clipped)

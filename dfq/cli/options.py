@@ -141,6 +141,7 @@ def pipeline_config(
         relu=args.relu,
         equalize=args.equalize,
         absorption=args.absorption,
+        absorb_std=args.absorb_std,
         equalization=EqualizeConfig(
             activation_aware=args.equalize_activations,
             residual_regions=args.equalize_residuals,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from dfq import runtimes
 from dfq.config import (
+    ABSORB_STD,
+    AUTO,
     CLIP_WEIGHT,
     DISTILL_BATCH_SIZE,
     DISTILL_BATCHES,
@@ -94,6 +96,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         help="high-bias absorption (default: on with --equalize)",
     )
     g.add_argument(
+        "--absorb_std",
+        type=float,
+        default=ABSORB_STD,
+        help="absorb c = max(0, BN mean - N std) per channel: exact wherever x >= c "
+        f"(default {ABSORB_STD:g}; the paper's 3 misses too often)",
+    )
+    g.add_argument(
         "--correction",
         nargs="?",
         const="bn",
@@ -148,11 +157,12 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--range_rule",
-        choices=RANGE_RULES,
+        choices=(*RANGE_RULES, AUTO),
         default=RANGE_RULE,
         help="activation ranges: mse = least expected quantization error for each quantizer's "
         "bit width, std = BN mean +- --range_std std (the paper's; min/max or "
-        f"--range_percentile on data) (default {RANGE_RULE})",
+        "--range_percentile on data), auto = mse from BN statistics, std on data "
+        f"(default {RANGE_RULE})",
     )
     g.add_argument(
         "--range_std", type=float, default=RANGE_STD, help="std ranges: BN mean +- N std"

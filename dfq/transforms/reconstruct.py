@@ -275,6 +275,12 @@ class _BlockState:
         self.log_scales = {
             k: aq.scale.detach().log().requires_grad_(True) for k, aq in self.quantizers.items()
         }
+        # each step size as it starts, with its log: exp(log(s)) can be an ulp off s, and a
+        # step size nothing moved must stay the one round to nearest had
+        self.start_scales = {
+            k: (aq.scale.detach().clone(), self.log_scales[k].detach().clone())
+            for k, aq in self.quantizers.items()
+        }
         self.biases = {
             k: torch.zeros_like(m.bias, requires_grad=True)
             for k, m in self.layers.items()
@@ -332,7 +338,9 @@ class _BlockState:
             for r in self.roundings.values():
                 r.commit_()
             for k, aq in self.quantizers.items():
-                aq.scale.copy_(self._scale(k))
+                start, log_start = self.start_scales[k]
+                unmoved = torch.equal(self.log_scales[k].detach(), log_start)
+                aq.scale.copy_(start if unmoved else self._scale(k))
             for k in self.float_bias:
                 self.layers[k].bias.copy_(over[f"{k}.bias"])
 
@@ -372,6 +380,7 @@ class _BlockState:
                     best = _best_scale(v, aq.scale, aq.zero_point, aq.grid, None, ACT_ALPHAS)
                     aq.scale.copy_(best)
                     self.log_scales[k].copy_(best.log())
+                    self.start_scales[k] = (best.clone(), self.log_scales[k].detach().clone())
 
 
 def _mse(module: fx.GraphModule, over: dict, x: torch.Tensor, target: torch.Tensor) -> float:
