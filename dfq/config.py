@@ -167,7 +167,9 @@ class ReconstructConfig:
     activation step sizes (`scale_lr`, on log scale). `fp_input_mix`: the share of input
     elements taken from the FP32 model instead of the quantized one (QDrop); `images`: at most
     this many images; `mirror`: learn on their mirror images too (left-right flipped; images
-    only), which are new inputs for the FP32 model to be matched on at no distillation cost."""
+    only), which are new inputs for the FP32 model to be matched on at no distillation cost.
+    `window`: learn each local block on spatial windows covering this share of each side of
+    its output (dfq.graph.windows; None: whole maps), for more iterations in the same time."""
 
     iterations: int = 200
     batch_size: int = 32
@@ -184,6 +186,7 @@ class ReconstructConfig:
     fp_input_mix: float = 0.5
     images: int | None = None
     mirror: bool = True
+    window: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -201,6 +204,8 @@ class ReconstructConfig:
                 "`reconstruction.fp_input_mix` must be in [0, 1] and `reconstruction.warmup` in "
                 "[0, 1)."
             )
+        if self.window is not None and not 0 < self.window <= 1:
+            raise DfqError(f"`reconstruction.window`={self.window} must be in (0, 1].")
         if not self.round_lr > 0 or not self.round_weight >= 0:
             raise DfqError(
                 f"`reconstruction.round_lr`={self.round_lr} must be > 0 and "

@@ -85,6 +85,8 @@ class LayerRecord:
     undecided: float | None = None
     iterations: int | None = None
     cut_by_time: bool | None = None
+    window: str | None = None  # the spatial window each iteration learned on
+    window_note: str | None = None  # why a block learned on whole maps
     seconds: float | None = None
     # user steps
     extra: dict[str, Any] = field(default_factory=dict)

@@ -152,6 +152,28 @@ def test_mirror_learns_on_the_images_and_their_mirror_images():
     assert any(not torch.equal(sm[k], sp[k]) for k in sm)
 
 
+def test_windows_learn_local_blocks_and_global_ones_keep_whole_maps():
+    """With `window`, the conv blocks learn on windows (named in the report), the pooled head
+    keeps whole maps and says why, and the result still improves with weights on the grid."""
+    model, _, _, base = _setup()
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(16, 3, 32, 32, generator=g) for _ in range(2)]
+    r = quantize_model(model, _rec(base, window=0.5), calib_data=data)
+    blocks = r.reconstruction
+    # 3x3 kernels: a margin of one pixel each side; the 1x1 head needs none
+    assert [blocks[k].window for k in ("stem.0", "dw.0", "head.0")] == [
+        "18x18 of 32x32",
+        "18x18 of 32x32",
+        "16x16 of 32x32",
+    ]
+    assert blocks["fc"].window is None and "2-d" in blocks["fc"].window_note
+    assert all(b.mse_after <= b.mse_before for b in blocks.values())
+    assert sum(b.learned for b in blocks.values()) >= 2
+    assert all(_on_grid(m) for m in r.model.modules() if isinstance(m, QuantizedLayer))
+    again = quantize_model(model, _rec(base, window=0.5), calib_data=data).model.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in r.model.state_dict().items())
+
+
 def test_images_of_two_sizes_are_refused_by_name():
     model, data, _, base = _setup()
     mixed = [*data, torch.randn(4, 3, 20, 20)]

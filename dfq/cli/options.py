@@ -42,6 +42,7 @@ _FIELD_FLAGS = {
     "reconstruction.round_lr": "--reconstruct_round_lr",
     "reconstruction.round_weight": "--reconstruct_round_weight",
     "reconstruction.mirror": "--reconstruct_no_mirror",
+    "reconstruction.window": "--reconstruct_window",
     "distill.batch_size": "--dis_batch_size",
     "distill.num_batches": "--dis_num_batch",
     "distill.resolution": "--dis_resolution",
@@ -169,6 +170,7 @@ def pipeline_config(
         "round_lr": getattr(args, "reconstruct_round_lr", None),
         "round_weight": getattr(args, "reconstruct_round_weight", None),
         "mirror": False if getattr(args, "reconstruct_no_mirror", False) else None,
+        "window": getattr(args, "reconstruct_window", None),
     }
     fields["reconstruct"] = getattr(args, "reconstruct", False)
     fields["reconstruction"] = ReconstructConfig(

@@ -238,6 +238,15 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         f"(QDrop; default {_REC.fp_input_mix})",
     )
     r.add_argument(
+        "--reconstruct_window",
+        "--reconstruct-window",
+        type=float,
+        default=None,
+        help="learn each local block on spatial windows of this share of each side of its "
+        "output (e.g. 0.5: a quarter of the pixels per iteration), checked to compute what "
+        "whole maps do; blocks with a global op keep whole maps (default: whole maps)",
+    )
+    r.add_argument(
         "--reconstruct_no_mirror",
         "--reconstruct-no-mirror",
         action="store_true",
